@@ -1,0 +1,49 @@
+"""One adapter per model family; the only code that knows a model's internals.
+
+An adapter module provides ``matches(model)``, ``check(model)``, ``depth``,
+``num_prefix_tokens``, ``num_tokens`` (entering block 1), ``img_size``,
+``apply(model, cfg)`` and ``remove(model)``. The EViT blocks it installs carry
+``evit_keep_rate``, ``evit_record`` and ``evit_kept``, which the generic
+helpers below use.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..errors import EvitError
+from . import timm as timm_adapter
+
+ADAPTERS = [timm_adapter]
+
+
+def get_adapter(model: nn.Module):
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise EvitError(
+        f"{type(model).__name__} is not a supported Vision Transformer: EViT needs a ViT/DeiT "
+        "with a class token (timm VisionTransformer, or transformers ViT/DeiT)"
+    )
+
+
+def evit_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's EViT blocks, in depth order."""
+    return [m for m in model.modules() if hasattr(m, "evit_keep_rate")]
+
+
+def set_keep_rates(model: nn.Module, rates) -> None:
+    """Change the keep rate of every EViT block (e.g. from a training schedule)."""
+    blocks = evit_blocks(model)
+    rates = list(rates) if hasattr(rates, "__iter__") else [rates] * len(blocks)
+    if len(rates) != len(blocks):
+        raise ValueError(f"{len(rates)} keep rates for {len(blocks)} EViT blocks")
+    for blk, rate in zip(blocks, rates):
+        blk.evit_keep_rate = float(rate)
+
+
+def record_kept(model: nn.Module, enabled: bool = True) -> None:
+    """Make each EViT block keep the indices of its attentive tokens (``evit_kept``)."""
+    for blk in evit_blocks(model):
+        blk.evit_record = enabled
+        blk.evit_kept = None

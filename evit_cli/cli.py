@@ -1,0 +1,128 @@
+"""The ``evit`` command: parse, call the library, render."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .errors import EvitError
+
+app = typer.Typer(
+    help="Make Vision Transformers faster with EViT token reorganization (Liang et al., ICLR 2022).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+KEEP_HELP = "Keep rate: one for every layer (0.7) or one per layer (0.9,0.8,0.7)."
+LAYERS_HELP = "1-based block numbers to reorganize in, as in the paper."
+
+
+def _emit(result: dict, as_json: bool, *renderables) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
+    else:
+        for r in renderables:
+            out.print(r)
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"evit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Make Vision Transformers faster with EViT token reorganization.
+
+    [bold]Example[/bold]: evit convert deit_small_patch16_224 --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit
+    """
+
+
+@app.command(epilog="Example: evit convert deit_small_patch16_224 --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit")
+def convert(
+    model: str = typer.Argument(..., help="timm model name (deit_small_patch16_224) or an exported folder."),
+    keep_rate: str = typer.Option("0.7", "--keep-rate", "-k", help=KEEP_HELP),
+    layers: str = typer.Option("4,7,10", "--layers", "-l", help=LAYERS_HELP),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse the inattentive tokens into one token, or drop them."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: the model's or the checkpoint's)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default: MODEL_evit)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
+    from . import artifact, core, fsutil, loading
+    from .bench import model_summary
+    from .report import kv_table
+
+    output = output or Path(f"{Path(model).name}_evit")
+    fsutil.check_output_dir(output, overwrite)
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    core.convert(m, keep_rate=keep_rate, layers=layers, fuse=fuse)
+    summary = model_summary(m)
+    artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
+    summary["output"] = str(output)
+    _emit(summary, as_json, kv_table(f"converted -> {output}", summary))
+
+
+@app.command(name="bench", epilog="Example: evit bench deit_s_evit --batch 256 --report reports/")
+def bench_cmd(
+    model: str = typer.Argument(..., help="Exported folder, or a timm model name (converted on the fly)."),
+    batch: int = typer.Option(256, "--batch", "-b", help="Batch size for throughput."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    amp: bool = typer.Option(False, "--amp", help="Autocast: bf16 on CPU, fp16 on CUDA."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed passes first."),
+    reps: int = typer.Option(10, "--reps", help="Timed passes per model (batch-1 latency takes 3x as many)."),
+    keep_rate: str = typer.Option("0.7", "--keep-rate", "-k", help=KEEP_HELP + " Only for a model name."),
+    layers: str = typer.Option("4,7,10", "--layers", "-l", help=LAYERS_HELP + " Only for a model name."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write bench.json and bench.md here (an exported folder gets them inside it)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Dense vs EViT side by side: images/s, latency (batch and batch 1), GMACs, tokens, speedup.
+
+    A model name is built with random weights: weights do not change the speed.
+    """
+    from . import core, loading
+    from .bench import bench
+    from .report import bench_table, write_bench
+
+    folder = Path(model)
+    if folder.is_dir():
+        m = loading.load_model(folder)
+        report = report or folder
+    else:
+        m = core.convert(loading.load_model(model, pretrained=False), keep_rate=keep_rate, layers=layers)
+    result = bench(m, batch=batch, device=device, amp=amp, warmup=warmup, reps=reps, progress=not as_json)
+    if report is not None:
+        result["report_files"] = [str(p) for p in write_bench(result, report)]
+    _emit(result, as_json, bench_table(result))
+
+
+def main() -> None:
+    try:
+        app()
+    except EvitError as e:
+        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Model-level EViT: convert a model, undo it, describe it."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+from torch import nn
+
+from . import adapters
+from .config import DEFAULT_LAYERS, EViTConfig, make_config
+from .errors import EvitError
+from .reorg import num_kept, token_counts
+
+
+def convert(
+    model: nn.Module | str | os.PathLike,
+    keep_rate=0.7,
+    layers=DEFAULT_LAYERS,
+    fuse: bool = True,
+    **load_kwargs,
+) -> nn.Module:
+    """Inject EViT reorganization into ``model`` (in place) and return it.
+
+    ``model`` is a module or anything :func:`evit_cli.load_model` takes (a timm
+    name, an exported folder); ``load_kwargs`` (``pretrained``, ``checkpoint``,
+    ``num_classes``, ...) go to the loader. ``keep_rate`` is one rate or one per
+    layer; ``layers`` are 1-based block numbers; ``fuse=False`` drops the
+    inattentive tokens instead of fusing them.
+    """
+    if not isinstance(model, nn.Module):
+        from .loading import load_model
+
+        model = load_model(model, **load_kwargs)
+    adapter = adapters.get_adapter(model)
+    adapter.check(model)
+    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse)
+    _check_keeps_tokens(model, cfg)
+    adapter.apply(model, cfg)
+    model.evit_config = cfg
+    return model
+
+
+def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
+    adapter = adapters.get_adapter(model)
+    n, p = adapter.num_tokens(model), adapter.num_prefix_tokens(model)
+    for layer, rate, after in zip(cfg.layers, cfg.keep_rates, [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.fuse)):
+        if num_kept(after - p, rate) < 1:
+            raise EvitError(f"keep rate {rate} at layer {layer} keeps no token out of {after - p}: raise it")
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Remove EViT from ``model`` (in place): the original dense model again."""
+    adapters.get_adapter(model).remove(model)
+    model.__dict__.pop("evit_config", None)
+    return model
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A dense copy of an EViT model, sharing nothing with it."""
+    return revert(copy.deepcopy(model))
+
+
+def get_config(model: nn.Module) -> EViTConfig | None:
+    return getattr(model, "evit_config", None)
+
+
+def tokens_after_layers(model: nn.Module) -> list[int]:
+    """Sequence length after each EViT layer, for the model's input size."""
+    cfg = get_config(model)
+    if cfg is None:
+        return []
+    adapter = adapters.get_adapter(model)
+    return token_counts(adapter.num_tokens(model), adapter.num_prefix_tokens(model), cfg.layers, cfg.keep_rates, cfg.fuse)

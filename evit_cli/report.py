@@ -1,0 +1,87 @@
+"""Render results: rich tables for people, JSON and Markdown files for scripts and reports."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.table import Table
+
+from .fsutil import write_json, write_text
+
+BENCH_JSON = "bench.json"
+BENCH_MD = "bench.md"
+
+
+def _fmt_latency(s: dict) -> str:
+    return f"{s['median_ms']:.1f} ({s['min_ms']:.1f}-{s['max_ms']:.1f})"
+
+
+def bench_rows(r: dict) -> list[list[str]]:
+    """The benchmark report as rows: header first, one row per model."""
+    rows = [[
+        "model", "GMACs", "params (M)", "tokens", f"images/s @{r['batch']}",
+        f"ms/batch @{r['batch']} median (min-max)", "ms @1 median (min-max)",
+    ]]
+    for label, key in (("dense", "dense"), ("EViT", "evit_model")):
+        m = r[key]
+        rows.append([
+            label, f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", " -> ".join(map(str, m["tokens"])),
+            f"{m['images_per_s']:.1f}", _fmt_latency(m["latency"]), _fmt_latency(m["latency_b1"]),
+        ])
+    return rows
+
+
+def bench_caption(r: dict) -> str:
+    e = r["evit"]
+    layers = ",".join(map(str, e["layers"]))
+    rates = ",".join(f"{k:g}" for k in e["keep_rates"])
+    return (
+        f"{r['model']} @{r['img_size']}px, EViT layers {layers} keep {rates}{'' if e['fuse'] else ' (drop)'}; "
+        f"{r['device_name']}, {r['precision']}, torch {r['torch']}; "
+        f"speedup {r['speedup']:.2f}x at batch {r['batch']}, {r['speedup_b1']:.2f}x at batch 1, "
+        f"MAC ratio {r['mac_ratio']:.2f}x"
+    )
+
+
+def bench_table(r: dict) -> Table:
+    rows = bench_rows(r)
+    table = Table(title="evit bench", caption=bench_caption(r))
+    for i, h in enumerate(rows[0]):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def bench_markdown(r: dict) -> str:
+    return f"# evit bench\n\n{bench_caption(r)}\n\n{markdown_table(bench_rows(r))}"
+
+
+def write_bench(r: dict, folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    return [write_json(folder / BENCH_JSON, r), write_text(folder / BENCH_MD, bench_markdown(r))]
+
+
+def kv_table(title: str, items: dict) -> Table:
+    """A two-column table of named values."""
+    table = Table(title=title, show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    for k, v in items.items():
+        table.add_row(str(k), v if isinstance(v, str) else _fmt(v))
+    return table
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) if isinstance(x, float) else str(x) for x in v)
+    return str(v)
