@@ -1,0 +1,55 @@
+"""Counting: MACs and token counts against EVIT.md and against a formula."""
+
+from __future__ import annotations
+
+import pytest
+
+import evit_cli
+from evit_cli.bench import count_macs, measure_tokens
+from evit_cli.loading import create_timm
+from conftest import tiny_timm
+
+
+def vit_macs(num_patches, patch, dim, depth, classes, prefix, evit_layers):
+    """Hand count for a timm ViT (mlp ratio 4): ``evit_layers`` maps a 1-based layer to tokens after it."""
+    n = num_patches + prefix
+    total = num_patches * 3 * patch * patch * dim  # patch embedding
+    for layer in range(1, depth + 1):
+        total += n * dim * 3 * dim + 2 * n * n * dim + n * dim * dim  # qkv, QK^T and AV, proj
+        if layer in evit_layers:
+            m = n - prefix
+            total += n * dim + m * dim  # class-attention row, weighted fusion
+            n = evit_layers[layer]
+        total += 2 * n * dim * 4 * dim  # FFN
+    return total + dim * classes
+
+
+def test_deit_small_counts_match_the_paper():
+    model = create_timm("deit_small_patch16_224", pretrained=False)
+    dense = count_macs(model, 224) / 1e9
+    evit_cli.convert(model, keep_rate=0.7, layers=(4, 7, 10))
+    assert measure_tokens(model, 224) == [140, 100, 72]
+    evit = count_macs(model, 224) / 1e9
+    assert dense == pytest.approx(4.60, rel=0.01)
+    assert evit == pytest.approx(3.03, rel=0.02)
+
+
+@pytest.mark.parametrize("kind, prefix", [("vit", 1), ("distilled", 2)])
+def test_counted_macs_equal_hand_count(kind, prefix):
+    model = evit_cli.convert(tiny_timm(kind), keep_rate=0.6, layers=(2, 5))
+    tokens = measure_tokens(model, 32)
+    expected = vit_macs(64, 4, 48, 6, 10, prefix, dict(zip((2, 5), tokens)))
+    if kind == "distilled":
+        expected += 48 * 10  # the distillation head
+    assert count_macs(model, 32) == expected
+
+
+def test_library_bench_reports_both_models():
+    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.5, layers=(2,))
+    r = evit_cli.bench(model, batch=2, reps=2, warmup=0)
+    assert r["evit_model"]["tokens"] == [65, 34]
+    assert r["mac_ratio"] == pytest.approx(r["dense"]["gmacs"] / r["evit_model"]["gmacs"])
+    assert r["speedup"] > 0 and r["speedup_b1"] > 0
+    assert r["precision"] == "fp32"
+    for m in ("dense", "evit_model"):
+        assert r[m]["images_per_s"] == pytest.approx(2 / (r[m]["latency"]["median_ms"] / 1000))
