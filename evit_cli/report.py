@@ -13,20 +13,24 @@ BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
+
+
 def _fmt_latency(s: dict) -> str:
-    return f"{s['median_ms']:.1f} ({s['min_ms']:.1f}-{s['max_ms']:.1f})"
+    return f"{_ms(s['median_ms'])} ({_ms(s['min_ms'])}-{_ms(s['max_ms'])})"
 
 
 def bench_rows(r: dict) -> list[list[str]]:
     """The benchmark report as rows: header first, one row per model."""
     rows = [[
         "model", "GMACs", "params (M)", "tokens", f"images/s @{r['batch']}",
-        f"ms/batch @{r['batch']} median (min-max)", "ms @1 median (min-max)",
+        f"ms/batch @{r['batch']}", "ms @1",
     ]]
     for label, key in (("dense", "dense"), ("EViT", "evit_model")):
         m = r[key]
         rows.append([
-            label, f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", " -> ".join(map(str, m["tokens"])),
+            label, f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", "→".join(map(str, m["tokens"])),
             f"{m['images_per_s']:.1f}", _fmt_latency(m["latency"]), _fmt_latency(m["latency_b1"]),
         ])
     return rows
@@ -40,7 +44,7 @@ def bench_caption(r: dict) -> str:
         f"{r['model']} @{r['img_size']}px, EViT layers {layers} keep {rates}{'' if e['fuse'] else ' (drop)'}; "
         f"{r['device_name']}, {r['precision']}, torch {r['torch']}; "
         f"speedup {r['speedup']:.2f}x at batch {r['batch']}, {r['speedup_b1']:.2f}x at batch 1, "
-        f"MAC ratio {r['mac_ratio']:.2f}x"
+        f"MAC ratio {r['mac_ratio']:.2f}x. Latency: median (min-max) over {r['reps']} reps"
     )
 
 
