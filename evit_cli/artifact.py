@@ -1,8 +1,12 @@
-"""The exported folder: weights plus ``evit.json``; save and load.
+"""The exported folder: weights plus ``evit.json`` and a model card; save and load.
 
-A timm model is saved as ``model.safetensors`` (timm's own state-dict keys)
-and ``evit.json``, which says how to rebuild the architecture and where the
-EViT layers are. Loading needs nothing but the folder.
+- timm: ``model.safetensors`` (timm's own state-dict keys) and ``evit.json``,
+  which says how to rebuild the architecture.
+- transformers: what ``save_pretrained`` writes (``config.json`` +
+  ``model.safetensors``, readable by ``from_pretrained`` as the dense model),
+  plus ``evit.json``.
+
+Both get a ``README.md`` model card. Loading needs nothing but the folder.
 """
 
 from __future__ import annotations
@@ -17,22 +21,26 @@ from . import __version__, adapters
 from .config import EViTConfig
 from .core import convert, get_config, tokens_after_layers
 from .errors import EvitError
-from .fsutil import atomic_dir, write_json
+from .fsutil import atomic_dir, write_json, write_text
 
 META_FILE = "evit.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
 FORMAT_VERSION = 1
 
 
 def source_of(model: nn.Module) -> dict:
-    """How to rebuild ``model``'s architecture: recorded by the loader, or derived for a plain timm model."""
+    """How to rebuild ``model``'s architecture: recorded by the loader, or derived from the model."""
     src = getattr(model, "evit_source", None)
     if src is not None:
         return src
-    arch = getattr(model, "pretrained_cfg", {}).get("architecture")
-    if adapters.get_adapter(model).name != "timm" or arch is None:
-        raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before converting")
     adapter = adapters.get_adapter(model)
+    if adapter.name == "transformers":
+        return {"family": "transformers", "model": getattr(model, "name_or_path", "") or None,
+                "class": type(model).__name__, "pretrained": None, "checkpoint": None}
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if arch is None:
+        raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before converting")
     kwargs = {"num_classes": int(model.num_classes), "img_size": adapter.img_size(model)}
     return {"family": "timm", "model": arch, "kwargs": kwargs, "pretrained": None, "checkpoint": None}
 
@@ -40,36 +48,87 @@ def source_of(model: nn.Module) -> dict:
 def metadata(model: nn.Module, extra: dict | None = None) -> dict:
     adapter = adapters.get_adapter(model)
     cfg = get_config(model)
+    config = getattr(model, "config", None)
+    num_classes = getattr(model, "num_classes", None) if adapter.name == "timm" else getattr(config, "num_labels", 0)
     meta = {
         "format": "evit",
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
         "family": adapter.name,
         "source": source_of(model),
-        "num_classes": int(getattr(model, "num_classes", 0) or 0),
+        "num_classes": int(num_classes or 0),
+        "class_names": adapter.class_names(model),
         "img_size": adapter.img_size(model),
         "num_prefix_tokens": adapter.num_prefix_tokens(model),
         "num_tokens": adapter.num_tokens(model),
         "evit": cfg.to_dict() if cfg else None,
         "token_counts": tokens_after_layers(model),
+        "data_config": adapter.data_config(model),
     }
-    if adapter.name == "timm":
-        from timm.data import resolve_data_config
-
-        meta["data_config"] = resolve_data_config(model=model)
     meta.update(extra or {})
     return meta
 
 
+def model_card(meta: dict) -> str:
+    src, e = meta["source"], meta["evit"]
+    lines = [
+        "---",
+        "library_name: " + ("timm" if meta["family"] == "timm" else "transformers"),
+        "tags: [image-classification, vision-transformer, evit]",
+        "---",
+        "",
+        f"# {src.get('model')} + EViT",
+        "",
+        f"{src.get('model')} ({meta['family']}) with EViT token reorganization (Liang et al., ICLR 2022),",
+        f"made with evit {meta['tool_version']}.",
+        "",
+    ]
+    if e:
+        lines += [
+            f"- EViT layers (1-based): {', '.join(map(str, e['layers']))}",
+            f"- keep rates: {', '.join(f'{k:g}' for k in e['keep_rates'])}; inattentive tokens "
+            + ("fused into one token" if e["fuse"] else "dropped"),
+            f"- tokens: {' -> '.join(map(str, [meta['num_tokens']] + meta['token_counts']))}",
+        ]
+    if "gmacs" in meta:
+        lines.append(f"- GMACs per image: {meta['gmacs_dense']:.2f} dense -> {meta['gmacs']:.2f} EViT")
+    weights = "random" if src.get("pretrained") is False and not src.get("checkpoint") else (
+        src.get("checkpoint") or "pretrained")
+    lines += [
+        f"- weights: {weights}",
+        f"- image size: {meta['img_size']}, classes: {meta['num_classes']}",
+        "",
+        "Load the EViT model:",
+        "",
+        "```python",
+        "import evit_cli",
+        'model = evit_cli.load("path/to/this/folder")',
+        "```",
+    ]
+    if meta["family"] == "transformers":
+        lines += ["", "`from_pretrained` on this folder gives the dense model with the same weights."]
+    return "\n".join(lines) + "\n"
+
+
 def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
     """Export ``model`` to ``folder`` atomically: the folder appears complete or not at all."""
-    from safetensors.torch import save_file
-
     meta = metadata(model, extra)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     with atomic_dir(folder, overwrite) as tmp:
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if meta["family"] == "transformers":
+            import transformers
+
+            transformers.utils.logging.disable_progress_bar()
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            proc = getattr(model, "evit_preprocessor", None)
+            if proc:
+                write_json(tmp / "preprocessor_config.json", proc)
+        else:
+            from safetensors.torch import save_file
+
+            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         write_json(tmp / META_FILE, meta)
+        write_text(tmp / CARD_FILE, model_card(meta))
     return Path(folder)
 
 
@@ -90,19 +149,47 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild the EViT model of an exported folder, from the folder alone."""
-    from .loading import create_timm, load_state_dict, load_weights
+    from .loading import create_timm, create_transformers, load_state_dict, load_weights
 
     folder = Path(folder)
     meta = read_meta(folder)
     src = meta["source"]
-    if meta["family"] != "timm":
+    if meta["family"] == "timm":
+        model = create_timm(src["model"], pretrained=False, **src.get("kwargs", {}))
+        load_weights(model, load_state_dict(folder / WEIGHTS_FILE), f"{folder / WEIGHTS_FILE}")
+        if meta.get("class_names"):
+            model.evit_class_names = meta["class_names"]
+    elif meta["family"] == "transformers":
+        model = create_transformers(str(folder), folder=folder, pretrained=True)
+    else:
         raise EvitError(f"{folder}: unknown model family {meta['family']!r}")
-    model = create_timm(src["model"], pretrained=False, **src.get("kwargs", {}))
-    load_weights(model, load_state_dict(folder / WEIGHTS_FILE), f"{folder / WEIGHTS_FILE}")
     model.evit_source = src
-    if meta.get("class_names"):
-        model.evit_class_names = meta["class_names"]
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse)
     return model.eval()
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder to the Hugging Face hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    from .loading import _first_line, hub_reachable
+
+    if not hub_reachable():
+        raise EvitError(
+            f"cannot push to {repo_id}: the Hugging Face hub cannot be reached. The export in {folder} is "
+            f"complete; upload it later with `hf upload {repo_id} {folder}`"
+        )
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload EViT model (evit)")
+    except Exception as e:  # noqa: BLE001 - auth, permissions, network: all one message
+        raise EvitError(
+            f"pushing {folder} to {repo_id} failed ({_first_line(e)}); the local export is complete: "
+            "log in with `hf auth login` and retry"
+        ) from None
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo_id}"

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from . import __version__
+from .config import DEFAULT_LAYERS
 from .errors import EvitError
 
 app = typer.Typer(
@@ -53,15 +54,16 @@ def _root(
 
 @app.command(epilog="Example: evit convert deit_small_patch16_224 --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit")
 def convert(
-    model: str = typer.Argument(..., help="timm model name (deit_small_patch16_224) or an exported folder."),
-    keep_rate: str = typer.Option("0.7", "--keep-rate", "-k", help=KEEP_HELP),
-    layers: str = typer.Option("4,7,10", "--layers", "-l", help=LAYERS_HELP),
-    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="Fuse the inattentive tokens into one token, or drop them."),
+    model: str = typer.Argument(..., help="timm name, hub id (google/vit-base-patch16-224, hf-hub:timm/...), local folder, or an exported folder."),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse the inattentive tokens into one token, or drop them. [default: fuse, or an exported folder's own]", show_default=False),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: the model's or the checkpoint's)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default: MODEL_evit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
+    push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
@@ -73,10 +75,18 @@ def convert(
     fsutil.check_output_dir(output, overwrite)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    core.convert(m, keep_rate=keep_rate, layers=layers, fuse=fuse)
+    old = core.get_config(m)
+    core.convert(
+        m,
+        keep_rate=keep_rate or (old.keep_rates if old else "0.7"),
+        layers=layers or (old.layers if old else DEFAULT_LAYERS),
+        fuse=fuse if fuse is not None else (old.fuse if old else True),
+    )
     summary = model_summary(m)
     artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
     summary["output"] = str(output)
+    if push_to_hub:
+        summary["hub_url"] = artifact.push_to_hub(output, push_to_hub)
     _emit(summary, as_json, kv_table(f"converted -> {output}", summary))
 
 

@@ -7,6 +7,7 @@ built from and how to build it again (the exported folder stores it).
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pickle
 import socket
@@ -194,6 +195,136 @@ def create_timm(
     return model.eval()
 
 
+# --------------------------------------------------------------------------- transformers
+
+TRANSFORMERS_CLASSES = (
+    "ViTForImageClassification", "ViTModel",
+    "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
+)
+_DEFAULT_CLASS = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification"}
+
+
+def _transformers_class(config: dict, where: str):
+    import transformers
+
+    arch = (config.get("architectures") or [None])[0]
+    if arch not in TRANSFORMERS_CLASSES:
+        arch = _DEFAULT_CLASS.get(config.get("model_type"))
+    if arch is None:
+        raise EvitError(
+            f"{where} is a transformers {config.get('model_type')!r} model: evit supports ViT and DeiT "
+            f"({', '.join(TRANSFORMERS_CLASSES)})"
+        )
+    return getattr(transformers, arch)
+
+
+def create_transformers(
+    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False, **kwargs
+) -> nn.Module:
+    """A transformers ViT/DeiT from a local folder or a hub id whose files lie in ``folder``."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    config = json.loads((folder / "config.json").read_text())
+    cls = _transformers_class(config, spec)
+    config_kwargs = {}
+    if "num_classes" in kwargs:
+        n = kwargs.pop("num_classes")
+        config_kwargs = {"num_labels": n, "id2label": {i: f"LABEL_{i}" for i in range(n)}, "label2id": None}
+    if kwargs:
+        raise EvitError(f"{', '.join(kwargs)} cannot be set for a transformers model")
+    try:
+        if pretrained and checkpoint is None:
+            model = cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
+                                        **config_kwargs)
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
+            model = cls(cfg)
+    except (OSError, ValueError) as e:
+        raise EvitError(f"cannot load {spec} with transformers ({_first_line(e)}): is the folder complete?") from None
+    if checkpoint is not None:
+        load_weights(model, load_state_dict(checkpoint), f"checkpoint {checkpoint}")
+    model.evit_source = {
+        "family": "transformers",
+        "model": str(spec),
+        "class": cls.__name__,
+        "pretrained": bool(pretrained and checkpoint is None),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+    proc = folder / "preprocessor_config.json"
+    if proc.is_file():
+        model.evit_preprocessor = json.loads(proc.read_text())
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- hub ids and folders
+
+
+def _timm_hub_config(config: dict) -> tuple[str, dict]:
+    """timm's hub layout (config.json with ``architecture``) -> model name and kwargs."""
+    kwargs = dict(config.get("model_args") or {})
+    if "num_classes" in config:
+        kwargs.setdefault("num_classes", config["num_classes"])
+    return config["architecture"], kwargs
+
+
+def _weights_in(folder: Path) -> Path | None:
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_folder(folder: Path, *, pretrained: bool = True, checkpoint=None, **kwargs) -> nn.Module:
+    """A local folder in the hub's layout: ``save_pretrained`` (transformers) or timm's ``config.json``."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvitError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    if "architecture" in config:
+        arch, model_kwargs = _timm_hub_config(config)
+        weights = checkpoint or (_weights_in(folder) if pretrained else None)
+        model = create_timm(arch, pretrained=False, checkpoint=weights, **{**model_kwargs, **kwargs})
+        model.pretrained_cfg = {**model.pretrained_cfg, **(config.get("pretrained_cfg") or {})}
+        return model
+    if "model_type" in config:
+        return create_transformers(str(folder), folder=folder, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    raise EvitError(f"{folder / 'config.json'} is neither a transformers nor a timm config")
+
+
+def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs) -> nn.Module:
+    """A hub id (``org/name``, or timm's ``hf-hub:org/name``), from the hub or, offline, the local cache."""
+    from huggingface_hub import hf_hub_download
+
+    repo = repo_id[len("hf-hub:"):] if repo_id.startswith("hf-hub:") else repo_id
+    offline = go_offline_if_unreachable()
+    try:
+        config_path = Path(hf_hub_download(repo, "config.json", local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - huggingface-hub raises many types for one cause
+        if offline:
+            raise EvitError(
+                f"{repo} is not in the local Hugging Face cache and the hub cannot be reached: connect to "
+                "the network once, or download it elsewhere and pass the folder (or --checkpoint FILE)"
+            ) from None
+        raise EvitError(f"cannot get {repo} from the Hugging Face hub ({_first_line(e)}): check the id") from None
+    config = json.loads(config_path.read_text())
+    if "architecture" in config:  # a timm model on the hub
+        arch, model_kwargs = _timm_hub_config(config)
+        if pretrained and checkpoint is None:
+            try:
+                checkpoint = hf_hub_download(repo, "model.safetensors", local_files_only=offline)
+            except Exception as e:  # noqa: BLE001
+                raise EvitError(f"cannot get the weights of {repo} ({_first_line(e)}): use --no-pretrained or --checkpoint FILE") from None
+        model = create_timm(arch, pretrained=False, checkpoint=checkpoint, **{**model_kwargs, **kwargs})
+        model.evit_source["hub_id"] = repo
+        return model
+    return create_transformers(repo, folder=config_path.parent, pretrained=pretrained, checkpoint=checkpoint,
+                               offline=offline, **kwargs)
+
+
 def load_model(
     spec: str | os.PathLike,
     *,
@@ -201,12 +332,31 @@ def load_model(
     checkpoint: str | os.PathLike | None = None,
     **kwargs,
 ) -> nn.Module:
-    """Any model the tool takes: an exported EViT folder, or a timm model name."""
-    from . import artifact
+    """Any model the tool takes.
 
+    An exported EViT folder; a local folder in the hub's layout (transformers
+    ``save_pretrained`` or timm); a timm name; a hub id (``org/name`` for
+    transformers or timm, ``hf-hub:org/name`` for timm). ``checkpoint`` gives
+    local weights for the named architecture.
+    """
+    from . import artifact
+    import timm
+
+    spec = str(spec)
     path = Path(spec)
     if path.is_dir():
         if (path / artifact.META_FILE).is_file():
             return artifact.load(path)
-        raise EvitError(f"{path} is a folder without {artifact.META_FILE}: give a folder written by `evit convert`, or a model name")
-    return create_timm(str(spec), pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        if (path / "config.json").is_file():
+            return load_folder(path, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        raise EvitError(
+            f"{path} is a folder without {artifact.META_FILE} or config.json: give a folder written by "
+            "`evit convert` or `save_pretrained`, or a model name"
+        )
+    if spec.startswith((".", "/", "~")) and not path.exists():
+        raise EvitError(f"{path} does not exist: give an existing folder, a timm name or a hub id")
+    if path.is_file():
+        raise EvitError(f"{path} is a file: name the architecture and pass the file as --checkpoint {path}")
+    if spec.startswith("hf-hub:") or (not timm.is_model(spec) and spec.count("/") == 1):
+        return load_hub(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    return create_timm(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)

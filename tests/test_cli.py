@@ -44,7 +44,7 @@ def test_convert_writes_folder_and_json_summary(tmp_path, capsys):
     assert code == 0
     summary = json.loads(stdout)
     assert summary["tokens"] == [197, 140, 100, 72]
-    assert sorted(p.name for p in out.iterdir()) == ["evit.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "evit.json", "model.safetensors"]
     assert evit_cli.tokens_after_layers(evit_cli.load(out)) == [140, 100, 72]
 
 

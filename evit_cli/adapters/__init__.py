@@ -2,6 +2,7 @@
 
 An adapter module provides ``matches(model)``, ``check(model)``, ``depth``,
 ``num_prefix_tokens``, ``num_tokens`` (entering block 1), ``img_size``,
+``data_config`` (timm-style preprocessing), ``class_names``,
 ``apply(model, cfg)`` and ``remove(model)``. The EViT blocks it installs carry
 ``evit_keep_rate``, ``evit_record`` and ``evit_kept``, which the generic
 helpers below use.
@@ -13,8 +14,9 @@ from torch import nn
 
 from ..errors import EvitError
 from . import timm as timm_adapter
+from . import transformers as transformers_adapter
 
-ADAPTERS = [timm_adapter]
+ADAPTERS = [timm_adapter, transformers_adapter]
 
 
 def get_adapter(model: nn.Module):

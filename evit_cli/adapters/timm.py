@@ -84,6 +84,16 @@ def num_tokens(model: VisionTransformer) -> int:
     return int(model.patch_embed.num_patches) + num_prefix_tokens(model)
 
 
+def data_config(model: VisionTransformer) -> dict:
+    from timm.data import resolve_data_config
+
+    return resolve_data_config(model=model)
+
+
+def class_names(model: VisionTransformer) -> list[str] | None:
+    return getattr(model, "evit_class_names", None)
+
+
 def check(model: VisionTransformer) -> None:
     if getattr(model, "cls_token", None) is None:
         raise EvitError(
