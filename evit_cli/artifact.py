@@ -48,15 +48,13 @@ def source_of(model: nn.Module) -> dict:
 def metadata(model: nn.Module, extra: dict | None = None) -> dict:
     adapter = adapters.get_adapter(model)
     cfg = get_config(model)
-    config = getattr(model, "config", None)
-    num_classes = getattr(model, "num_classes", None) if adapter.name == "timm" else getattr(config, "num_labels", 0)
     meta = {
         "format": "evit",
         "format_version": FORMAT_VERSION,
         "tool_version": __version__,
         "family": adapter.name,
         "source": source_of(model),
-        "num_classes": int(num_classes or 0),
+        "num_classes": adapter.num_classes(model),
         "class_names": adapter.class_names(model),
         "img_size": adapter.img_size(model),
         "num_prefix_tokens": adapter.num_prefix_tokens(model),

@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 
 from . import __version__
-from .config import DEFAULT_LAYERS
 from .errors import EvitError
 
 app = typer.Typer(
@@ -75,13 +74,7 @@ def convert(
     fsutil.check_output_dir(output, overwrite)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    old = core.get_config(m)
-    core.convert(
-        m,
-        keep_rate=keep_rate or (old.keep_rates if old else "0.7"),
-        layers=layers or (old.layers if old else DEFAULT_LAYERS),
-        fuse=fuse if fuse is not None else (old.fuse if old else True),
-    )
+    core.convert_keeping(m, keep_rate, layers, fuse)
     summary = model_summary(m)
     artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
     summary["output"] = str(output)

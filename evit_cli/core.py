@@ -41,6 +41,17 @@ def convert(
     return model
 
 
+def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None) -> nn.Module:
+    """:func:`convert`, where what is not given stays as the model already has it (or the defaults)."""
+    old = get_config(model)
+    return convert(
+        model,
+        keep_rate=keep_rate if keep_rate is not None else (old.keep_rates if old else 0.7),
+        layers=layers if layers is not None else (old.layers if old else DEFAULT_LAYERS),
+        fuse=fuse if fuse is not None else (old.fuse if old else True),
+    )
+
+
 def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
     adapter = adapters.get_adapter(model)
     n, p = adapter.num_tokens(model), adapter.num_prefix_tokens(model)

@@ -125,3 +125,21 @@ def remove(model: VisionTransformer) -> None:
             blk.__class__ = Block
             for attr in ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept"):
                 blk.__dict__.pop(attr, None)
+
+
+def reset_head(model: VisionTransformer, num_classes: int, class_names: list[str]) -> None:
+    model.reset_classifier(num_classes)
+    model.evit_class_names = list(class_names)
+    src = getattr(model, "evit_source", None)
+    if src is not None:
+        src.setdefault("kwargs", {})["num_classes"] = num_classes
+
+
+def logits(model: nn.Module, output) -> torch.Tensor:
+    if isinstance(output, tuple):  # distilled training mode: class and distillation heads
+        return (output[0] + output[1]) / 2
+    return output
+
+
+def num_classes(model: VisionTransformer) -> int:
+    return int(model.num_classes)

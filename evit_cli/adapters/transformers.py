@@ -170,3 +170,24 @@ def remove(model: nn.Module) -> None:
             layer.__class__ = _original_class(type(layer))
             for attr in ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept"):
                 layer.__dict__.pop(attr, None)
+
+
+def reset_head(model: nn.Module, num_classes: int, class_names: list[str]) -> None:
+    heads = [n for n in ("classifier", "cls_classifier", "distillation_classifier") if hasattr(model, n)]
+    if not heads:
+        raise EvitError(f"{type(model).__name__} has no classification head: use a *ForImageClassification model")
+    for n in heads:
+        setattr(model, n, nn.Linear(model.config.hidden_size, num_classes))
+    model.config.num_labels = num_classes
+    model.config.id2label = dict(enumerate(class_names))
+    model.config.label2id = {c: i for i, c in enumerate(class_names)}
+
+
+def logits(model: nn.Module, output) -> torch.Tensor:
+    if not hasattr(output, "logits"):
+        raise EvitError(f"{type(model).__name__} has no classification head: use a *ForImageClassification model")
+    return output.logits
+
+
+def num_classes(model: nn.Module) -> int:
+    return int(model.config.num_labels) if hasattr(model, "classifier") or hasattr(model, "cls_classifier") else 0

@@ -1,0 +1,205 @@
+"""Image classification data through `datasets`: hub names, image folders, saved data sets, parquet.
+
+Map-style data sets stay memory-mapped Arrow (nothing is loaded whole);
+``streaming=True`` reads a hub or parquet data set as it goes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, Sampler
+
+from .errors import EvitError
+
+VAL_SPLITS = ("validation", "valid", "val", "test")
+
+
+@dataclass
+class ImageData:
+    train: object  # datasets.Dataset or IterableDataset
+    val: object
+    image_column: str
+    label_column: str
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _load(source: str, streaming: bool):
+    import datasets
+
+    from .loading import _first_line, go_offline_if_unreachable
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    path = Path(source)
+    try:
+        if path.is_dir():
+            if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+                ds = datasets.load_from_disk(str(path))
+                return ds.to_iterable_dataset() if streaming and isinstance(ds, datasets.Dataset) else ds
+            parquet = sorted(path.rglob("*.parquet"))
+            if parquet:
+                files = _parquet_splits(path, parquet)
+                return datasets.load_dataset("parquet", data_files=files, streaming=streaming)
+            return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
+        if path.suffix == ".parquet" and path.is_file():
+            return datasets.load_dataset("parquet", data_files={"train": str(path)}, streaming=streaming)
+        if source.startswith((".", "/", "~")):
+            raise EvitError(f"data set {source} does not exist: give a folder, a parquet file or a hub name")
+        if go_offline_if_unreachable():
+            datasets.config.HF_HUB_OFFLINE = True
+        return datasets.load_dataset(source, streaming=streaming)
+    except EvitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many types for one cause
+        raise EvitError(f"cannot load data set {source} ({_first_line(e)}): check the name or the folder") from None
+
+
+def _parquet_splits(root: Path, files: list[Path]) -> dict[str, list[str]]:
+    """Group parquet files by the split their path names (train/validation/test), else all train."""
+    splits: dict[str, list[str]] = {}
+    for f in files:
+        rel = str(f.relative_to(root)).lower()
+        split = next((s for s in ("train",) + VAL_SPLITS if s in rel), "train")
+        splits.setdefault(split, []).append(str(f))
+    return splits
+
+
+def _find_columns(features, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+    import datasets
+
+    if features is None:
+        raise EvitError("the data set does not declare its columns: give --image-column and --label-column")
+    names = list(features)
+    if image_column is None:
+        image_column = next((n for n in names if isinstance(features[n], datasets.Image)), None)
+        image_column = image_column or next((n for n in ("image", "img", "pixel_values") if n in names), None)
+    if label_column is None:
+        label_column = next((n for n in names if isinstance(features[n], datasets.ClassLabel)), None)
+        label_column = label_column or next((n for n in ("label", "labels") if n in names), None)
+    for what, col in (("image", image_column), ("label", label_column)):
+        if col is None:
+            raise EvitError(f"no {what} column found among {names}: name it with --{what}-column")
+        if col not in names:
+            raise EvitError(f"--{what}-column {col!r} is not a column of the data set; it has {names}")
+    return image_column, label_column
+
+
+def load_image_data(
+    source: str,
+    *,
+    train_split: str = "train",
+    val_split: str | None = None,
+    val_fraction: float = 0.1,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    streaming: bool = False,
+    seed: int = 0,
+) -> ImageData:
+    """Train and validation splits with their image/label columns and class names."""
+    import datasets
+
+    ds = _load(source, streaming)
+    if not isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        ds = {"train": ds}
+    if train_split not in ds:
+        raise EvitError(f"data set {source} has no split {train_split!r}; it has {list(ds)}: use --train-split")
+    train = ds[train_split]
+    if val_split is None:
+        val_split = next((s for s in VAL_SPLITS if s in ds), None)
+    if val_split is not None:
+        if val_split not in ds:
+            raise EvitError(f"data set {source} has no split {val_split!r}; it has {list(ds)}: use --val-split")
+        val = ds[val_split]
+    elif streaming:
+        raise EvitError("a streamed data set without a validation split: give --val-split, or drop --streaming")
+    else:  # carve a seeded validation split from train
+        parts = train.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=None)
+        train, val = parts["train"], parts["test"]
+    image_column, label_column = _find_columns(train.features, image_column, label_column)
+    feature = train.features[label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        class_names = list(feature.names)
+    elif streaming:
+        raise EvitError(f"column {label_column!r} is not a ClassLabel: class names are unknown when streaming")
+    else:
+        values = sorted(set(train.unique(label_column)))
+        if values != list(range(len(values))):
+            raise EvitError(f"labels in {label_column!r} must be 0..N-1 or a ClassLabel, got {values[:5]}...")
+        class_names = [str(v) for v in values]
+    return ImageData(train, val, image_column, label_column, class_names)
+
+
+def transforms(data_config: dict, *, train: bool, randaugment: str | None = None, re_prob: float = 0.0):
+    """timm's transforms from the model's data config (mean/std, interpolation, crop)."""
+    from timm.data import create_transform
+
+    kw = dict(input_size=data_config["input_size"], interpolation=data_config.get("interpolation", "bicubic"),
+              mean=data_config["mean"], std=data_config["std"], crop_pct=data_config.get("crop_pct", 0.875),
+              crop_mode=data_config.get("crop_mode", "center"))
+    if train:
+        return create_transform(**{k: v for k, v in kw.items() if k not in ("crop_pct", "crop_mode")},
+                                is_training=True, auto_augment=randaugment or None, re_prob=re_prob)
+    return create_transform(**kw, is_training=False)
+
+
+def with_transform(ds, image_column: str, label_column: str, tf):
+    """Apply ``tf`` lazily; map-style data stays memory-mapped."""
+
+    def apply(batch):
+        return {
+            "pixel_values": [tf(img.convert("RGB")) for img in batch[image_column]],
+            "label": batch[label_column],
+        }
+
+    if isinstance(ds, torch.utils.data.IterableDataset) or hasattr(ds, "_ex_iterable"):
+        return ds.map(apply, batched=True, batch_size=16, remove_columns=list(ds.features or []))
+    return ds.with_transform(apply)
+
+
+def collate(batch):
+    return torch.stack([b["pixel_values"] for b in batch]), torch.tensor([b["label"] for b in batch])
+
+
+class ResumableSampler(Sampler[int]):
+    """A seeded per-epoch permutation, sharded over ranks, that can start part-way through.
+
+    Resuming mid-epoch skips the batches already done without reading them.
+    """
+
+    def __init__(self, n: int, *, seed: int, shuffle: bool, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.shuffle, self.rank, self.world = n, seed, shuffle, rank, world
+        self.epoch, self.start = 0, 0
+        self.per_rank = math.ceil(n / world)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        else:
+            order = list(range(self.n))
+        order += order[: self.per_rank * self.world - self.n]  # pad so every rank has as many
+        return iter(order[self.rank:: self.world][self.start:])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+def make_loader(ds, *, batch_size: int, workers: int, sampler=None, drop_last: bool = False, seed: int = 0):
+    if batch_size < 1:
+        raise EvitError(f"--batch-size must be at least 1, got {batch_size}")
+    iterable = isinstance(ds, IterableDataset) or not hasattr(ds, "__len__")
+    return DataLoader(
+        ds, batch_size=batch_size, sampler=None if iterable else sampler, num_workers=workers,
+        collate_fn=collate, drop_last=drop_last, persistent_workers=False,
+        generator=torch.Generator().manual_seed(seed),
+    )
