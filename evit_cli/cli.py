@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -114,6 +115,76 @@ def bench_cmd(
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     _emit(result, as_json, bench_table(result))
+
+
+@app.command(epilog="Example: evit finetune deit_small_patch16_224 --dataset ./my_images --keep-rate 0.7 --epochs 30 -o deit_s_mine")
+def finetune(
+    model: str = typer.Argument(..., help="Anything `evit convert` takes, or an exported folder."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub name, image folder (class per subfolder), save_to_disk folder, or parquet."),
+    output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder: checkpoints while training, the exported model at the end."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (see recipes/); flags override it."),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse or drop the inattentive tokens.", show_default=False),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start from pretrained weights. [default: pretrained]", show_default=False),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="[default: train]"),
+    val_split: Optional[str] = typer.Option(None, "--val-split", help="[default: validation/val/test if present, else carved from train]"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of train held out (seeded) when there is no validation split. [default: 0.1]"),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="[default: found automatically]"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="[default: found automatically]"),
+    streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream the data set instead of memory-mapping it.", show_default=False),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Optimizer steps per epoch (needed with --streaming)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process. [default: 2]"),
+    randaugment: Optional[str] = typer.Option(None, "--randaugment", help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha (0 = off)."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off)."),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="Label smoothing. [default: 0.1]"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="[default: 30]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Per process. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: --lr-per-512 x global batch / 512]"),
+    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", help="[default: 2e-5, EViT's DeiT fine-tune]"),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="[default: 2e-6]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-6]"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Learning-rate warm-up. [default: 0]"),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Gradient norm clipping (off by default)."),
+    accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Gradient accumulation. [default: 1]"),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16 where supported, else fp16).", show_default=False),
+    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
+    device: Optional[str] = typer.Option(None, "--device", help="[default: cuda when available, else cpu]"),
+    shrink_start: Optional[float] = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1.0 first. [default: 0]"),
+    shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", help="Epochs of cosine from 1.0 to the target. [default: 0]"),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model (before conversion).", show_default=False),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="Weight of the KL term. [default: 0.5]"),
+    distill_tau: Optional[float] = typer.Option(None, "--distill-tau", help="Temperature. [default: 1.0]"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --output after a crash or a kill."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    bench_report: Optional[bool] = typer.Option(None, "--bench/--no-bench", help="Benchmark the trained model at the end. [default: bench]", show_default=False),
+    bench_batch: Optional[int] = typer.Option(None, "--bench-batch", help="[default: 32]"),
+    as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
+):
+    """Fine-tune the EViT model on a data set with the cosine keep-rate schedule.
+
+    Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
+    """
+    flags = dict(locals())
+    from .train import TrainConfig, finetune as run, load_recipe
+
+    for k in ("recipe", "as_json", "bench_report"):
+        flags.pop(k)
+    flags["bench"] = bench_report
+    flags["resume"] = resume or None
+    flags["overwrite"] = overwrite or None
+    cfg = TrainConfig.merged(load_recipe(recipe) if recipe else None, flags)
+    if not cfg.dataset:
+        raise EvitError("no data set: give --dataset (a hub name, an image folder, a save_to_disk folder or parquet)")
+    from .report import kv_table
+
+    result = run(cfg, console=None if as_json else err)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _emit(result, as_json, kv_table(f"fine-tuned -> {cfg.output}", result))
 
 
 def main() -> None:

@@ -87,7 +87,10 @@ def num_tokens(model: VisionTransformer) -> int:
 def data_config(model: VisionTransformer) -> dict:
     from timm.data import resolve_data_config
 
-    return resolve_data_config(model=model)
+    cfg = resolve_data_config(model=model)
+    size = img_size(model)
+    cfg["input_size"] = (3, size, size)  # the model's own size, also when built at another one
+    return cfg
 
 
 def class_names(model: VisionTransformer) -> list[str] | None:
@@ -129,7 +132,7 @@ def remove(model: VisionTransformer) -> None:
 
 def reset_head(model: VisionTransformer, num_classes: int, class_names: list[str]) -> None:
     model.reset_classifier(num_classes)
-    model.evit_class_names = list(class_names)
+    set_class_names(model, class_names)
     src = getattr(model, "evit_source", None)
     if src is not None:
         src.setdefault("kwargs", {})["num_classes"] = num_classes
@@ -143,3 +146,7 @@ def logits(model: nn.Module, output) -> torch.Tensor:
 
 def num_classes(model: VisionTransformer) -> int:
     return int(model.num_classes)
+
+
+def set_class_names(model: VisionTransformer, class_names: list[str]) -> None:
+    model.evit_class_names = list(class_names)

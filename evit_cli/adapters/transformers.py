@@ -179,8 +179,7 @@ def reset_head(model: nn.Module, num_classes: int, class_names: list[str]) -> No
     for n in heads:
         setattr(model, n, nn.Linear(model.config.hidden_size, num_classes))
     model.config.num_labels = num_classes
-    model.config.id2label = dict(enumerate(class_names))
-    model.config.label2id = {c: i for i, c in enumerate(class_names)}
+    set_class_names(model, class_names)
 
 
 def logits(model: nn.Module, output) -> torch.Tensor:
@@ -191,3 +190,8 @@ def logits(model: nn.Module, output) -> torch.Tensor:
 
 def num_classes(model: nn.Module) -> int:
     return int(model.config.num_labels) if hasattr(model, "classifier") or hasattr(model, "cls_classifier") else 0
+
+
+def set_class_names(model: nn.Module, class_names: list[str]) -> None:
+    model.config.id2label = dict(enumerate(class_names))
+    model.config.label2id = {c: i for i, c in enumerate(class_names)}
