@@ -119,7 +119,7 @@ def bench_cmd(
 
 @app.command(epilog="Example: evit finetune deit_small_patch16_224 --dataset ./my_images --keep-rate 0.7 --epochs 30 -o deit_s_mine")
 def finetune(
-    model: str = typer.Argument(..., help="Anything `evit convert` takes, or an exported folder."),
+    model: Optional[str] = typer.Argument(None, help="Anything `evit convert` takes, or an exported folder. [default: the recipe's]", show_default=False),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub name, image folder (class per subfolder), save_to_disk folder, or parquet."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder: checkpoints while training, the exported model at the end."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (see recipes/); flags override it."),
@@ -178,6 +178,8 @@ def finetune(
     flags["resume"] = resume or None
     flags["overwrite"] = overwrite or None
     cfg = TrainConfig.merged(load_recipe(recipe) if recipe else None, flags)
+    if not cfg.model:
+        raise EvitError("no model: give MODEL or a --recipe that names one")
     if not cfg.dataset:
         raise EvitError("no data set: give --dataset (a hub name, an image folder, a save_to_disk folder or parquet)")
     from .report import kv_table

@@ -9,6 +9,7 @@ optimizer, scaler, step and RNG states, and the data order is a function of
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -300,7 +301,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
 
         if not cfg.steps_per_epoch:
             raise EvitError("--streaming needs --steps-per-epoch: a stream has no length")
-        train_ds = split_dataset_by_node(train_ds, rank=d.rank, world_size=d.world)
+        train_ds = split_dataset_by_node(train_ds.shuffle(seed=cfg.seed, buffer_size=1000), rank=d.rank, world_size=d.world)
         val_ds = split_dataset_by_node(val_ds, rank=d.rank, world_size=d.world)
         sampler = None
         val_sampler = None
@@ -394,8 +395,12 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
             steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch, first * cfg.batch_size * cfg.accum_steps)
+            else:
+                train_ds.set_epoch(epoch)
             loader = make_loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=sampler,
                                  drop_last=True, seed=cfg.seed + epoch)
+            if sampler is None and first:  # a stream cannot seek: read past the batches already done
+                loader = itertools.islice(loader, first * cfg.accum_steps, None)
             task = progress.add_task(f"epoch {epoch + 1}/{num_epochs}", total=steps_this_epoch, completed=first,
                                      loss=float("nan"), lr=0.0, keep="", ips=0.0)
             net.train()
