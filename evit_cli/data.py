@@ -102,8 +102,13 @@ def load_image_data(
     label_column: str | None = None,
     streaming: bool = False,
     seed: int = 0,
+    whole_if_no_val: bool = False,
 ) -> ImageData:
-    """Train and validation splits with their image/label columns and class names."""
+    """Train and validation splits with their image/label columns and class names.
+
+    Without a validation split, a seeded ``val_fraction`` of train is held out, or, with
+    ``whole_if_no_val`` (evaluation), the whole train split is the validation split.
+    """
     import datasets
 
     ds = _load(source, streaming)
@@ -118,6 +123,8 @@ def load_image_data(
         if val_split not in ds:
             raise EvitError(f"data set {source} has no split {val_split!r}; it has {list(ds)}: use --val-split")
         val = ds[val_split]
+    elif whole_if_no_val:
+        val = train
     elif streaming:
         raise EvitError("a streamed data set without a validation split: give --val-split, or drop --streaming")
     else:  # carve a seeded validation split from train

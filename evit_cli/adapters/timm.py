@@ -150,3 +150,14 @@ def num_classes(model: VisionTransformer) -> int:
 
 def set_class_names(model: VisionTransformer, class_names: list[str]) -> None:
     model.evit_class_names = list(class_names)
+
+
+def set_img_size(model: VisionTransformer, size: int) -> None:
+    """Run at ``size`` px: position embeddings resampled (bicubic), as timm does."""
+    import logging
+
+    logging.getLogger("timm.layers.pos_embed").setLevel(logging.WARNING)
+    model.set_input_size(img_size=(size, size))
+    src = getattr(model, "evit_source", None)
+    if src is not None:
+        src.setdefault("kwargs", {})["img_size"] = size

@@ -195,3 +195,23 @@ def num_classes(model: nn.Module) -> int:
 def set_class_names(model: nn.Module, class_names: list[str]) -> None:
     model.config.id2label = dict(enumerate(class_names))
     model.config.label2id = {c: i for i, c in enumerate(class_names)}
+
+
+def set_img_size(model: nn.Module, size: int) -> None:
+    """Run at ``size`` px: position embeddings resampled (bicubic) and the config updated."""
+    import torch.nn.functional as F
+
+    emb = _base(model).embeddings
+    pe = emb.position_embeddings
+    prefix = num_prefix_tokens(model)
+    patch = emb.patch_embeddings.patch_size
+    patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+    old, new = int(round((pe.shape[1] - prefix) ** 0.5)), size // patch
+    grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False).to(pe.dtype)
+    emb.position_embeddings = nn.Parameter(torch.cat([pe[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], 1))
+    emb.patch_embeddings.image_size = (size, size)
+    if hasattr(emb, "image_size"):
+        emb.image_size = (size, size)
+    emb.patch_embeddings.num_patches = new * new
+    model.config.image_size = size
