@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -61,22 +62,38 @@ def convert(
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: the model's or the checkpoint's)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Run at this resolution (position embeddings interpolated)."),
+    match_macs: Optional[int] = typer.Option(None, "--match-macs", help="Pick the keep rate whose MACs come closest to the dense model at this resolution, without exceeding them."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default: MODEL_evit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
-    from . import artifact, core, fsutil, loading
+    from . import adapters, artifact, core, fsutil, loading
     from .bench import model_summary
+    from .config import DEFAULT_LAYERS
+    from .explore import match_macs as match_macs_fn
     from .report import kv_table
 
     output = output or Path(f"{Path(model).name}_evit")
     fsutil.check_output_dir(output, overwrite)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
-    core.convert_keeping(m, keep_rate, layers, fuse)
+    if img_size is not None:
+        if img_size < 1:
+            raise EvitError(f"--img-size must be positive, got {img_size}")
+        adapters.get_adapter(m).set_img_size(m, img_size)
+    if match_macs is not None:
+        if keep_rate is not None:
+            raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
+        old = core.get_config(m)
+        match_macs_fn(m, match_macs, layers or (old.layers if old else DEFAULT_LAYERS), fuse if fuse is not None else True)
+    else:
+        core.convert_keeping(m, keep_rate, layers, fuse)
     summary = model_summary(m)
+    if match_macs is not None:
+        summary["matched_to"] = f"dense @{match_macs}px"
     artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
     summary["output"] = str(output)
     if push_to_hub:
@@ -187,6 +204,172 @@ def finetune(
     result = run(cfg, console=None if as_json else err)
     if int(os.environ.get("RANK", "0")) == 0:
         _emit(result, as_json, kv_table(f"fine-tuned -> {cfg.output}", result))
+
+
+def _load_converted(model: str, keep_rate, layers, fuse=None, pretrained: bool = True, checkpoint=None):
+    """An EViT model from a folder (its own settings unless given) or a name (converted with them)."""
+    from . import core, loading
+
+    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    return core.convert_keeping(m, keep_rate, layers, fuse)
+
+
+def _data(dataset: str, split: Optional[str], image_column, label_column):
+    from .data import load_image_data
+
+    return load_image_data(dataset, val_split=split, image_column=image_column, label_column=label_column,
+                           whole_if_no_val=True)
+
+
+@app.command(name="eval", epilog="Example: evit eval deit_t_evit --dataset ../shared/real/imagenette-val --json")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Exported folder, or a model `evit convert` takes (converted with -k/-l)."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Hub name, image folder, save_to_disk folder or parquet."),
+    split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
+    batch: int = typer.Option(64, "--batch", "-b", help="Batch size for evaluation and throughput."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N images only."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader workers."),
+    image_column: Optional[str] = typer.Option(None, "--image-column"),
+    label_column: Optional[str] = typer.Option(None, "--label-column"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    reps: int = typer.Option(5, "--reps", help="Timed passes per model for throughput."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write eval.json here."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Top-1/top-5 and throughput of the dense and the EViT model on the same images, without training.
+
+    ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes.
+    """
+    from .bench import bench, resolve_device
+    from .core import dense_copy
+    from .explore import accuracy
+    from .fsutil import write_json
+    from .report import eval_table
+
+    if batch < 1:
+        raise EvitError(f"--batch must be at least 1, got {batch}")
+    dev = resolve_device(device)
+    m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
+    data = _data(dataset, split, image_column, label_column)
+    acc = accuracy({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit, device=dev)
+    speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=not as_json)
+    result = {"model": speed["model"], "dataset": dataset, "images": acc["evit"]["images"], "evit": speed["evit"],
+              "dense": {**acc["dense"], "gmacs": speed["dense"]["gmacs"], "images_per_s": speed["dense"]["images_per_s"]},
+              "evit_model": {**acc["evit"], "gmacs": speed["evit_model"]["gmacs"], "images_per_s": speed["evit_model"]["images_per_s"]},
+              "speedup": speed["speedup"], "batch": batch, "device_name": speed["device_name"]}
+    if report is not None:
+        result["report_files"] = [str(write_json(Path(report) / "eval.json", result))]
+    _emit(result, as_json, eval_table(result))
+
+
+def _rates(text: str) -> list[float]:
+    from .config import parse_keep_rates
+
+    return list(parse_keep_rates(text))
+
+
+@app.command(epilog="Example: evit sweep deit_small_patch16_224 --no-pretrained --keep-rates 0.5,0.6,0.7,0.8,0.9,1.0 -o sweep/")
+def sweep(
+    model: str = typer.Argument(..., help="A model `evit convert` takes, or an exported folder (its layers are used)."),
+    keep_rates: str = typer.Option("0.5,0.6,0.7,0.8,0.9,1.0", "--keep-rates", help="Keep rates to compare."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Also measure accuracy on this data set."),
+    split: Optional[str] = typer.Option(None, "--split"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N images only."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    batch: int = typer.Option(64, "--batch", "-b"),
+    reps: int = typer.Option(5, "--reps"),
+    device: str = typer.Option("cpu", "--device"),
+    workers: int = typer.Option(2, "--workers"),
+    output: Path = typer.Option(Path("sweep"), "--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table, JSON, PNG plot."""
+    from .bench import resolve_device
+    from .explore import plot_sweep, sweep as run
+    from .fsutil import write_json, write_text
+    from .report import sweep_markdown, sweep_table
+
+    if batch < 1:
+        raise EvitError(f"--batch must be at least 1, got {batch}")
+    resolve_device(device)
+    m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    data = _data(dataset, split, None, None) if dataset else None
+    result = run(m, _rates(keep_rates), data=data, batch=batch, reps=reps, device=device, limit=limit, workers=workers)
+    result["model"] = (getattr(m, "evit_source", {}) or {}).get("model", model)
+    files = [write_json(output / "sweep.json", result), write_text(output / "sweep.md", sweep_markdown(result)),
+             plot_sweep(result, output / "sweep.png", f"{result['model']}: EViT keep-rate sweep")]
+    result["report_files"] = [str(f) for f in files]
+    _emit(result, as_json, sweep_table(result))
+
+
+@app.command(epilog="Example: evit search deit_small_patch16_224 --no-pretrained --target-gmacs 3.0 --search-layers")
+def search(
+    model: str = typer.Argument(..., help="A model `evit convert` takes, or an exported folder."),
+    target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", help="Counted GMACs per image to stay within."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Measured speedup over dense to reach."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    batch: int = typer.Option(64, "--batch", "-b", help="Batch for timing."),
+    reps: int = typer.Option(3, "--reps"),
+    device: str = typer.Option("cpu", "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """The largest keep rate (and layer set) that meets a GMACs or speedup target, and the convert command for it."""
+    from . import adapters
+    from .bench import resolve_device
+    from .explore import candidate_layer_sets, search as run
+    from .report import kv_table
+
+    if batch < 1:
+        raise EvitError(f"--batch must be at least 1, got {batch}")
+    resolve_device(device)
+    m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
+    result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch, reps=reps, device=device)
+    src = getattr(m, "evit_source", {}) or {}
+    parts = ["evit convert", shlex.quote(model), f"--keep-rate {result['keep_rate']:g}", "--layers " + ",".join(map(str, result["layers"]))]
+    if not pretrained:
+        parts.append("--no-pretrained")
+    if checkpoint:
+        parts.append(f"--checkpoint {shlex.quote(str(checkpoint))}")
+    if not result["fuse"]:
+        parts.append("--no-fuse")
+    result["model"] = src.get("model", model)
+    result["command"] = " ".join(parts)
+    _emit(result, as_json, kv_table("evit search", result))
+    if not as_json:
+        out.print(f"\nReproduce with:\n  {result['command']}", highlight=False, soft_wrap=True)
+
+
+@app.command(epilog="Example: evit visualize deit_t_evit photo1.jpg photo2.jpg -o tokens.png")
+def visualize(
+    model: str = typer.Argument(..., help="Exported folder, or a model `evit convert` takes (converted with -k/-l)."),
+    images: list[Path] = typer.Argument(..., help="Image files (any size: resized with the model's transform)."),
+    output: Path = typer.Option(Path("evit_tokens.png"), "--output", "-o", help="PNG to write."),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Which patches each EViT layer kept and which it fused: one panel per layer, fused patches blanked.
+
+    A panel blanks every patch that no longer has a token of its own after that layer.
+    """
+    from .explore import visualize as run
+    from .report import kv_table
+
+    m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
+    result = run(m, [str(p) for p in images], output)
+    _emit(result, as_json, kv_table(f"wrote {output}", {k: v for k, v in result.items() if k != "images"}))
 
 
 def main() -> None:

@@ -48,7 +48,7 @@ def _load(source: str, streaming: bool):
             if parquet:
                 files = _parquet_splits(path, parquet)
                 return datasets.load_dataset("parquet", data_files=files, streaming=streaming)
-            return datasets.load_dataset("imagefolder", data_dir=str(path), streaming=streaming)
+            return datasets.load_dataset("imagefolder", data_files=_imagefolder_splits(path), streaming=streaming)
         if path.suffix == ".parquet" and path.is_file():
             return datasets.load_dataset("parquet", data_files={"train": str(path)}, streaming=streaming)
         if source.startswith((".", "/", "~")):
@@ -60,6 +60,25 @@ def _load(source: str, streaming: bool):
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types for one cause
         raise EvitError(f"cannot load data set {source} ({_first_line(e)}): check the name or the folder") from None
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+def _imagefolder_splits(root: Path) -> dict[str, list[str]]:
+    """Image files by split: top-level train/validation/... folders when present, else all train.
+
+    Listed explicitly: `datasets`' own split inference reads split names into file names
+    (ILSVRC2012_val_*.JPEG) and drops files.
+    """
+    def images(d: Path) -> list[str]:
+        return sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+    splits = {d.name.lower(): images(d) for d in root.iterdir() if d.is_dir() and d.name.lower() in ("train",) + VAL_SPLITS}
+    splits = {k: v for k, v in splits.items() if v} or {"train": images(root)}
+    if not any(splits.values()):
+        raise EvitError(f"no images under {root}: an image folder has a subfolder of images per class")
+    return splits
 
 
 def _parquet_splits(root: Path, files: list[Path]) -> dict[str, list[str]]:
@@ -114,6 +133,8 @@ def load_image_data(
     ds = _load(source, streaming)
     if not isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         ds = {"train": ds}
+    if train_split not in ds and whole_if_no_val and len(ds) == 1:
+        train_split = next(iter(ds))  # evaluation of a single-split data set
     if train_split not in ds:
         raise EvitError(f"data set {source} has no split {train_split!r}; it has {list(ds)}: use --train-split")
     train = ds[train_split]

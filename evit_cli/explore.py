@@ -91,7 +91,7 @@ def accuracy(models: dict[str, nn.Module], data, *, batch_size: int = 64, worker
     mapping = imagenet_label_map(data.class_names, adapter.num_classes(first))
     ds = data.val
     if limit:
-        ds = ds.select(range(min(limit, len(ds))))
+        ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # a seeded sample across classes
     ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(first), train=False))
     loader = make_loader(ds, batch_size=batch_size, workers=workers)
     hits = {name: [0, 0] for name in models}

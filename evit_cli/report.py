@@ -89,3 +89,50 @@ def _fmt(v) -> str:
     if isinstance(v, (list, tuple)):
         return ", ".join(_fmt(x) if isinstance(x, float) else str(x) for x in v)
     return str(v)
+
+
+def eval_rows(r: dict) -> list[list[str]]:
+    rows = [["model", "top-1 (%)", "top-5 (%)", "GMACs", f"images/s @{r['batch']}"]]
+    for label, key in (("dense", "dense"), ("EViT", "evit_model")):
+        m = r[key]
+        rows.append([label, f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['gmacs']:.2f}", f"{m['images_per_s']:.1f}"])
+    return rows
+
+
+def eval_table(r: dict) -> Table:
+    e = r["evit"]
+    table = Table(title="evit eval", caption=(
+        f"{r['model']} on {r['dataset']} ({r['images']} images), EViT layers {','.join(map(str, e['layers']))} "
+        f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, no training; speedup {r['speedup']:.2f}x; {r['device_name']}"))
+    rows = eval_rows(r)
+    for i, h in enumerate(rows[0]):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table
+
+
+def sweep_rows(r: dict) -> list[list[str]]:
+    acc = "top1" in r["rows"][0]
+    head = ["model", "keep rate", "GMACs", f"images/s @{r['batch']}", "speedup"] + (["top-1 (%)", "top-5 (%)"] if acc else [])
+    rows = [head]
+    for x in r["rows"]:
+        row = [x["model"], f"{x['keep_rate']:g}", f"{x['gmacs']:.3f}", f"{x['images_per_s']:.1f}", f"{x['speedup']:.2f}x"]
+        if acc:
+            row += [f"{x['top1']:.2f}", f"{x['top5']:.2f}"]
+        rows.append(row)
+    return rows
+
+
+def sweep_table(r: dict) -> Table:
+    table = Table(title="evit sweep", caption=f"{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}")
+    rows = sweep_rows(r)
+    for i, h in enumerate(rows[0]):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    return table
+
+
+def sweep_markdown(r: dict) -> str:
+    return f"# evit sweep\n\n{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}\n\n{markdown_table(sweep_rows(r))}"
