@@ -142,6 +142,7 @@ def bench(
     batch: int = 256,
     device: str = "cpu",
     amp: bool = False,
+    compile: bool = False,
     warmup: int = 2,
     reps: int = 10,
     latency_reps: int | None = None,
@@ -174,7 +175,7 @@ def bench(
 
     latency_reps = latency_reps or max(3 * reps, 10)
     result_models = {}
-    for name, m in models.items():
+    for name, m in models.items():  # eager models: counting sees every op
         result_models[name] = {
             "gmacs": count_macs(m, img, dev) / 1e9,
             "params_m": count_params(m) / 1e6,
@@ -182,6 +183,10 @@ def bench(
     result_models["dense"]["tokens"] = [adapter.num_tokens(model)]
     result_models["evit"]["tokens"] = [adapter.num_tokens(model)] + measure_tokens(evit, img, dev)
 
+    if compile:  # counted above on the eager models; timed below compiled
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        models = {name: torch.compile(m) for name, m in models.items()}
+        warmup = max(warmup, 2)
     x = torch.randn(batch, 3, img, img, device=dev)
     x1 = x[:1].clone()
     total = 2 * (warmup + reps) + 2 * (warmup + latency_reps)
@@ -207,7 +212,8 @@ def bench(
         "batch": batch,
         "device": dev.type,
         "device_name": describe_device(dev),
-        "precision": ("fp16" if dev.type == "cuda" else "bf16") + " autocast" if amp else "fp32",
+        "precision": (("fp16" if dev.type == "cuda" else "bf16") + " autocast" if amp else "fp32")
+        + (", torch.compile" if compile else ", eager"),
         "torch": torch.__version__,
         "warmup": warmup,
         "reps": reps,

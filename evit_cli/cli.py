@@ -107,7 +107,8 @@ def bench_cmd(
     batch: int = typer.Option(256, "--batch", "-b", help="Batch size for throughput."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     amp: bool = typer.Option(False, "--amp", help="Autocast: bf16 on CPU, fp16 on CUDA."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed passes first."),
+    compile_: bool = typer.Option(False, "--compile", help="Benchmark both models under torch.compile."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed passes first (compiling happens here)."),
     reps: int = typer.Option(10, "--reps", help="Timed passes per model (batch-1 latency takes 3x as many)."),
     keep_rate: str = typer.Option("0.7", "--keep-rate", "-k", help=KEEP_HELP + " Only for a model name."),
     layers: str = typer.Option("4,7,10", "--layers", "-l", help=LAYERS_HELP + " Only for a model name."),
@@ -128,7 +129,7 @@ def bench_cmd(
         report = report or folder
     else:
         m = core.convert(loading.load_model(model, pretrained=False), keep_rate=keep_rate, layers=layers)
-    result = bench(m, batch=batch, device=device, amp=amp, warmup=warmup, reps=reps, progress=not as_json)
+    result = bench(m, batch=batch, device=device, amp=amp, compile=compile_, warmup=warmup, reps=reps, progress=not as_json)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     _emit(result, as_json, bench_table(result))
@@ -370,6 +371,61 @@ def visualize(
     m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
     result = run(m, [str(p) for p in images], output)
     _emit(result, as_json, kv_table(f"wrote {output}", {k: v for k, v in result.items() if k != "images"}))
+
+
+@app.command(name="export", epilog="Example: evit export deit_s_evit --format onnx")
+def export_cmd(
+    folder: Path = typer.Argument(..., help="A folder written by `evit convert` or `evit finetune`."),
+    fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript (safetensors is what convert writes)."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. [default: FOLDER/model.onnx or FOLDER/model.torchscript.pt]"),
+    check_batches: str = typer.Option("1,8", "--check-batches", help="Batch sizes the written file is run at and compared with PyTorch."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file if it exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """Export the EViT model to ONNX or TorchScript: fixed token counts, dynamic batch, checked after export."""
+    from . import artifact
+    from .export import FORMATS, export
+    from .report import kv_table
+
+    if fmt not in FORMATS:
+        raise EvitError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
+    try:
+        batches = tuple(int(b) for b in check_batches.split(","))
+    except ValueError:
+        raise EvitError(f"--check-batches must be comma-separated integers, got {check_batches!r}") from None
+    model = artifact.load(folder)
+    result = export(model, fmt, output or folder / FORMATS[fmt], check_batches=batches, overwrite=overwrite)
+    _emit(result, as_json, kv_table(f"exported {fmt}", result))
+
+
+@app.command(epilog="Example: evit info deit_s_evit")
+def info(
+    folder: Path = typer.Argument(..., help="A folder written by `evit convert` or `evit finetune`."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+):
+    """What an exported folder holds: source, layers, keep rates, token counts, GMACs, metrics if trained."""
+    from . import artifact
+    from .report import kv_table
+
+    meta = artifact.read_meta(folder)
+    e = meta.get("evit") or {}
+    result = {
+        "folder": str(folder), "family": meta["family"], "source": meta["source"].get("model"),
+        "weights": meta["source"].get("checkpoint") or ("pretrained" if meta["source"].get("pretrained") else "random"),
+        "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
+        "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
+        "tokens": [meta["num_tokens"]] + meta.get("token_counts", []),
+        "gmacs_dense": meta.get("gmacs_dense"), "gmacs": meta.get("gmacs"), "tool_version": meta["tool_version"],
+    }
+    for name in ("metrics.json", "bench.json"):
+        path = Path(folder) / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if name == "metrics.json":
+                result["metrics"] = {k: data[k] for k in ("top1", "top5", "val_loss", "epoch") if k in data}
+            else:
+                result["bench"] = {"speedup": data["speedup"], "batch": data["batch"], "device": data["device_name"]}
+    _emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def reorganize(
     indices, among the ``M = N - num_prefix`` candidates, of the kept tokens
     (``None`` when nothing was removed).
     """
-    m = x.shape[1] - num_prefix
+    m = int(x.shape[1]) - num_prefix
     k = num_kept(m, keep_rate)
     if k >= m:
         return x, None

@@ -51,7 +51,7 @@ class EViTBlock(Block):
     evit_kept: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        m = x.shape[1] - self.evit_num_prefix
+        m = int(x.shape[1]) - self.evit_num_prefix  # int: a constant when traced (token counts are fixed per input size)
         if attn_mask is not None or is_causal or num_kept(m, self.evit_keep_rate) >= m:
             self.evit_kept = None
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)

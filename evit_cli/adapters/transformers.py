@@ -65,7 +65,7 @@ class EViTLayerMixin:
     evit_kept: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-        m = hidden_states.shape[1] - self.evit_num_prefix
+        m = int(hidden_states.shape[1]) - self.evit_num_prefix
         if num_kept(m, self.evit_keep_rate) >= m:
             self.evit_kept = None
             return super().forward(hidden_states, attention_mask, **kwargs)

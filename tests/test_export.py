@@ -1,0 +1,65 @@
+"""ONNX and TorchScript export: the written file runs and matches PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import evit_cli
+from evit_cli.export import export
+from conftest import tiny_timm
+from test_cli import run
+from test_transformers import HF_TINY
+
+
+def _onnx_run(path, x):
+    import onnxruntime as ort
+
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize("kind", ["vit", "distilled"])
+def test_onnx_of_a_tiny_model_matches_pytorch_at_batch_1_and_8(kind, tmp_path, capsys):
+    folder = evit_cli.save(evit_cli.convert(tiny_timm(kind), keep_rate=0.6, layers=(2, 4)), tmp_path / "m")
+    code, stdout, err = run(["export", folder, "--format", "onnx", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["tokens_after_layers"] == evit_cli.tokens_after_layers(evit_cli.load(folder))
+    model = evit_cli.load(folder)
+    for b in (1, 8):  # independent of the command's own check
+        x = torch.randn(b, 3, 32, 32)
+        with torch.no_grad():
+            assert (_onnx_run(folder / "model.onnx", x) - model(x)).abs().max() < 1e-4
+
+
+def test_onnx_of_deit_small_keep_07_matches_pytorch(tmp_path):
+    model = evit_cli.convert("deit_small_patch16_224", keep_rate=0.7, layers=(4, 7, 10), pretrained=False)
+    r = export(model, "onnx", tmp_path / "deit_s.onnx")
+    assert r["tokens_after_layers"] == [140, 100, 72]
+    for b in (1, 8):
+        x = torch.randn(b, 3, 224, 224)
+        with torch.no_grad():
+            assert (_onnx_run(tmp_path / "deit_s.onnx", x) - model(x)).abs().max() < 1e-4
+
+
+def test_torchscript_of_a_transformers_model(tmp_path):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    hf = evit_cli.convert(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=4)).eval(), keep_rate=0.5, layers=(3,))
+    r = export(hf, "torchscript", tmp_path / "m.pt")
+    assert max(r["max_abs_diff"].values()) < 1e-4
+    ts = torch.jit.load(str(tmp_path / "m.pt"))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert (ts(x) - hf(x).logits).abs().max() < 1e-4
+
+
+def test_info_describes_a_folder(tmp_path, capsys):
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2,)), tmp_path / "m")
+    code, stdout, _ = run(["info", folder, "--json"], capsys)
+    assert code == 0
+    r = json.loads(stdout)
+    assert r["layers"] == [2] and r["tokens"] == [65, 47] and r["source"] == "vit_tiny_patch16_224"
