@@ -103,15 +103,15 @@ def convert(
 
 @app.command(name="bench", epilog="Example: evit bench deit_s_evit --batch 256 --report reports/")
 def bench_cmd(
-    model: str = typer.Argument(..., help="Exported folder, or a timm model name (converted on the fly)."),
+    model: str = typer.Argument(..., help="Exported folder, or anything `evit convert` takes (converted on the fly)."),
     batch: int = typer.Option(256, "--batch", "-b", help="Batch size for throughput."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     amp: bool = typer.Option(False, "--amp", help="Autocast: bf16 on CPU, fp16 on CUDA."),
     compile_: bool = typer.Option(False, "--compile", help="Benchmark both models under torch.compile."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed passes first (compiling happens here)."),
     reps: int = typer.Option(10, "--reps", help="Timed passes per model (batch-1 latency takes 3x as many)."),
-    keep_rate: str = typer.Option("0.7", "--keep-rate", "-k", help=KEEP_HELP + " Only for a model name."),
-    layers: str = typer.Option("4,7,10", "--layers", "-l", help=LAYERS_HELP + " Only for a model name."),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     report: Optional[Path] = typer.Option(None, "--report", help="Write bench.json and bench.md here (an exported folder gets them inside it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
@@ -119,16 +119,13 @@ def bench_cmd(
 
     A model name is built with random weights: weights do not change the speed.
     """
-    from . import core, loading
+    from .artifact import META_FILE
     from .bench import bench
     from .report import bench_table, write_bench
 
-    folder = Path(model)
-    if folder.is_dir():
-        m = loading.load_model(folder)
-        report = report or folder
-    else:
-        m = core.convert(loading.load_model(model, pretrained=False), keep_rate=keep_rate, layers=layers)
+    m = _load_converted(model, keep_rate, layers, pretrained=False)
+    if report is None and (Path(model) / META_FILE).is_file():
+        report = Path(model)
     result = bench(m, batch=batch, device=device, amp=amp, compile=compile_, warmup=warmup, reps=reps, progress=not as_json)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]

@@ -128,7 +128,7 @@ def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
 
 
 def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 64, reps: int = 5, warmup: int = 1,
-          device: str = "cpu", limit: int | None = None, workers: int = 2) -> dict:
+          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False) -> dict:
     """GMACs, images/s and speedup (all timed side by side, interleaved), and accuracy when a data set is given."""
     for r in keep_rates:
         if not 0 < r <= 1:
@@ -136,7 +136,7 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
     models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
     img = adapters.get_adapter(model).img_size(model)
     x = torch.randn(batch, 3, img, img, device=device)
-    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=False)
+    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp)
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     acc = accuracy(models, data, batch_size=batch, workers=workers, limit=limit, device=device) if data else {}
     rows = []
@@ -153,6 +153,7 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
         rows.append(row)
     cfg = get_config(model)
     return {"layers": list(cfg.layers), "fuse": cfg.fuse, "batch": batch, "img_size": img, "reps": reps, "rows": rows,
+            "amp": amp,
             "images": next(iter(acc.values()))["images"] if acc else 0}
 
 
