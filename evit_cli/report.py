@@ -48,14 +48,18 @@ def bench_caption(r: dict) -> str:
     )
 
 
-def bench_table(r: dict) -> Table:
-    rows = bench_rows(r)
-    table = Table(title="evit bench", caption=bench_caption(r))
+def rows_table(title: str, caption: str, rows: list[list[str]]) -> Table:
+    """A rich table from rows (header first): first column left, numbers right."""
+    table = Table(title=title, caption=caption)
     for i, h in enumerate(rows[0]):
         table.add_column(h, justify="left" if i == 0 else "right")
     for row in rows[1:]:
         table.add_row(*row)
     return table
+
+
+def bench_table(r: dict) -> Table:
+    return rows_table("evit bench", bench_caption(r), bench_rows(r))
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -101,15 +105,9 @@ def eval_rows(r: dict) -> list[list[str]]:
 
 def eval_table(r: dict) -> Table:
     e = r["evit"]
-    table = Table(title="evit eval", caption=(
-        f"{r['model']} on {r['dataset']} ({r['images']} images), EViT layers {','.join(map(str, e['layers']))} "
-        f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, no training; speedup {r['speedup']:.2f}x; {r['device_name']}"))
-    rows = eval_rows(r)
-    for i, h in enumerate(rows[0]):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    return table
+    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images), EViT layers {','.join(map(str, e['layers']))} "
+               f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, no training; speedup {r['speedup']:.2f}x; {r['device_name']}")
+    return rows_table("evit eval", caption, eval_rows(r))
 
 
 def sweep_rows(r: dict) -> list[list[str]]:
@@ -125,13 +123,8 @@ def sweep_rows(r: dict) -> list[list[str]]:
 
 
 def sweep_table(r: dict) -> Table:
-    table = Table(title="evit sweep", caption=f"{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}")
-    rows = sweep_rows(r)
-    for i, h in enumerate(rows[0]):
-        table.add_column(h, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    return table
+    caption = f"{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}"
+    return rows_table("evit sweep", caption, sweep_rows(r))
 
 
 def sweep_markdown(r: dict) -> str:

@@ -171,3 +171,21 @@ def test_non_vit_transformers_model_is_refused(tmp_path):
     BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
     with pytest.raises(evit_cli.EvitError, match="supports ViT and DeiT"):
         evit_cli.load_model(tmp_path / "bert")
+
+
+def test_local_bin_checkpoint_for_a_transformers_architecture(tmp_path, images):
+    torch.manual_seed(0)
+    ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=10)).save_pretrained(tmp_path / "arch")
+    trained = randomize(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=10)), seed=7)
+    torch.save(trained.state_dict(), tmp_path / "pytorch_model.bin")
+    model = evit_cli.load_model(tmp_path / "arch", checkpoint=tmp_path / "pytorch_model.bin")
+    with torch.no_grad():
+        assert torch.equal(model(images).logits, trained(images).logits)
+
+
+def test_offline_dataset_name_is_a_one_line_error(tmp_path):
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    model = evit_cli.save(evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2,)), tmp_path / "m")
+    proc = _run_cli(["eval", model, "--dataset", "acme/no-such-data"], env)
+    assert proc.returncode == 2 and "acme/no-such-data" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
