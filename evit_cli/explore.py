@@ -51,7 +51,7 @@ def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True)
     """Convert ``model`` (already at its new image size) with the keep rate whose counted MACs come
     closest to the dense model at ``reference_size`` px without exceeding them; returns the rate."""
     adapter = adapters.get_adapter(model)
-    ref = dense_copy(model) if get_config(model) else copy.deepcopy(model)
+    ref = dense_copy(model)
     adapter.set_img_size(ref, reference_size)
     budget = count_macs(ref, reference_size)
     convert(model, keep_rate=1.0, layers=layers, fuse=fuse)

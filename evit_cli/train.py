@@ -9,8 +9,10 @@ optimizer, scaler, step and RNG states, and the data order is a function of
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import shutil
 import math
 import os
 import random
@@ -348,8 +350,6 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
             _truncate_log(out / STEP_LOG, step, "step")
             _truncate_log(out / METRICS_LOG, start_epoch, "epoch")
     elif d.main:
-        import shutil
-
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -417,7 +417,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                 if mixup_fn is not None:
                     images, target = mixup_fn(images, target)
                 sync = (micro + 1) % cfg.accum_steps == 0
-                ctx = net.no_sync() if (d.world > 1 and not sync) else _null()
+                ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, _autocast(device, cfg.amp):
                     logits = adapter.logits(model, net(images)).float()
                     loss = loss_fn(logits, target, images) / cfg.accum_steps
@@ -470,12 +470,6 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
     return final
 
 
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist) -> dict:
     """Validation loss, top-1 and top-5 (%), summed over ranks."""
@@ -501,7 +495,6 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
 
 def _export(model, out: Path, final: dict, cfg: TrainConfig, device, console) -> None:
     """The output folder becomes an exported model, with metrics.json and the bench report."""
-    import shutil
     import tempfile
 
     from . import artifact
