@@ -104,6 +104,12 @@ def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: 
     return times
 
 
+def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False) -> dict[str, float]:
+    """Median seconds per forward pass of each model, timed side by side."""
+    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _summary(seconds: list[float]) -> dict:
     ms = [s * 1000 for s in seconds]
     return {

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import adapters
-from .bench import count_macs, time_side_by_side
+from .bench import count_macs, median_times
 from .core import convert, dense_copy, get_config
 from .errors import EvitError
 
@@ -136,8 +136,7 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
     models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
     img = adapters.get_adapter(model).img_size(model)
     x = torch.randn(batch, 3, img, img, device=device)
-    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp)
-    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    med = median_times(models, x, warmup=warmup, reps=reps, amp=amp)
     acc = accuracy(models, data, batch_size=batch, workers=workers, limit=limit, device=device) if data else {}
     rows = []
     for name, m in models.items():
@@ -237,8 +236,7 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
     dense = dense_copy(model).to(device).eval()
     model.to(device).eval()
     x = torch.randn(batch, 3, img, img, device=device)
-    t = time_side_by_side({"dense": dense, "evit": model}, x, warmup=1, reps=reps, amp=False)
-    med = {k: sorted(v)[len(v) // 2] for k, v in t.items()}
+    med = median_times({"dense": dense, "evit": model}, x, reps=reps)
     return {
         "keep_rate": rate, "layers": list(layers), "fuse": cfg.fuse, "img_size": img,
         "gmacs": count_macs(model, img, device) / 1e9, "gmacs_dense": count_macs(dense, img, device) / 1e9,
@@ -257,8 +255,8 @@ def _search_speedup(model, target: float, *, batch: int, reps: int, device: str)
 
     def speedup(rate: float) -> float:
         adapters.set_keep_rates(model, [rate] * len(cfg.layers))
-        t = time_side_by_side({"dense": dense, "evit": model}, x, warmup=1, reps=reps, amp=False)
-        return sorted(t["dense"])[reps // 2] / sorted(t["evit"])[reps // 2]
+        med = median_times({"dense": dense, "evit": model}, x, reps=reps)
+        return med["dense"] / med["evit"]
 
     lo, hi = 1, 20  # in units of 0.05
     if speedup(lo * 0.05) < target:
