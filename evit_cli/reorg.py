@@ -52,12 +52,14 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float) -> Tensor:
 
 
 def reorganize(
-    x: Tensor, cls_attn: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True
+    x: Tensor, cls_attn: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True, rank: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
     """Keep the attentive tokens, fuse the inattentive ones into one token.
 
     ``x``: (B, N, C), ``num_prefix`` prefix tokens first; ``cls_attn``: (B, N)
-    from :func:`class_attention`. Returns the new sequence
+    from :func:`class_attention`, which ranks the tokens and weights the fusion.
+    ``rank`` (B, N), when given, chooses the kept tokens instead (an oracle's
+    scores); the fusion weights stay ``cls_attn``. Returns the new sequence
     ``[prefix, kept, fused]`` (``[prefix, kept]`` without ``fuse``) and the
     indices, among the ``M = N - num_prefix`` candidates, of the kept tokens
     (``None`` when nothing was removed).
@@ -70,7 +72,8 @@ def reorganize(
         raise ValueError(f"keep rate {keep_rate} keeps no token out of {m}")
     tokens = x[:, num_prefix:]
     attn = cls_attn[:, num_prefix:]
-    idx = attn.topk(k, dim=1, largest=True, sorted=False).indices  # (B, k)
+    scores = attn if rank is None else rank[:, num_prefix:]
+    idx = scores.topk(k, dim=1, largest=True, sorted=False).indices  # (B, k)
     kept = tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     parts = [x[:, :num_prefix], kept]
     if fuse:

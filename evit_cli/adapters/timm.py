@@ -15,7 +15,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..config import EViTConfig
 from ..errors import EvitError
-from ..reorg import class_attention, num_kept, reorganize
+from ..reorg import class_attention, num_kept
+from .block import clear_block, reorganize_tokens, setup_block
 
 name = "timm"
 
@@ -57,9 +58,7 @@ class EViTBlock(Block):
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         a, cls_attn = _attention_with_cls(self.attn, self.norm1(x))
         x = x + self.drop_path1(self.ls1(a))
-        x, kept = reorganize(x, cls_attn, self.evit_num_prefix, self.evit_keep_rate, self.evit_fuse)
-        if self.evit_record:
-            self.evit_kept = kept
+        x, _ = reorganize_tokens(self, x, cls_attn)
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -117,17 +116,14 @@ def apply(model: VisionTransformer, cfg: EViTConfig) -> None:
     for idx, rate in zip(cfg.indices, cfg.keep_rates):
         blk = model.blocks[idx]
         blk.__class__ = EViTBlock
-        blk.evit_keep_rate = float(rate)
-        blk.evit_num_prefix = num_prefix_tokens(model)
-        blk.evit_fuse = cfg.fuse
+        setup_block(blk, rate, num_prefix_tokens(model), cfg.fuse)
 
 
 def remove(model: VisionTransformer) -> None:
     for blk in model.blocks:
         if isinstance(blk, EViTBlock):
             blk.__class__ = Block
-            for attr in ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept"):
-                blk.__dict__.pop(attr, None)
+            clear_block(blk)
 
 
 def reset_head(model: VisionTransformer, num_classes: int, class_names: list[str]) -> None:

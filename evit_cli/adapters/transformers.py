@@ -16,7 +16,8 @@ from torch import nn
 
 from ..config import EViTConfig
 from ..errors import EvitError
-from ..reorg import class_attention, num_kept, reorganize
+from ..reorg import class_attention, num_kept
+from .block import clear_block, reorganize_tokens, setup_block
 
 name = "transformers"
 
@@ -73,9 +74,7 @@ class EViTLayerMixin:
             raise EvitError("EViT layers do not take an attention mask: call the model without one")
         a, cls_attn = _attention_with_cls(self.attention, self.layernorm_before(hidden_states), attention_mask, kwargs)
         x = self.dropout(a) + hidden_states
-        x, kept = reorganize(x, cls_attn, self.evit_num_prefix, self.evit_keep_rate, self.evit_fuse)
-        if self.evit_record:
-            self.evit_kept = kept
+        x, _ = reorganize_tokens(self, x, cls_attn)
         return self.dropout(self.mlp(self.layernorm_after(x))) + x
 
 
@@ -159,17 +158,14 @@ def apply(model: nn.Module, cfg: EViTConfig) -> None:
     for idx, rate in zip(cfg.indices, cfg.keep_rates):
         layer = layers[idx]
         layer.__class__ = _evit_class(type(layer))
-        layer.evit_keep_rate = float(rate)
-        layer.evit_num_prefix = prefix
-        layer.evit_fuse = cfg.fuse
+        setup_block(layer, rate, prefix, cfg.fuse)
 
 
 def remove(model: nn.Module) -> None:
     for layer in _layers(model):
         if isinstance(layer, EViTLayerMixin):
             layer.__class__ = _original_class(type(layer))
-            for attr in ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept"):
-                layer.__dict__.pop(attr, None)
+            clear_block(layer)
 
 
 def reset_head(model: nn.Module, num_classes: int, class_names: list[str]) -> None:
