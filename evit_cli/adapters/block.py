@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..reorg import reorganize
+from ..reorg import num_kept, reorganize
 
 # attributes an EViT block carries; ``remove`` pops them all
 EVIT_ATTRS = ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept", "evit_rank")
@@ -24,6 +24,14 @@ def setup_block(blk: nn.Module, keep_rate: float, num_prefix: int, fuse: bool) -
 def clear_block(blk: nn.Module) -> None:
     for attr in EVIT_ATTRS:
         blk.__dict__.pop(attr, None)
+
+
+def runs_dense(blk: nn.Module, num_tokens: int) -> bool:
+    """True when the block would remove no token and nobody watches its ranking: it may take
+    its family's own dense forward. With an ``evit_rank`` hook (an oracle, or a model used as
+    one) the EViT path runs at every keep rate, so the hook sees each batch's class attention."""
+    m = int(num_tokens) - blk.evit_num_prefix
+    return num_kept(m, blk.evit_keep_rate) >= m and getattr(blk, "evit_rank", None) is None
 
 
 def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -15,8 +15,8 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..config import EViTConfig
 from ..errors import EvitError
-from ..reorg import class_attention, num_kept
-from .block import clear_block, reorganize_tokens, setup_block
+from ..reorg import class_attention
+from .block import clear_block, reorganize_tokens, runs_dense, setup_block
 
 name = "timm"
 
@@ -52,8 +52,8 @@ class EViTBlock(Block):
     evit_kept: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        m = int(x.shape[1]) - self.evit_num_prefix  # int: a constant when traced (token counts are fixed per input size)
-        if attn_mask is not None or is_causal or num_kept(m, self.evit_keep_rate) >= m:
+        # int(...) sizes: constants when traced (token counts are fixed per input size)
+        if attn_mask is not None or is_causal or runs_dense(self, int(x.shape[1])):
             self.evit_kept = None
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         a, cls_attn = _attention_with_cls(self.attn, self.norm1(x))

@@ -16,8 +16,8 @@ from torch import nn
 
 from ..config import EViTConfig
 from ..errors import EvitError
-from ..reorg import class_attention, num_kept
-from .block import clear_block, reorganize_tokens, setup_block
+from ..reorg import class_attention
+from .block import clear_block, reorganize_tokens, runs_dense, setup_block
 
 name = "transformers"
 
@@ -66,8 +66,7 @@ class EViTLayerMixin:
     evit_kept: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor, attention_mask=None, **kwargs) -> torch.Tensor:
-        m = int(hidden_states.shape[1]) - self.evit_num_prefix
-        if num_kept(m, self.evit_keep_rate) >= m:
+        if runs_dense(self, int(hidden_states.shape[1])):
             self.evit_kept = None
             return super().forward(hidden_states, attention_mask, **kwargs)
         if attention_mask is not None:
