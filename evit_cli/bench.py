@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import __version__, adapters
@@ -121,6 +122,80 @@ def _summary(seconds: list[float]) -> dict:
     }
 
 
+# SDPA backends, by the aten op each one dispatches to
+SDPA_KERNELS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_flash_attention_for_cpu": "flash (cpu)",
+    "_scaled_dot_product_efficient_attention": "memory-efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_fused_attention_overrideable": "fused (backend)",
+}
+
+
+class _AttentionOps(TorchDispatchMode):
+    """Counts fused attention kernels, and softmaxes over square (N x N, N > 1) matrices: the math path."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        kind = SDPA_KERNELS.get(name)
+        if kind is None and name in ("_softmax", "softmax") and args[0].dim() >= 2 and args[0].shape[-1] == args[0].shape[-2] > 1:
+            kind = "math (explicit N x N softmax)"
+        if kind is not None:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def attention_kernels(model: nn.Module, x: torch.Tensor, amp: bool = False) -> dict[str, int]:
+    """Which attention kernels one forward pass on ``x`` ran, with how many calls each."""
+    mode = _AttentionOps()
+    with torch.no_grad(), _autocast(x.device, amp), mode:  # inference_mode would hide the backend op
+        model(x)
+    return mode.counts
+
+
+def _training_loss(output) -> torch.Tensor:
+    """A scalar from any model output (logits, a distilled pair, a transformers output)."""
+    if isinstance(output, (tuple, list)):
+        output = output[0]
+    for key in ("logits", "pooler_output", "image_embeds", "last_hidden_state"):
+        value = getattr(output, key, None)
+        if value is not None:
+            output = value
+            break
+    return output.float().square().mean()
+
+
+def time_training(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int, reps: int, amp: bool,
+                  advance=None) -> dict[str, list[float]]:
+    """Seconds per training step (forward, backward, AdamW step) of copies of ``models``, interleaved."""
+    import copy
+
+    device = x.device
+    copies = {name: copy.deepcopy(m).train() for name, m in models.items()}
+    optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-9) for name, m in copies.items()}
+    times: dict[str, list[float]] = {name: [] for name in copies}
+    names = list(copies)
+    for i in range(warmup + reps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            with _autocast(device, amp):
+                loss = _training_loss(copies[name](x))
+            loss.backward()
+            optims[name].step()
+            optims[name].zero_grad(set_to_none=True)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+            if advance:
+                advance()
+    return times
+
+
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -148,7 +223,8 @@ def bench(
     batch: int = 256,
     device: str = "cpu",
     amp: bool = False,
-    compile: bool = False,
+    compile: bool | str = False,
+    train: bool = False,
     warmup: int = 2,
     reps: int = 10,
     latency_reps: int | None = None,
@@ -159,7 +235,11 @@ def bench(
     ``model`` is an EViT model or anything :func:`evit_cli.load_model` takes.
     Returns the report as a dict (see :mod:`evit_cli.report` to render it):
     images/s at ``batch``, latency per batch and at batch 1 (median, spread),
-    GMACs per image, parameters, tokens after each EViT layer, speedups.
+    GMACs per image, parameters, tokens after each EViT layer, the attention
+    kernels each model ran, speedups. ``compile`` (True, or a torch.compile
+    mode such as ``"reduce-overhead"`` for CUDA graphs) adds the same figures
+    for both models compiled, timed beside the eager ones; ``train`` adds
+    training-step throughput (forward, backward, AdamW step) at ``batch``.
     """
     if batch < 1:
         raise EvitError(f"--batch must be at least 1, got {batch}")
@@ -173,44 +253,28 @@ def bench(
     if cfg is None:
         raise EvitError("this model has no EViT layers: convert it first (evit convert / evit_cli.convert)")
     dev = resolve_device(device)
-    adapter = adapters.get_adapter(model)
-    img = adapter.img_size(model)
+    img = adapters.get_adapter(model).img_size(model)
     evit = model.eval().to(dev)
-    dense = dense_copy(evit).eval()
-    models = {"dense": dense, "evit": evit}
-
-    latency_reps = latency_reps or max(3 * reps, 10)
-    result_models = {}
-    for name, m in models.items():  # eager models: counting sees every op
-        result_models[name] = {
-            "gmacs": count_macs(m, img, dev) / 1e9,
-            "params_m": count_params(m) / 1e6,
-        }
-    result_models["dense"]["tokens"] = [adapter.num_tokens(model)]
-    result_models["evit"]["tokens"] = [adapter.num_tokens(model)] + measure_tokens(evit, img, dev)
-
-    if compile:  # counted above on the eager models; timed below compiled
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        models = {name: torch.compile(m) for name, m in models.items()}
-        warmup = max(warmup, 2)
+    models = {"dense": dense_copy(evit).eval(), "evit": evit}
     x = torch.randn(batch, 3, img, img, device=dev)
-    x1 = x[:1].clone()
-    total = 2 * (warmup + reps) + 2 * (warmup + latency_reps)
-    bar = _progress(progress)
-    with bar:
-        task = bar.add_task("benchmarking dense vs EViT", total=total)
+    figures = {name: _static_figures(m, x[:1], amp) for name, m in models.items()}
+    mode = _compile_mode(compile)
+    compiled = _compiled(models, mode) if mode else {}
+    warmup = max(warmup, 2) if mode else warmup
+    latency_reps = latency_reps or max(3 * reps, 10)
+    timed = {**models, **compiled}
+    steps = len(timed) * ((warmup + reps) + (warmup + latency_reps)) + (2 * (warmup + reps) if train else 0)
+    with _progress(progress) as bar:
+        task = bar.add_task("benchmarking dense vs EViT", total=steps)
         advance = lambda: bar.advance(task)  # noqa: E731
-        t_batch = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
-        t_one = time_side_by_side(models, x1, warmup=warmup, reps=latency_reps, amp=amp, advance=advance)
+        t_batch = time_side_by_side(timed, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
+        t_one = time_side_by_side(timed, x[:1].clone(), warmup=warmup, reps=latency_reps, amp=amp, advance=advance)
+        t_train = time_training(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance) if train else None
     for name in models:
-        s = _summary(t_batch[name])
-        result_models[name]["latency"] = s
-        result_models[name]["images_per_s"] = batch / (s["median_ms"] / 1000)
-        result_models[name]["latency_b1"] = _summary(t_one[name])
-
-    d, e = result_models["dense"], result_models["evit"]
+        figures[name].update(_timing(t_batch[name], t_one[name], batch))
     src = getattr(model, "evit_source", {}) or {}
-    return {
+    d, e = figures["dense"], figures["evit"]
+    result = {
         "tool_version": __version__,
         "model": src.get("model", type(model).__name__),
         "evit": cfg.to_dict(),
@@ -219,16 +283,73 @@ def bench(
         "device": dev.type,
         "device_name": describe_device(dev),
         "precision": (("fp16" if dev.type == "cuda" else "bf16") + " autocast" if amp else "fp32")
-        + (", torch.compile" if compile else ", eager"),
+        + (f", eager and torch.compile (mode {mode})" if mode else ", eager"),
         "torch": torch.__version__,
         "warmup": warmup,
         "reps": reps,
         "dense": d,
         "evit_model": e,
-        "speedup": e["images_per_s"] / d["images_per_s"],
-        "speedup_b1": d["latency_b1"]["median_ms"] / e["latency_b1"]["median_ms"],
+        **_speedups(d, e),
         "mac_ratio": d["gmacs"] / e["gmacs"],
     }
+    if mode:
+        result["compiled"] = _compiled_report(mode, {n: _timing(t_batch[n], t_one[n], batch) for n in compiled})
+    if train:
+        result["training"] = _training_report(t_train, batch)
+    return result
+
+
+def _static_figures(model: nn.Module, x1: torch.Tensor, amp: bool) -> dict:
+    """What needs no timing, on the eager model (counting sees every op): MACs, parameters, tokens, kernels."""
+    adapter = adapters.get_adapter(model)
+    img = x1.shape[-1]
+    tokens = [adapter.num_tokens(model)] + (measure_tokens(model, img, x1.device) if get_config(model) else [])
+    return {
+        "gmacs": count_macs(model, img, x1.device) / 1e9,
+        "params_m": count_params(model) / 1e6,
+        "tokens": tokens,
+        "attention_kernels": attention_kernels(model, x1, amp),
+    }
+
+
+def _compile_mode(compile: bool | str) -> str | None:
+    if compile is True:
+        return "default"
+    if not compile:
+        return None
+    modes = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    if compile not in modes:
+        raise EvitError(f"unknown torch.compile mode {compile!r}: use one of {', '.join(modes)}")
+    return compile
+
+
+def _compiled(models: dict[str, nn.Module], mode: str) -> dict[str, nn.Module]:
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    return {f"{name} compiled": torch.compile(m, mode=mode) for name, m in models.items()}
+
+
+def _timing(t_batch: list[float], t_one: list[float], batch: int) -> dict:
+    s = _summary(t_batch)
+    return {"latency": s, "images_per_s": batch / (s["median_ms"] / 1000), "latency_b1": _summary(t_one)}
+
+
+def _speedups(d: dict, e: dict) -> dict:
+    return {"speedup": e["images_per_s"] / d["images_per_s"],
+            "speedup_b1": d["latency_b1"]["median_ms"] / e["latency_b1"]["median_ms"]}
+
+
+def _compiled_report(mode: str, timings: dict) -> dict:
+    d, e = timings["dense compiled"], timings["evit compiled"]
+    return {"mode": mode, "dense": d, "evit_model": e, **_speedups(d, e)}
+
+
+def _training_report(times: dict[str, list[float]], batch: int) -> dict:
+    out = {}
+    for name, key in (("dense", "dense"), ("evit", "evit_model")):
+        s = _summary(times[name])
+        out[key] = {"step": s, "images_per_s": batch / (s["median_ms"] / 1000)}
+    out["speedup"] = out["evit_model"]["images_per_s"] / out["dense"]["images_per_s"]
+    return out
 
 
 def _progress(enabled: bool):

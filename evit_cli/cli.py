@@ -107,7 +107,9 @@ def bench_cmd(
     batch: int = typer.Option(256, "--batch", "-b", help="Batch size for throughput."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     amp: bool = typer.Option(False, "--amp", help="Autocast: bf16 on CPU, fp16 on CUDA."),
-    compile_: bool = typer.Option(False, "--compile", help="Benchmark both models under torch.compile."),
+    compile_: bool = typer.Option(False, "--compile", help="Also time both models under torch.compile, beside the eager ones."),
+    compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune."),
+    train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) of both models."),
     warmup: int = typer.Option(2, "--warmup", help="Untimed passes first (compiling happens here)."),
     reps: int = typer.Option(10, "--reps", help="Timed passes per model (batch-1 latency takes 3x as many)."),
     keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
@@ -126,7 +128,8 @@ def bench_cmd(
     m = _load_converted(model, keep_rate, layers, pretrained=False)
     if report is None and (Path(model) / META_FILE).is_file():
         report = Path(model)
-    result = bench(m, batch=batch, device=device, amp=amp, compile=compile_, warmup=warmup, reps=reps, progress=not as_json)
+    result = bench(m, batch=batch, device=device, amp=amp, compile=compile_mode if compile_ else False, train=train,
+                   warmup=warmup, reps=reps, progress=not as_json)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     _emit(result, as_json, bench_table(result))

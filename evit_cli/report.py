@@ -27,13 +27,34 @@ def bench_rows(r: dict) -> list[list[str]]:
         "model", "GMACs", "params (M)", "tokens", f"images/s @{r['batch']}",
         f"ms/batch @{r['batch']}", "ms @1",
     ]]
+    compiled = r.get("compiled") or {}
     for label, key in (("dense", "dense"), ("EViT", "evit_model")):
         m = r[key]
-        rows.append([
-            label, f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", "→".join(map(str, m["tokens"])),
-            f"{m['images_per_s']:.1f}", _fmt_latency(m["latency"]), _fmt_latency(m["latency_b1"]),
-        ])
+        static = [f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", "→".join(map(str, m["tokens"]))]
+        for suffix, t in (("", m), (" compiled", compiled.get(key))):
+            if t is not None:
+                rows.append([label + suffix, *static, f"{t['images_per_s']:.1f}",
+                             _fmt_latency(t["latency"]), _fmt_latency(t["latency_b1"])])
     return rows
+
+
+def bench_notes(r: dict) -> list[str]:
+    """Lines under the table: attention kernels, compiled and training speedups."""
+    notes = []
+    kernels = {k: r[k].get("attention_kernels") for k in ("dense", "evit_model")}
+    if all(v is not None for v in kernels.values()):
+        text = {k: ", ".join(f"{name} x{n}" for name, n in v.items()) or "none seen" for k, v in kernels.items()}
+        notes.append(f"attention kernels: dense {text['dense']}; EViT {text['evit_model']}")
+    if r.get("compiled"):
+        c = r["compiled"]
+        notes.append(f"torch.compile (mode {c['mode']}): speedup {c['speedup']:.2f}x at batch {r['batch']}, "
+                     f"{c['speedup_b1']:.2f}x at batch 1")
+    if r.get("training"):
+        t = r["training"]
+        notes.append(f"training step (forward, backward, AdamW) at batch {r['batch']}: dense "
+                     f"{t['dense']['images_per_s']:.1f} images/s, EViT {t['evit_model']['images_per_s']:.1f}, "
+                     f"speedup {t['speedup']:.2f}x")
+    return notes
 
 
 def bench_caption(r: dict) -> str:
@@ -59,7 +80,7 @@ def rows_table(title: str, caption: str, rows: list[list[str]]) -> Table:
 
 
 def bench_table(r: dict) -> Table:
-    return rows_table("evit bench", bench_caption(r), bench_rows(r))
+    return rows_table("evit bench", "\n".join([bench_caption(r), *bench_notes(r)]), bench_rows(r))
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -69,7 +90,8 @@ def markdown_table(rows: list[list[str]]) -> str:
 
 
 def bench_markdown(r: dict) -> str:
-    return f"# evit bench\n\n{bench_caption(r)}\n\n{markdown_table(bench_rows(r))}"
+    notes = "".join(f"\n- {n}" for n in bench_notes(r))
+    return f"# evit bench\n\n{bench_caption(r)}\n\n{markdown_table(bench_rows(r))}{notes}\n"
 
 
 def write_bench(r: dict, folder: str | os.PathLike) -> list[Path]:

@@ -53,3 +53,39 @@ def test_library_bench_reports_both_models():
     assert r["precision"] == "fp32, eager"
     for m in ("dense", "evit_model"):
         assert r[m]["images_per_s"] == pytest.approx(2 / (r[m]["latency"]["median_ms"] / 1000))
+
+
+def test_bench_reports_attention_kernels_training_and_compiled_figures():
+    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.5, layers=(2,))
+    r = evit_cli.bench(model, batch=2, reps=1, warmup=0, train=True)
+    # both models keep the fused kernel for every block's output; no N x N softmax anywhere
+    for key in ("dense", "evit_model"):
+        kernels = r[key]["attention_kernels"]
+        assert sum(kernels.values()) == 6 and not any(k.startswith("math") for k in kernels)
+    t = r["training"]
+    assert t["speedup"] == pytest.approx(t["evit_model"]["images_per_s"] / t["dense"]["images_per_s"])
+    assert all(p.grad is None for p in model.parameters())  # training ran on copies
+
+
+def test_attention_kernels_see_the_math_path():
+    from evit_cli.bench import attention_kernels
+    import torch
+
+    model = tiny_timm("vit")
+    for blk in model.blocks:
+        blk.attn.fused_attn = False
+    kernels = attention_kernels(model, torch.randn(1, 3, 32, 32))
+    assert kernels == {"math (explicit N x N softmax)": 6}
+
+
+def test_bench_compiled_figures_beside_eager(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda m, mode=None: m)  # the timing path, not the compiler
+    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.5, layers=(2,))
+    r = evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="reduce-overhead")
+    assert r["compiled"]["mode"] == "reduce-overhead"
+    assert r["precision"] == "fp32, eager and torch.compile (mode reduce-overhead)"
+    assert set(r["compiled"]["evit_model"]) == {"latency", "images_per_s", "latency_b1"}
+    with pytest.raises(evit_cli.EvitError, match="compile mode"):
+        evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="fastest")
