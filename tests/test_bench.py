@@ -89,3 +89,29 @@ def test_bench_compiled_figures_beside_eager(monkeypatch):
     assert set(r["compiled"]["evit_model"]) == {"latency", "images_per_s", "latency_b1"}
     with pytest.raises(evit_cli.EvitError, match="compile mode"):
         evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="fastest")
+
+
+def test_cuda_paths_choose_fp16_and_synchronise(monkeypatch):
+    """The CUDA branches of the timing code, exercised on the CPU: AMP dtype and synchronisation."""
+    import torch
+    from evit_cli import bench as bench_mod
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
+    bench_mod._sync(torch.device("cuda", 0))
+    bench_mod._sync(torch.device("cpu"))
+    assert calls == [torch.device("cuda", 0)]
+    seen = {}
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.setdefault(device_type, dtype))
+    bench_mod._autocast(torch.device("cuda"), True)
+    bench_mod._autocast(torch.device("cpu"), True)
+    assert seen == {"cuda": torch.float16, "cpu": torch.bfloat16}
+
+
+def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.5, layers=(2,))
+    with pytest.raises(evit_cli.EvitError, match="no CUDA GPU"):
+        evit_cli.bench(model, batch=2, reps=1, device="cuda")
