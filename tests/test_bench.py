@@ -94,7 +94,9 @@ def test_bench_compiled_figures_beside_eager(monkeypatch):
 def test_cuda_paths_choose_fp16_and_synchronise(monkeypatch):
     """The CUDA branches of the timing code, exercised on the CPU: AMP dtype and synchronisation."""
     import torch
-    from evit_cli import bench as bench_mod
+    import importlib
+
+    bench_mod = importlib.import_module("evit_cli.bench")
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
