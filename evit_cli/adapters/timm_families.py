@@ -77,6 +77,8 @@ def beit_terms(blk, shared_rel_pos_bias=None) -> tb.Terms:
     bias = blk.attn._get_rel_pos_bias() if blk.attn.relative_position_bias_table is not None else None
     if shared_rel_pos_bias is not None:
         bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
+    if bias is not None and bias.dim() == 3:  # the shared module's (H, N, N)
+        bias = bias.unsqueeze(0)
     return tb.Terms(bias=bias)
 
 
