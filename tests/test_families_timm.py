@@ -39,6 +39,9 @@ FAMILIES = {
     "rope_mixed": ("vit_small_patch16_rope_mixed_224", {}),
     "beit": ("beit_base_patch16_224", {}),
     "beit_shared_bias": ("beit_base_patch16_224", {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}),
+    "relpos_cls": ("vit_relpos_base_patch16_cls_224", {}),
+    "relpos_shared": ("vit_srelpos_small_patch16_224", {"class_token": True, "global_pool": "token"}),
+    "relpos_res_post": ("vit_relpos_small_patch16_rpn_224", {"class_token": True, "global_pool": "token"}),
 }
 
 
@@ -129,6 +132,12 @@ def _dense_call(family, dense_blk, args, kwargs, pos, p):
             blk.attn.relative_position_bias_table = None
         kwargs["shared_rel_pos_bias"] = _gather_bias(full, pos, p)
         return blk, args, kwargs
+    if family.startswith("relpos"):
+        blk = copy.deepcopy(dense_blk)
+        full = blk.attn.rel_pos.get_bias() if blk.attn.rel_pos is not None else kwargs["shared_rel_pos"]
+        blk.attn.rel_pos = None
+        kwargs["shared_rel_pos"] = _gather_bias(full, pos, p)
+        return blk, args, kwargs
     if kwargs.get("rope") is not None:
         kwargs["rope"] = _gather_rope(kwargs["rope"], pos)
     return dense_blk, args, kwargs
@@ -183,7 +192,8 @@ def _dense_class_row(blk, x, call):
     return torch.stack(rows).mean(0)
 
 
-@pytest.mark.parametrize("family", ["vit", "vit_parallel_things", "vit_parallel_scaling", "eva02", "dinov3", "pe_core", "rope_mixed", "beit", "beit_shared_bias"])
+@pytest.mark.parametrize("family", ["vit", "vit_parallel_things", "vit_parallel_scaling", "eva02", "dinov3", "pe_core",
+                                    "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared"])
 def test_the_ranking_row_is_the_blocks_own_attention(family, x):
     """The class row EViT ranks by equals the one timm's attention computes (RoPE rotated, bias added)."""
     dense = tiny(family)
@@ -275,9 +285,9 @@ def _meta(name, **kw):
     ("vit_base_patch16_rope_reg1_gap_256", {}, "no class token"),
     ("cait_xxs24_224", {}, "only in its last class-attention blocks"),
     ("xcit_nano_12_p16_224", {}, "only in its last class-attention blocks"),
-    ("vit_relpos_base_patch16_cls_224", {}, "is a ViT with a class token, but its relative-position attention"),
+    ("crossvit_tiny_240", {}, "is a ViT with a class token, but its two-branch cross attention"),
     ("tnt_s_patch16_224", {}, "is a ViT with a class token, but its pixel-level inner transformer"),
-    ("resnet18", {}, "is not a Vision Transformer"),
+    ("resnet18", {}, "is not a supported Vision Transformer"),
 ])
 def test_refusals_are_one_true_line(name, kwargs, words):
     model = _meta(name, **kwargs)

@@ -27,10 +27,9 @@ _CLASSES: dict[tuple[type, type], type] = {}
 # timm ViT-like classes EViT cannot serve, and why (class name -> what is not supported)
 _LATE_CLASS_ATTENTION = {"Cait", "Xcit", "VOLO"}
 _NOT_YET = {
-    "VisionTransformerRelPos": "relative-position attention (RelPosAttention)",
     "NaFlexVit": "variable-resolution patch embedding (NaFlex)",
     "TNT": "pixel-level inner transformer",
-    "CrossVit": "two-branch cross attention",
+    "CrossVit": "two-branch cross attention (one class token per branch)",
     "PoolingVisionTransformer": "pooling stages between blocks",
     "VisionTransformerSAM": "windowed attention",
 }
@@ -109,13 +108,13 @@ def _refusal(model: nn.Module) -> str | None:
         return (f"{label} attends with its class token only in its last class-attention blocks: EViT needs "
                 "class-token attention in the blocks it reorganizes")
     fam = family_of(model)
-    has_cls = getattr(model, "cls_token", None) is not None
+    has_cls = any(n.rsplit(".", 1)[-1].startswith("cls_token") for n, _ in model.named_parameters())
     if fam is None:
         if cls in _NOT_YET:
             return _no_class_token(model, label) if not has_cls else \
                 f"{label} is a ViT with a class token, but its {_NOT_YET[cls]} is not supported yet"
-        return (f"{label} is not a Vision Transformer EViT supports: it needs a ViT with a class token "
-                "(timm VisionTransformer, Eva or Beit)")
+        return (f"{label} is not a supported Vision Transformer: EViT needs a ViT with a class token "
+                "(timm VisionTransformer, Eva, Beit or VisionTransformerRelPos)")
     if not has_cls:
         return _no_class_token(model, label)
     for i, blk in enumerate(model.blocks):

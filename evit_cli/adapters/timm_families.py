@@ -13,6 +13,7 @@ forward is the generic one of ``timm_blocks``.
 | parallel ViT (ViT-22B style) | ``ParallelScalingBlock`` | after the block (attention and MLP share one input) | absolute |
 | EVA / EVA-02 / EVA-02 CLIP / DINOv3 / PE / RoPE-ViT | ``Eva``: ``EvaBlock``, ``EvaBlockPostNorm`` | between attention and FFN | RoPE, gathered for the kept tokens |
 | BEiT / BEiTv2 | ``Beit``: ``Block`` | between attention and FFN | relative-position bias, gathered |
+| ViT with relative positions | ``VisionTransformerRelPos``: ``RelPosBlock``, ``ResPostRelPosBlock`` | between attention and FFN | relative-position bias (MLP or table, own or shared), gathered |
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from timm.models.beit import Attention as BeitAttention
 from timm.models.beit import Beit
 from timm.models.beit import Block as BeitBlock
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer import (
     Block,
     ParallelScalingBlock,
@@ -82,6 +84,12 @@ def beit_terms(blk, shared_rel_pos_bias=None) -> tb.Terms:
     return tb.Terms(bias=bias)
 
 
+def relpos_terms(blk, shared_rel_pos=None) -> tb.Terms:
+    """timm's ``RelPosAttention``: its own bias (zero rows for the prefix tokens) or else the model's shared one."""
+    rel = blk.attn.rel_pos
+    return tb.Terms(bias=rel.get_bias() if rel is not None else shared_rel_pos)
+
+
 VIT_ATTENTION = {Attention: tb.fused_qkv}
 EVA_ATTENTION = {EvaAttention: tb.eva_qkv, AttentionRope: tb.eva_qkv}
 
@@ -112,6 +120,16 @@ FAMILIES = (
         model=Beit,
         blocks=(BlockSpec(BeitBlock, tb.pre_norm, {BeitAttention: tb.fused_qkv_biases}, layer_scale=("gamma_1", "gamma_2")),),
         terms=beit_terms,
+        position="relpos",
+    ),
+    ModelSpec(
+        name="ViT-RelPos",
+        model=VisionTransformerRelPos,
+        blocks=(
+            BlockSpec(RelPosBlock, tb.pre_norm, {RelPosAttention: tb.fused_qkv}),
+            BlockSpec(ResPostRelPosBlock, tb.post_norm, {RelPosAttention: tb.fused_qkv}),
+        ),
+        terms=relpos_terms,
         position="relpos",
     ),
 )
