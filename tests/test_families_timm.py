@@ -302,3 +302,14 @@ def test_an_unsupported_block_in_a_supported_family_is_named():
     model = tiny("vit", attn_layer=DiffAttention)
     with pytest.raises(evit_cli.EvitError, match="is a ViT with a class token, but its DiffAttention attention"):
         evit_cli.convert(model, keep_rate=0.7, layers=(2,))
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
+def test_save_and_load_round_trip(name, tmp_path, x):
+    from evit_cli.loading import create_timm
+
+    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **TINY)), keep_rate=0.5, layers=LAYERS)
+    loaded = evit_cli.load(evit_cli.save(model, tmp_path / "m"))
+    assert type(loaded) is type(model) and evit_cli.tokens_after_layers(loaded) == evit_cli.tokens_after_layers(model)
+    with torch.no_grad():
+        assert (loaded(x) - model(x)).abs().max() < 1e-6
