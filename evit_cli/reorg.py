@@ -40,15 +40,19 @@ def token_counts(
     return counts
 
 
-def class_attention(q_cls: Tensor, k: Tensor, scale: float) -> Tensor:
+def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
     """Class-token row of the attention matrix, averaged over heads.
 
-    ``q_cls``: (B, H, 1, d), the class token's queries; ``k``: (B, H, N, d).
-    Returns (B, N): ``mean_h softmax(q_cls * scale @ K^T)``. Costs O(N * d) per
-    head; the N x N matrix is never formed.
+    ``q_cls``: (B, H, 1, d), the class token's queries; ``k``: (B, H, N, d);
+    ``bias``, when the attention adds one (relative-position bias), its class
+    row, broadcastable to (B, H, 1, N). Returns (B, N):
+    ``mean_h softmax(q_cls * scale @ K^T + bias)``. Costs O(N * d) per head;
+    the N x N matrix is never formed.
     """
-    attn = ((q_cls * scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
-    return attn.mean(dim=1).squeeze(1)
+    logits = (q_cls * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)
 
 
 def reorganize(
@@ -82,3 +86,59 @@ def reorganize(
         weights = attn.scatter(1, idx, 0.0).to(x.dtype).unsqueeze(1)
         parts.append(weights @ tokens)
     return torch.cat(parts, dim=1), idx
+
+
+# ---------------------------------------------------------------- position terms
+# RoPE and relative-position bias belong to token positions. After a
+# reorganization, each later block must use the terms of the tokens that remain.
+# ``pos`` (B, M) holds, per image, the original patch index of each non-prefix
+# token, and -1 for a fused token, which has no position: RoPE leaves it
+# unrotated (like the prefix tokens) and a relative-position bias gives it a
+# zero row and column.
+
+
+def follow_positions(pos: Tensor | None, kept: Tensor, m: int, fuse: bool) -> Tensor:
+    """Positions after a reorganization that kept ``kept`` (B, k) of ``m`` candidates.
+
+    ``pos`` is the positions before it (``None``: the identity, patch ``i`` at
+    ``i``). The result is ``[pos[kept], -1]`` (``[pos[kept]]`` without fusion).
+    """
+    if pos is None:
+        pos = torch.arange(m, device=kept.device).expand(kept.shape[0], m)
+    new = pos.gather(1, kept)
+    if fuse:
+        new = torch.cat([new, new.new_full((new.shape[0], 1), -1)], dim=1)
+    return new
+
+
+def gather_rope(rope: Tensor, pos: Tensor) -> Tensor:
+    """The rotary embedding rows (sin and cos concatenated, tokens on dim -2) of ``pos``.
+
+    ``rope``: (N, D), (h, N, D) or (b, h, N, D) for the ``N`` patch positions.
+    Returns (B, h, M, D); a fused token (-1) gets sin 0 and cos 1, no rotation.
+    """
+    while rope.dim() < 4:
+        rope = rope.unsqueeze(0)
+    b, h, n, d = rope.shape
+    identity = torch.cat([rope.new_zeros(d // 2), rope.new_ones(d - d // 2)])
+    rope = torch.cat([rope, identity.expand(b, h, 1, d)], dim=2)
+    idx = torch.where(pos < 0, n, pos)
+    bsz, m = idx.shape
+    rope = rope.expand(bsz, h, n + 1, d)
+    return rope.gather(2, idx[:, None, :, None].expand(bsz, h, m, d))
+
+
+def gather_bias(bias: Tensor, pos: Tensor, num_prefix: int) -> Tensor:
+    """The rows and columns of an additive attention bias for the tokens that remain.
+
+    ``bias``: (b, H, P + N, P + N) over the ``P`` prefix tokens and ``N``
+    patches; ``pos`` (B, M). Returns (B, H, P + M, P + M); a fused token (-1)
+    gets a zero row and column.
+    """
+    b, h, n, _ = bias.shape
+    bias = torch.nn.functional.pad(bias, (0, 1, 0, 1))  # index n: the zero row / column
+    bsz, m = pos.shape
+    prefix = torch.arange(num_prefix, device=pos.device).expand(bsz, num_prefix)
+    idx = torch.cat([prefix, torch.where(pos < 0, n, pos + num_prefix)], dim=1)  # (B, P + M)
+    rows = bias.expand(bsz, h, n + 1, n + 1).gather(2, idx[:, None, :, None].expand(bsz, h, idx.shape[1], n + 1))
+    return rows.gather(3, idx[:, None, None, :].expand(bsz, h, idx.shape[1], idx.shape[1]))

@@ -63,3 +63,20 @@ def test_info_describes_a_folder(tmp_path, capsys):
     assert code == 0
     r = json.loads(stdout)
     assert r["layers"] == [2] and r["tokens"] == [65, 47] and r["source"] == "vit_tiny_patch16_224"
+
+
+@pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "beit_base_patch16_224"])
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_of_position_dependent_families(name, fmt, tmp_path):
+    """RoPE (EVA-02, DINOv3) and relative-position bias (BEiT) follow the kept tokens in the exported graph too."""
+    from conftest import TINY, randomize
+    from evit_cli.loading import create_timm
+
+    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5, layers=(2, 3))
+    path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
+    r = export(model, fmt, path)
+    assert r["tokens_after_layers"] == [model.num_prefix_tokens + 33, model.num_prefix_tokens + 18]
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        got = _onnx_run(path, x) if fmt == "onnx" else torch.jit.load(str(path))(x)
+        assert (got - model(x)).abs().max() < 1e-4

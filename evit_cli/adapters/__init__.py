@@ -20,12 +20,14 @@ ADAPTERS = [timm_adapter, transformers_adapter]
 
 
 def get_adapter(model: nn.Module):
+    """The adapter of ``model``'s library; an ``EvitError`` saying why when it cannot serve the model."""
     for adapter in ADAPTERS:
         if adapter.matches(model):
+            adapter.check(model)
             return adapter
     raise EvitError(
-        f"{type(model).__name__} is not a supported Vision Transformer: EViT needs a ViT/DeiT "
-        "with a class token (timm VisionTransformer, or transformers ViT/DeiT)"
+        f"{type(model).__name__} is not a supported Vision Transformer: EViT needs a ViT with a class "
+        "token (timm VisionTransformer, Eva or Beit, or transformers ViT/DeiT)"
     )
 
 

@@ -1,89 +1,75 @@
-"""EViT for timm Vision Transformers (ViT, DeiT, distilled DeiT, register-token ViTs).
+"""EViT for timm Vision Transformers: every family spec'd in ``timm_families``.
 
-Like ToMe's patches, the chosen ``Block`` modules get a subclass swapped in
-(``__class__``), so parameters and state-dict keys stay those of timm.
+Like ToMe's patches, the chosen blocks get a subclass swapped in
+(``__class__``), so parameters and state-dict keys stay those of timm; the
+model's class is swapped too, so that each forward starts with fresh token
+positions (families with RoPE or a relative-position bias need them in every
+block after the first EViT block, which become position followers).
+Anything else timm holds gets a one-line refusal that says why.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 
 from ..config import EViTConfig
 from ..errors import EvitError
-from ..reorg import class_attention
-from .block import clear_block, reorganize_tokens, runs_dense, setup_block
+from .block import clear_block, setup_block
+from .timm_blocks import EViTBlockMixin, EViTModelMixin, PositionState
+from .timm_families import family_of
 
 name = "timm"
 
+_EXTRA_ATTRS = ("evit_state", "evit_index", "evit_prefix")
+_CLASSES: dict[tuple[type, type], type] = {}
 
-def _attention_with_cls(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """timm ``Attention.forward`` that also returns the class-token attention row (B, N)."""
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        cls_attn = class_attention(q[:, :, :1], k, attn.scale)
-        x = F.scaled_dot_product_attention(q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
-        cls_attn = a[:, :, 0].float().mean(dim=1)
-        x = attn.attn_drop(a) @ v
-    x = x.transpose(1, 2).reshape(B, N, attn.num_heads * attn.head_dim)
-    x = attn.norm(x)
-    if gate is not None:
-        x = x * gate
-    return attn.proj_drop(attn.proj(x)), cls_attn
+# timm ViT-like classes EViT cannot serve, and why (class name -> what is not supported)
+_LATE_CLASS_ATTENTION = {"Cait", "Xcit", "VOLO"}
+_NOT_YET = {
+    "NaFlexVit": "variable-resolution patch embedding (NaFlex)",
+    "TNT": "pixel-level inner transformer",
+    "CrossVit": "two-branch cross attention (one class token per branch)",
+    "PoolingVisionTransformer": "pooling stages between blocks",
+    "VisionTransformerSAM": "windowed attention",
+}
+_FEATURE_WRAPPERS = {"FeatureGetterNet", "FeatureListNet", "FeatureDictNet", "FeatureHookNet"}
+_POOLS = {"avg": "global average", "max": "global max", "avgmax": "global average and max",
+          "map": "attention pool (MAP)", "": "no pooling at all"}
 
 
-class EViTBlock(Block):
-    """A timm ``Block`` that reorganizes its tokens between attention and FFN."""
+def _original(cls: type) -> type:
+    return cls.__mro__[2] if issubclass(cls, (EViTBlockMixin, EViTModelMixin)) else cls
 
-    evit_keep_rate: float
-    evit_num_prefix: int
-    evit_fuse: bool
-    evit_record: bool = False
-    evit_kept: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, attn_mask=None, is_causal: bool = False) -> torch.Tensor:
-        # int(...) sizes: constants when traced (token counts are fixed per input size)
-        if attn_mask is not None or is_causal or runs_dense(self, int(x.shape[1])):
-            self.evit_kept = None
-            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-        a, cls_attn = _attention_with_cls(self.attn, self.norm1(x))
-        x = x + self.drop_path1(self.ls1(a))
-        x, _ = reorganize_tokens(self, x, cls_attn)
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+def _evit_class(cls: type, mixin: type, attrs: dict) -> type:
+    if (cls, mixin) not in _CLASSES:
+        _CLASSES[(cls, mixin)] = type(f"EViT{cls.__name__}", (mixin, cls), {"__module__": __name__, **attrs})
+    return _CLASSES[(cls, mixin)]
 
 
 def matches(model: nn.Module) -> bool:
-    return isinstance(model, VisionTransformer)
+    return _original(type(model)).__module__.startswith("timm.")
 
 
-def depth(model: VisionTransformer) -> int:
+def depth(model: nn.Module) -> int:
     return len(model.blocks)
 
 
-def num_prefix_tokens(model: VisionTransformer) -> int:
+def num_prefix_tokens(model: nn.Module) -> int:
     return int(model.num_prefix_tokens)
 
 
-def img_size(model: VisionTransformer) -> int:
+def img_size(model: nn.Module) -> int:
     return int(model.patch_embed.img_size[0])
 
 
-def num_tokens(model: VisionTransformer) -> int:
+def num_tokens(model: nn.Module) -> int:
     """Sequence length entering the first block."""
     return int(model.patch_embed.num_patches) + num_prefix_tokens(model)
 
 
-def data_config(model: VisionTransformer) -> dict:
+def data_config(model: nn.Module) -> dict:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config(model=model)
@@ -92,41 +78,107 @@ def data_config(model: VisionTransformer) -> dict:
     return cfg
 
 
-def class_names(model: VisionTransformer) -> list[str] | None:
+def class_names(model: nn.Module) -> list[str] | None:
     return getattr(model, "evit_class_names", None)
 
 
-def check(model: VisionTransformer) -> None:
-    if getattr(model, "cls_token", None) is None:
-        raise EvitError(
-            "this ViT has no class token (it pools by global average): EViT ranks tokens by "
-            "class-token attention, so pick a model with a class token (e.g. deit_small_patch16_224)"
-        )
+# ------------------------------------------------------------------ refusals
+
+
+def _label(model: nn.Module) -> str:
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    cls = _original(type(model)).__name__
+    return f"{arch} ({cls})" if arch else cls
+
+
+def _no_class_token(model: nn.Module, label: str) -> str:
+    pool = getattr(model, "global_pool", "avg")
+    how = _POOLS.get(pool, f"{pool!r} pooling")
+    return (f"{label} has no class token (it pools by {how}): EViT ranks tokens by class-token attention, "
+            "so pick a model with a class token (e.g. deit_small_patch16_224)")
+
+
+def _refusal(model: nn.Module) -> str | None:
+    """Why EViT cannot convert ``model``, in one line (None: it can)."""
+    cls, label = _original(type(model)).__name__, _label(model)
+    if cls in _FEATURE_WRAPPERS:
+        return (f"{cls} is a features_only wrapper: convert the ViT itself (timm.create_model without "
+                "features_only) and call its forward_intermediates")
+    if cls in _LATE_CLASS_ATTENTION:
+        return (f"{label} attends with its class token only in its last class-attention blocks: EViT needs "
+                "class-token attention in the blocks it reorganizes")
+    fam = family_of(model)
+    has_cls = any(n.rsplit(".", 1)[-1].startswith("cls_token") for n, _ in model.named_parameters())
+    if fam is None:
+        if cls in _NOT_YET:
+            return _no_class_token(model, label) if not has_cls else \
+                f"{label} is a ViT with a class token, but its {_NOT_YET[cls]} is not supported yet"
+        return (f"{label} is not a supported Vision Transformer: EViT needs a ViT with a class token "
+                "(timm VisionTransformer, Eva, Beit or VisionTransformerRelPos)")
+    if not has_cls:
+        return _no_class_token(model, label)
     for i, blk in enumerate(model.blocks):
-        if type(blk) not in (Block, EViTBlock) or type(blk.attn) is not Attention:
-            raise EvitError(
-                f"block {i + 1} is a {type(blk).__name__} with {type(blk.attn).__name__}: only timm's "
-                "standard ViT Block and Attention are supported"
-            )
+        why = _block_refusal(fam, blk)
+        if why:
+            return f"{label} is a ViT with a class token, but its {why} (block {i + 1}) is not supported yet"
+    return None
 
 
-def apply(model: VisionTransformer, cfg: EViTConfig) -> None:
+def _block_refusal(fam, blk: nn.Module) -> str | None:
+    spec = fam.block_spec(_original(type(blk)))
+    if spec is None:
+        return f"{_original(type(blk)).__name__} block"
+    if spec.attn_path is None:
+        return None
+    attns = [br.attn for br in getattr(blk, spec.attn_path)] if spec.attn_path == "attns" else [blk.attn]
+    bad = [type(a).__name__ for a in attns if type(a) not in spec.attentions]
+    return f"{bad[0]} attention in a {spec.block.__name__}" if bad else None
+
+
+def check(model: nn.Module) -> None:
+    why = _refusal(model)
+    if why:
+        raise EvitError(why)
+
+
+# ------------------------------------------------------------------ apply / remove
+
+
+def apply(model: nn.Module, cfg: EViTConfig) -> None:
     check(model)
     remove(model)
-    for idx, rate in zip(cfg.indices, cfg.keep_rates):
-        blk = model.blocks[idx]
-        blk.__class__ = EViTBlock
-        setup_block(blk, rate, num_prefix_tokens(model), cfg.fuse)
+    fam = family_of(model)
+    state = PositionState()
+    prefix = num_prefix_tokens(model)
+    model.__class__ = _evit_class(type(model), EViTModelMixin, {"evit_family": fam})
+    model.evit_state = state
+    rates = dict(zip(cfg.indices, cfg.keep_rates))
+    first = min(cfg.indices)
+    for i, blk in enumerate(model.blocks):
+        if i not in rates and (fam.position is None or i < first):
+            continue
+        spec = fam.block_spec(type(blk))
+        blk.__class__ = _evit_class(type(blk), EViTBlockMixin, {"evit_spec": spec, "evit_family": fam})
+        blk.evit_state, blk.evit_index, blk.evit_prefix = state, i, prefix
+        if i in rates:
+            setup_block(blk, rates[i], prefix, cfg.fuse)
 
 
-def remove(model: VisionTransformer) -> None:
-    for blk in model.blocks:
-        if isinstance(blk, EViTBlock):
-            blk.__class__ = Block
+def remove(model: nn.Module) -> None:
+    model.__class__ = _original(type(model))
+    model.__dict__.pop("evit_state", None)
+    for blk in getattr(model, "blocks", []):
+        if isinstance(blk, EViTBlockMixin):
+            blk.__class__ = _original(type(blk))
             clear_block(blk)
+            for attr in _EXTRA_ATTRS:
+                blk.__dict__.pop(attr, None)
 
 
-def reset_head(model: VisionTransformer, num_classes: int, class_names: list[str]) -> None:
+# ------------------------------------------------------------------ heads, classes, size
+
+
+def reset_head(model: nn.Module, num_classes: int, class_names: list[str]) -> None:
     model.reset_classifier(num_classes)
     set_class_names(model, class_names)
     src = getattr(model, "evit_source", None)
@@ -140,16 +192,17 @@ def logits(model: nn.Module, output) -> torch.Tensor:
     return output
 
 
-def num_classes(model: VisionTransformer) -> int:
+def num_classes(model: nn.Module) -> int:
     return int(model.num_classes)
 
 
-def set_class_names(model: VisionTransformer, class_names: list[str]) -> None:
+def set_class_names(model: nn.Module, class_names: list[str]) -> None:
     model.evit_class_names = list(class_names)
 
 
-def set_img_size(model: VisionTransformer, size: int) -> None:
-    """Run at ``size`` px: position embeddings resampled (bicubic), as timm does."""
+def set_img_size(model: nn.Module, size: int) -> None:
+    """Run at ``size`` px: position embeddings resampled (bicubic), as timm does (RoPE grids and
+    relative-position tables too, for EVA and BEiT)."""
     import logging
 
     logging.getLogger("timm.layers.pos_embed").setLevel(logging.WARNING)
