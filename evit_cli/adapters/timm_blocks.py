@@ -18,11 +18,14 @@ gathers its RoPE rows or bias rows/columns with it (``reorg.gather_rope``,
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..errors import EvitError
@@ -94,8 +97,6 @@ def eva_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _rotate(attn: nn.Module, t: Tensor, rope: Tensor, num_prefix: int) -> Tensor:
-    from timm.layers import apply_rot_embed_cat
-
     half = getattr(attn, "rotate_half", False)
     return torch.cat([t[:, :, :num_prefix], apply_rot_embed_cat(t[:, :, num_prefix:], rope, half=half)], dim=2)
 
@@ -248,6 +249,17 @@ def _grid(y: Tensor, pos: Tensor, num_patches: int) -> Tensor:
     return grid.scatter(1, idx[..., None].expand(B, idx.shape[1], C), y)[:, :num_patches]
 
 
+def _maps(ys: list, positions: list[Tensor | None], hw: tuple[int, int]) -> list:
+    """timm's NLC intermediates (or (tokens, prefix) pairs) as NCHW maps of the patch grid."""
+    H, W = hw
+
+    def to_map(y: Tensor, pos: Tensor | None) -> Tensor:
+        y = y if pos is None else _grid(y, pos, H * W)
+        return y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+    return [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
+
+
 class EViTModelMixin:
     """Entry points of an EViT model: each runs with fresh token positions; feature maps are
     put back on the patch grid from those positions."""
@@ -257,10 +269,6 @@ class EViTModelMixin:
             return super().forward_features(*args, **kwargs)
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        import inspect
-
-        from timm.models._features import feature_take_indices
-
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
         bound.apply_defaults()
         fmt = bound.arguments.get("output_fmt", "NCHW")
@@ -271,14 +279,12 @@ class EViTModelMixin:
                 return out
             take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
             positions = self._evit_positions(sorted(take), state)
-        H, W = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        to_map = lambda y, p: (y if p is None else _grid(y, p, H * W)).reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2)
-        convert = lambda ys: [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
+        hw = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         if isinstance(out, dict):
-            return {**out, "image_intermediates": convert(out["image_intermediates"])}
+            return {**out, "image_intermediates": _maps(out["image_intermediates"], positions, hw)}
         if bound.arguments.get("intermediates_only"):
-            return convert(out)
-        return out[0], convert(out[1])
+            return _maps(out, positions, hw)
+        return out[0], _maps(out[1], positions, hw)
 
     def _evit_positions(self, take: list[int], state: PositionState) -> list[Tensor | None]:
         """Positions of the tokens after each block in ``take`` (None: nothing removed yet)."""
