@@ -315,3 +315,16 @@ def test_save_and_load_round_trip(name, tmp_path, x):
     assert type(loaded) is type(model) and evit_cli.tokens_after_layers(loaded) == evit_cli.tokens_after_layers(model)
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() < 1e-6
+
+
+def test_a_users_subclass_of_a_family_converts(x):
+    from timm.models.vision_transformer import VisionTransformer
+
+    class MyViT(VisionTransformer):
+        pass
+
+    model = randomize(MyViT(**{**TINY, "depth": 4}))
+    with torch.no_grad():
+        ref = model(x)
+        evit_cli.convert(model, keep_rate=1.0, layers=LAYERS)
+        assert isinstance(model, MyViT) and (model(x) - ref).abs().max() < 1e-5
