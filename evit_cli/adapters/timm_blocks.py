@@ -13,7 +13,10 @@ Position terms follow the tokens: the model's blocks share one
 entry point; a reorganizing block records there, per image, the original patch
 index of every token it keeps (-1 for the fused token), and each later block
 gathers its RoPE rows or bias rows/columns with it (``reorg.gather_rope``,
-``reorg.gather_bias``).
+``reorg.gather_bias``). The fused token has no position: RoPE leaves it
+unrotated, as timm leaves the class and register tokens, and a bias gives it
+a zero row and column (it attends and is attended by content alone). Prefix
+tokens keep their own terms.
 """
 
 from __future__ import annotations
@@ -261,8 +264,14 @@ def _maps(ys: list, positions: list[Tensor | None], hw: tuple[int, int]) -> list
 
 
 class EViTModelMixin:
-    """Entry points of an EViT model: each runs with fresh token positions; feature maps are
-    put back on the patch grid from those positions."""
+    """Entry points of an EViT model: each runs with fresh token positions.
+
+    ``forward_intermediates`` with ``output_fmt="NLC"`` returns, per block, the
+    non-prefix tokens that remain after it; with ``"NCHW"`` (timm's default,
+    used by ``features_only``) each kept token goes back to its patch and every
+    other patch holds the fused token that absorbed it (zeros without fusion),
+    so the maps have the dense model's shape.
+    """
 
     def forward_features(self, *args, **kwargs):
         with self._evit_run():
