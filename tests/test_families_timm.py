@@ -195,22 +195,24 @@ def _dense_class_row(blk, x, call):
 @pytest.mark.parametrize("family", ["vit", "vit_parallel_things", "vit_parallel_scaling", "eva02", "dinov3", "pe_core",
                                     "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared"])
 def test_the_ranking_row_is_the_blocks_own_attention(family, x):
-    """The class row EViT ranks by equals the one timm's attention computes (RoPE rotated, bias added)."""
+    """The class row EViT ranks by equals the one timm's attention computes (RoPE rotated, bias added),
+    in the first EViT block and in the second, whose tokens are the kept ones of the first."""
     dense = tiny(family)
-    model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=(2,))
-    got = {}
-
-    def spy(blk, x_, row):
-        got["row"] = row  # and rank by it: returning None keeps the block's own ranking
-
-    model.blocks[1].evit_rank = spy
-    calls = {}
-    model.blocks[1].register_forward_hook(lambda m, a, kw, o: calls.__setitem__("c", (a, kw)), with_kwargs=True)
+    model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS)
+    p = model.num_prefix_tokens
+    rows, calls = {}, {}
+    for i in (1, 2):
+        model.blocks[i].evit_rank = lambda blk, x_, row, i=i: rows.__setitem__(i, row)  # None: rank by the row
+        model.blocks[i].register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw)), with_kwargs=True)
+    record_kept(model)
     with torch.no_grad():
         model(x)
-    (args, kwargs) = calls["c"]
-    expected = _dense_class_row(dense.blocks[1], args[0], kwargs)
-    assert (got["row"] - expected).abs().max() < 1e-5
+    kept = model.blocks[1].evit_kept
+    pos = torch.cat([kept, torch.full((2, 1), -1)], dim=1)  # the tokens entering block 3: kept + fused
+    for i, at in ((1, None), (2, pos)):
+        args, kwargs = calls[i]
+        blk, _, dkwargs = _dense_call(family, dense.blocks[i], (), kwargs, at, p)
+        assert (rows[i] - _dense_class_row(blk, args[0], dkwargs)).abs().max() < 1e-5, f"block {i + 1}"
 
 
 @pytest.mark.parametrize("family", ["vit", "eva02", "dinov3", "beit", "vit_parallel_scaling"])
@@ -313,3 +315,16 @@ def test_save_and_load_round_trip(name, tmp_path, x):
     assert type(loaded) is type(model) and evit_cli.tokens_after_layers(loaded) == evit_cli.tokens_after_layers(model)
     with torch.no_grad():
         assert (loaded(x) - model(x)).abs().max() < 1e-6
+
+
+def test_a_users_subclass_of_a_family_converts(x):
+    from timm.models.vision_transformer import VisionTransformer
+
+    class MyViT(VisionTransformer):
+        pass
+
+    model = randomize(MyViT(**{**TINY, "depth": 4}))
+    with torch.no_grad():
+        ref = model(x)
+        evit_cli.convert(model, keep_rate=1.0, layers=LAYERS)
+        assert isinstance(model, MyViT) and (model(x) - ref).abs().max() < 1e-5

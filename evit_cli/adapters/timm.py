@@ -49,7 +49,8 @@ def _evit_class(cls: type, mixin: type, attrs: dict) -> type:
 
 
 def matches(model: nn.Module) -> bool:
-    return _original(type(model)).__module__.startswith("timm.")
+    """A spec'd family (subclasses included), or any other timm model (which ``check`` refuses, saying why)."""
+    return family_of(model) is not None or _original(type(model)).__module__.startswith("timm.")
 
 
 def depth(model: nn.Module) -> int:

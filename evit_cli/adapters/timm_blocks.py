@@ -13,16 +13,22 @@ Position terms follow the tokens: the model's blocks share one
 entry point; a reorganizing block records there, per image, the original patch
 index of every token it keeps (-1 for the fused token), and each later block
 gathers its RoPE rows or bias rows/columns with it (``reorg.gather_rope``,
-``reorg.gather_bias``).
+``reorg.gather_bias``). The fused token has no position: RoPE leaves it
+unrotated, as timm leaves the class and register tokens, and a bias gives it
+a zero row and column (it attends and is attended by content alone). Prefix
+tokens keep their own terms.
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..errors import EvitError
@@ -94,8 +100,6 @@ def eva_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _rotate(attn: nn.Module, t: Tensor, rope: Tensor, num_prefix: int) -> Tensor:
-    from timm.layers import apply_rot_embed_cat
-
     half = getattr(attn, "rotate_half", False)
     return torch.cat([t[:, :, :num_prefix], apply_rot_embed_cat(t[:, :, num_prefix:], rope, half=half)], dim=2)
 
@@ -248,19 +252,32 @@ def _grid(y: Tensor, pos: Tensor, num_patches: int) -> Tensor:
     return grid.scatter(1, idx[..., None].expand(B, idx.shape[1], C), y)[:, :num_patches]
 
 
+def _maps(ys: list, positions: list[Tensor | None], hw: tuple[int, int]) -> list:
+    """timm's NLC intermediates (or (tokens, prefix) pairs) as NCHW maps of the patch grid."""
+    H, W = hw
+
+    def to_map(y: Tensor, pos: Tensor | None) -> Tensor:
+        y = y if pos is None else _grid(y, pos, H * W)
+        return y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
+
+    return [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
+
+
 class EViTModelMixin:
-    """Entry points of an EViT model: each runs with fresh token positions; feature maps are
-    put back on the patch grid from those positions."""
+    """Entry points of an EViT model: each runs with fresh token positions.
+
+    ``forward_intermediates`` with ``output_fmt="NLC"`` returns, per block, the
+    non-prefix tokens that remain after it; with ``"NCHW"`` (timm's default,
+    used by ``features_only``) each kept token goes back to its patch and every
+    other patch holds the fused token that absorbed it (zeros without fusion),
+    so the maps have the dense model's shape.
+    """
 
     def forward_features(self, *args, **kwargs):
         with self._evit_run():
             return super().forward_features(*args, **kwargs)
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        import inspect
-
-        from timm.models._features import feature_take_indices
-
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
         bound.apply_defaults()
         fmt = bound.arguments.get("output_fmt", "NCHW")
@@ -271,14 +288,12 @@ class EViTModelMixin:
                 return out
             take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
             positions = self._evit_positions(sorted(take), state)
-        H, W = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
-        to_map = lambda y, p: (y if p is None else _grid(y, p, H * W)).reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2)
-        convert = lambda ys: [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
+        hw = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
         if isinstance(out, dict):
-            return {**out, "image_intermediates": convert(out["image_intermediates"])}
+            return {**out, "image_intermediates": _maps(out["image_intermediates"], positions, hw)}
         if bound.arguments.get("intermediates_only"):
-            return convert(out)
-        return out[0], convert(out[1])
+            return _maps(out, positions, hw)
+        return out[0], _maps(out[1], positions, hw)
 
     def _evit_positions(self, take: list[int], state: PositionState) -> list[Tensor | None]:
         """Positions of the tokens after each block in ``take`` (None: nothing removed yet)."""
