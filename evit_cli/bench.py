@@ -104,9 +104,10 @@ def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: 
     return times
 
 
-def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False) -> dict[str, float]:
-    """Median seconds per forward pass of each model, timed side by side."""
-    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp)
+def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False,
+                 advance=None) -> dict[str, float]:
+    """Median seconds per forward pass of each model, timed side by side (``advance()`` after each pass)."""
+    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -196,10 +197,9 @@ def bench(
     x = torch.randn(batch, 3, img, img, device=dev)
     x1 = x[:1].clone()
     total = 2 * (warmup + reps) + 2 * (warmup + latency_reps)
-    bar = _progress(progress)
-    with bar:
-        task = bar.add_task("benchmarking dense vs EViT", total=total)
-        advance = lambda: bar.advance(task)  # noqa: E731
+    from .progress import Progress
+
+    with Progress(enabled=progress) as bar, bar.task("bench dense vs EViT", total, unit="passes") as advance:
         t_batch = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
         t_one = time_side_by_side(models, x1, warmup=warmup, reps=latency_reps, amp=amp, advance=advance)
     for name in models:
@@ -229,16 +229,6 @@ def bench(
         "speedup_b1": d["latency_b1"]["median_ms"] / e["latency_b1"]["median_ms"],
         "mac_ratio": d["gmacs"] / e["gmacs"],
     }
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=True,
-    )
 
 
 def model_summary(model: nn.Module) -> dict:
