@@ -32,10 +32,18 @@ def _os_message(e: OSError) -> str | None:
     return None
 
 
+def _unwrapped(text: str) -> str:
+    """The message itself, when a DataLoader worker re-raised it with the worker's traceback around it."""
+    marker = "EvitError: "
+    if text.startswith("Caught EvitError in DataLoader worker") and marker in text:
+        return text.rsplit(marker, 1)[1].strip()
+    return text
+
+
 def user_message(e: BaseException) -> str | None:
     """The one-line message for an error that is the user's to fix, or None when it is a bug of ours."""
     if isinstance(e, EvitError):
-        return str(e)
+        return _unwrapped(str(e))
     if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return "out of memory: lower --batch (or --batch-size), or use a smaller model or --img-size"
     if type(e).__name__ == "DecompressionBombError":

@@ -2,7 +2,7 @@
 
 On a terminal: a rich bar per task. Otherwise (a log file, ``nohup``, a pipe):
 plain timestamped lines, one every ``EVIT_PROGRESS_INTERVAL`` seconds (15 by
-default) and one when a task ends, e.g.
+default) and one when a task that printed any ends, e.g.
 ``[12:03:04] eval: 384/3925 images, 12.1 images/s, ETA 4m53s``.
 
     with Progress() as p:
@@ -52,6 +52,7 @@ class _Task:
     started: float = field(default_factory=time.monotonic)
     fields: dict = field(default_factory=dict)
     rich_id: int | None = None
+    printed: bool = False
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self.started
@@ -132,6 +133,7 @@ class Progress:
             self._rich.update(task.rich_id, completed=task.completed, rate=f"{task.rate():.3g} {task.unit}/s",
                               info=task.info())
         elif time.monotonic() - self._last_line >= self.interval:
+            task.printed = True
             self._print(task.line())
 
     def remove_task(self, task_id: int) -> None:
@@ -139,7 +141,7 @@ class Progress:
         task = self._tasks.pop(task_id)
         if self._rich is not None:
             self._rich.remove_task(task.rich_id)
-        elif self.enabled and task.completed > task.start_completed:
+        elif task.printed:  # work too short for a progress line needs no end line either
             self._print(task.line(done=True))
 
     @contextmanager

@@ -70,7 +70,7 @@ CASES = [
     ("keep rate not a number", ["convert", M, "-k", "high", "-o", "o"], "must be a number"),
     ("rates and layers mismatch", ["convert", M, "-k", "0.9,0.8,0.7", "-l", "2,4", "-o", "o"], "3 keep rates for 2 layers"),
     ("match-macs with keep-rate", ["convert", M, "--match-macs", "32", "-k", "0.5", "-o", "o"], "drop --keep-rate"),
-    ("image size 0", ["convert", M, "--img-size", "0", "-o", "o"], "--img-size must be positive"),
+    ("image size 0", ["convert", M, "--img-size", "0", "-o", "o"], "--img-size must be at least 1"),
     ("output exists", ["convert", M, "-o", "existing"], "--overwrite"),
     # bench, eval, sweep, search
     ("batch size 0", ["bench", M, "--batch", "0"], "at least 1"),
