@@ -9,9 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
+
+try:  # typer >= 0.25 carries its own copy of click
+    from typer._click import exceptions as clickx
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as clickx
 
 from . import __version__, validate
 from .config import parse_keep_rates, parse_layers
@@ -47,7 +51,7 @@ def _keeps_text(check):
     """A check for a comma-separated option that is parsed later: refuse bad text now, keep the text."""
 
     def run(label: str, value: str) -> str:
-        check(value)
+        check(value, label)
         return value
 
     return run
@@ -59,7 +63,7 @@ POSITIVE = _checked(validate.positive)
 DEVICE = _checked(validate.device)
 KEEP_RATES = _checked(_keeps_text(parse_keep_rates))
 LAYERS = _checked(_keeps_text(parse_layers))
-BATCHES = _checked(_keeps_text(lambda v: validate.int_list("--check-batches", v)))
+BATCHES = _checked(_keeps_text(lambda value, label: validate.int_list(label, value)))
 
 
 def _train(name: str):
@@ -252,7 +256,7 @@ def finetune(
     from .report import kv_table
 
     data.BAD_IMAGES.reset(skip_bad_images)
-    result = run(cfg, console=err)
+    result = _removing_if_unresumable(Path(cfg.output), lambda: run(cfg, console=err))
     if skip_bad_images:
         result["skipped_images"] = data.BAD_IMAGES.count
     if int(os.environ.get("RANK", "0")) == 0:
@@ -266,6 +270,22 @@ def _check_run_folder(output: Path) -> None:
     if output.exists() and not output.is_dir():
         raise EvitError(f"output {output} exists and is not a folder: choose another -o")
     check_writable(output if output.is_dir() else output.parent)
+
+
+def _removing_if_unresumable(output: Path, work):
+    """Run ``work``; if it fails before the first checkpoint in a folder it created, remove the folder
+    (nothing there could be resumed), so that a failed start leaves nothing behind."""
+    import shutil
+
+    from .train import CHECKPOINT
+
+    created = not output.exists()
+    try:
+        return work()
+    except BaseException:
+        if created and not (output / CHECKPOINT).is_file():
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 def _load_converted(model: str, keep_rate, layers, fuse=None, pretrained: bool = True, checkpoint=None):
@@ -516,7 +536,7 @@ def _say(text: str) -> None:
     sys.stderr.flush()
 
 
-def _usage_line(e: click.UsageError) -> str:
+def _usage_line(e: clickx.UsageError) -> str:
     where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
     return f"error: {e.format_message()}{where}"
 
@@ -529,18 +549,18 @@ def _run(args: list[str], debug: bool) -> int:
     """Run the app on ``args``; every way it can end becomes an exit code and at most one stderr line."""
     try:
         rv = app(args=args, prog_name="evit", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as e:
+    except clickx.NoArgsIsHelpError as e:
         out.print(e.format_message(), soft_wrap=True)
         return 0
-    except click.UsageError as e:
+    except clickx.UsageError as e:
         if debug:
             raise
         _say(_usage_line(e))
         return 2
-    except click.ClickException as e:
+    except clickx.ClickException as e:
         _say(f"error: {e.format_message()}")
         return e.exit_code
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         _say("interrupted")
         return 130
     except Exception as e:  # noqa: BLE001 - the error boundary: nothing reaches the user as a traceback

@@ -40,13 +40,13 @@ def _split(text: str, option: str, example: str) -> list[str]:
     return parts
 
 
-def parse_layers(value) -> tuple[int, ...]:
+def parse_layers(value, option: str = "--layers") -> tuple[int, ...]:
     if isinstance(value, str):
-        parts = _split(value, "--layers", "4,7,10")
+        parts = _split(value, option, "4,7,10")
         try:
             layers = tuple(int(p) for p in parts)
         except ValueError:
-            raise EvitError(f"--layers must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
+            raise EvitError(f"{option} must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
     else:
         values = (value,) if isinstance(value, int) else value
         if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
@@ -57,17 +57,17 @@ def parse_layers(value) -> tuple[int, ...]:
     return layers
 
 
-def parse_keep_rates(value) -> tuple[float, ...]:
+def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
     if isinstance(value, bool):
         raise EvitError(f"--keep-rate must be a number in (0, 1], got {value!r}")
     if isinstance(value, (int, float)):
         rates = (float(value),)
     elif isinstance(value, str):
-        parts = _split(value, "--keep-rate", "0.9,0.8,0.7")
+        parts = _split(value, option, "0.9,0.8,0.7")
         try:
             rates = tuple(float(p) for p in parts)
         except ValueError:
-            raise EvitError(f"--keep-rate must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, got {value!r}") from None
+            raise EvitError(f"{option} must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, got {value!r}") from None
     else:
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
