@@ -43,7 +43,36 @@ def ws(tmp_path_factory):
     (root / "bad.yaml").write_text("learning_rate: 1\n")
     (root / "notyaml.yaml").write_text("a: [1, 2\n")
     (root / "existing").mkdir()
+    _more_bad_inputs(root, sd, data)
     return root
+
+
+def _more_bad_inputs(root, sd, safetensors_bytes):
+    """Files for the second table: broken folders, data sets with a bad image, odd checkpoints."""
+    import shutil
+
+    from PIL import Image
+
+    (root / "afile").write_text("a regular file\n")
+    shutil.copytree(root / "colours", root / "badcol")
+    (root / "badcol" / "red" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    Image.new("L", (12000, 12000)).save(root / "bomb.png")  # 144 M pixels: above PIL's limit
+    shutil.copytree(root / "colours", root / "bombcol")
+    shutil.copy(root / "bomb.png", root / "bombcol" / "red" / "bomb.png")
+    for name, meta in (("notjson", "{not json"), ("nokeys", '{"format": "evit"}')):
+        shutil.copytree(root / "m", root / name)
+        (root / name / "evit.json").write_text(meta)
+    for name in ("badbench", "badmetrics"):
+        shutil.copytree(root / "m", root / name)
+    (root / "badbench" / "bench.json").write_text("[1, 2")
+    (root / "badmetrics" / "metrics.json").write_text("\x00\x01")
+    save_file({k: (v * 100).to(torch.int32) for k, v in sd.items()}, root / "int.safetensors")
+    (root / "st_named.pth").write_bytes(safetensors_bytes)
+    recipes = {"r_epochs": "epochs: abc", "r_workers": "workers: -1", "r_keep": "keep_rate: [0.7, x]",
+               "r_smooth": "smoothing: 1", "r_lr": "lr: .nan", "r_batch": "batch_size: 2.5", "r_amp": "amp: 'yes'",
+               "r_layers": "layers: four", "r_list": "- 1\n- 2"}
+    for name, text in recipes.items():
+        (root / f"{name}.yaml").write_text(text + "\n")
 
 
 M = "m"  # the tiny exported model, relative to the workspace
@@ -98,6 +127,180 @@ CASES = [
     ("check batches not numbers", ["export", M, "--check-batches", "one"], "comma-separated integers"),
     ("info on a non-export", ["info", "colours"], "no evit.json"),
 ]
+
+
+F = ["finetune", M, "--dataset", "colours", "-o", "ft", "--workers", "0"]  # a finetune that would run
+NEW_CASES = [
+    # usage: unknown options, bad types, missing values, unknown commands
+    ("unknown option", ["convert", M, "--kep-rate", "0.5"], "No such option: --kep-rate"),
+    ("not an integer", ["bench", M, "--batch", "x"], "Invalid value for '--batch'"),
+    ("not a float", ["finetune", M, "--lr", "fast"], "Invalid value for '--lr'"),
+    ("missing argument", ["convert"], "Missing argument"),
+    ("missing option value", ["eval", M, "--dataset"], "requires an argument"),
+    ("missing required option", ["eval", M], "Missing option '--dataset'"),
+    ("unknown command", ["frobnicate"], "No such command"),
+    ("option of another command", ["convert", M, "--device", "cpu"], "No such option: --device"),
+    # convert: output paths
+    ("output not writable", ["convert", M, "-o", "/proc/evit_out"], "cannot write into /proc"),
+    ("output below a regular file", ["convert", M, "-o", "afile/out"], "afile is a file"),
+    ("output is a file", ["convert", M, "-o", "afile"], "is not a folder"),
+    ("output is a file even with overwrite", ["convert", M, "-o", "afile", "--overwrite"], "is not a folder"),
+    # convert: sizes and classes
+    ("image size 3", ["convert", M, "--img-size", "3", "-o", "o"], "not a multiple of the patch size 4"),
+    ("image size 30 with patch 4", ["convert", M, "--img-size", "30", "-o", "o"], "use 28 or 32"),
+    ("image size negative", ["convert", M, "--img-size", "-32", "-o", "o"], "at least 1"),
+    ("image size not a number", ["convert", M, "--img-size", "big", "-o", "o"], "Invalid value for '--img-size'"),
+    ("match-macs 0", ["convert", M, "--match-macs", "0", "-o", "o"], "--match-macs must be at least 1"),
+    ("match-macs off the patch grid", ["convert", M, "--match-macs", "30", "-o", "o"], "not a multiple"),
+    ("num-classes negative", ["convert", "deit_tiny_patch16_224", "--no-pretrained", "--num-classes", "-3", "-o", "o"], "--num-classes must be at least 1"),
+    ("num-classes 0", ["convert", "deit_tiny_patch16_224", "--no-pretrained", "--num-classes", "0", "-o", "o"], "at least 1"),
+    ("num-classes with exported folder", ["convert", M, "--num-classes", "4", "-o", "o"], "drop --num-classes"),
+    ("checkpoint with exported folder", ["convert", M, "-c", "tiny.safetensors", "-o", "o"], "drop --checkpoint"),
+    ("checkpoint with exported folder, eval", ["eval", M, "-d", "colours", "-c", "tiny.safetensors"], "drop --checkpoint"),
+    # convert: keep rates and layers
+    ("empty keep-rate entry", ["convert", M, "-k", "0.7,,0.5", "-o", "o"], "has an empty entry"),
+    ("leading comma in keep rates", ["convert", M, "-k", ",0.7", "-o", "o"], "has an empty entry"),
+    ("trailing comma in keep rates", ["convert", M, "-k", "0.7,", "-o", "o"], "has an empty entry"),
+    ("keep rate nan", ["convert", M, "-k", "nan", "-o", "o"], "outside (0, 1]"),
+    ("keep rate inf", ["convert", M, "-k", "inf", "-o", "o"], "outside (0, 1]"),
+    ("keep rate empty", ["convert", M, "-k", "", "-o", "o"], "--keep-rate is empty"),
+    ("layers empty", ["convert", M, "-l", "", "-o", "o"], "--layers is empty"),
+    ("empty layer entry", ["convert", M, "-l", "2,,4", "-o", "o"], "has an empty entry"),
+    ("layers decreasing", ["convert", M, "-l", "4,2", "-o", "o"], "increasing order"),
+    ("layer not an integer", ["convert", M, "-l", "2.5", "-o", "o"], "comma-separated block numbers"),
+    # convert: checkpoints and exported folders
+    ("integer weights", ["convert", "vit_tiny_patch16_224", "-c", "int.safetensors", "-o", "o"], "holds integer tensors where weights should be float"),
+    ("safetensors named .pth", ["convert", "deit_tiny_patch16_224", "-c", "st_named.pth", "-o", "o"], "does not fit"),
+    ("checkpoint is text", ["convert", "deit_tiny_patch16_224", "-c", "afile", "-o", "o"], "not a readable PyTorch checkpoint"),
+    ("evit.json not JSON", ["convert", "notjson", "-o", "o"], "is not valid JSON"),
+    ("evit.json incomplete", ["convert", "nokeys", "-o", "o"], "is incomplete"),
+    ("missing folder with brackets", ["convert", "./data[v2]", "-o", "o"], "data[v2] does not exist"),
+    ("a file as the model", ["convert", "afile", "-o", "o"], "pass the file as --checkpoint"),
+    # bench
+    ("bench batch negative", ["bench", M, "--batch", "-5"], "--batch must be at least 1"),
+    ("bench reps 0", ["bench", M, "--reps", "0"], "--reps must be at least 1"),
+    ("bench warmup negative", ["bench", M, "--warmup", "-1"], "--warmup must be 0 or more"),
+    ("bench device mps", ["bench", M, "--device", "mps"], "unknown device 'mps'"),
+    ("bench device cuda:x", ["bench", M, "--device", "cuda:x"], "unknown device"),
+    ("bench device empty", ["bench", M, "--device", ""], "--device must be a non-empty text"),
+    ("bench report is a file", ["bench", M, "--report", "afile"], "is a file, not a folder"),
+    ("bench report below a file", ["bench", M, "--report", "afile/r"], "afile is a file"),
+    ("bench empty keep-rate entry", ["bench", M, "-k", "0.7,,0.5"], "has an empty entry"),
+    ("bench evit.json not JSON", ["bench", "notjson", "--report", "r"], "is not valid JSON"),
+    ("bench missing folder", ["bench", "./gone", "--report", "r"], "does not exist"),
+    # eval
+    ("eval workers negative", ["eval", M, "-d", "colours", "--workers", "-1"], "--workers must be 0 or more"),
+    ("eval limit 0", ["eval", M, "-d", "colours", "--limit", "0"], "--limit must be at least 1"),
+    ("eval limit negative", ["eval", M, "-d", "colours", "--limit", "-2"], "--limit must be at least 1"),
+    ("eval reps 0", ["eval", M, "-d", "colours", "--reps", "0"], "--reps must be at least 1"),
+    ("eval device mps", ["eval", M, "-d", "colours", "--device", "mps"], "unknown device 'mps'"),
+    ("eval unreadable image", ["eval", M, "-d", "badcol", "--workers", "0"], "broken.png"),
+    ("eval unreadable image, workers", ["eval", M, "-d", "badcol", "--workers", "1"], "cannot read image"),
+    ("eval decompression bomb", ["eval", M, "-d", "bombcol", "--workers", "0"], "larger than PIL's safety limit"),
+    ("eval report is a file", ["eval", M, "-d", "colours", "--report", "afile"], "is a file, not a folder"),
+    ("eval unknown split", ["eval", M, "-d", "colours", "--split", "nosuch", "--workers", "0"], "has no split 'nosuch'"),
+    ("eval data set with brackets", ["eval", M, "-d", "./data[v2]"], "./data[v2] does not exist"),
+    ("eval empty layers", ["eval", M, "-d", "colours", "-l", ""], "--layers is empty"),
+    ("eval wrong image column", ["eval", M, "-d", "colours", "--image-column", "pic", "--workers", "0"], "'pic' is not a column"),
+    # sweep
+    ("sweep keep rates empty", ["sweep", M, "--keep-rates", "", "-o", "sw"], "--keep-rates is empty"),
+    ("sweep empty entry", ["sweep", M, "--keep-rates", "0.5,,0.7", "-o", "sw"], "has an empty entry"),
+    ("sweep keep rate nan", ["sweep", M, "--keep-rates", "nan", "-o", "sw"], "outside (0, 1]"),
+    ("sweep keep rate above 1", ["sweep", M, "--keep-rates", "0.5,1.5", "-o", "sw"], "outside (0, 1]"),
+    ("sweep reps 0", ["sweep", M, "--reps", "0", "-o", "sw"], "--reps must be at least 1"),
+    ("sweep batch 0", ["sweep", M, "--batch", "0", "-o", "sw"], "--batch must be at least 1"),
+    ("sweep workers negative", ["sweep", M, "--workers", "-1", "-o", "sw"], "--workers must be 0 or more"),
+    ("sweep limit 0", ["sweep", M, "--limit", "0", "-o", "sw"], "--limit must be at least 1"),
+    ("sweep device mps", ["sweep", M, "--device", "mps", "-o", "sw"], "unknown device 'mps'"),
+    ("sweep output is a file", ["sweep", M, "-o", "afile"], "is a file, not a folder"),
+    ("sweep output below a file", ["sweep", M, "-o", "afile/sw"], "afile is a file"),
+    ("sweep unreadable image", ["sweep", M, "-d", "badcol", "--workers", "0", "--reps", "1", "--keep-rates", "0.5", "-o", "sw"], "broken.png"),
+    ("sweep skip without data set", ["sweep", M, "--skip-bad-images", "-o", "sw"], "give --dataset"),
+    # search
+    ("search target nan", ["search", M, "--target-gmacs", "nan"], "--target-gmacs must be a finite number"),
+    ("search target inf", ["search", M, "--target-gmacs", "inf"], "must be a finite number"),
+    ("search target negative", ["search", M, "--target-gmacs", "-1"], "--target-gmacs must be above 0"),
+    ("search target 0", ["search", M, "--target-gmacs", "0"], "must be above 0"),
+    ("search speedup 0", ["search", M, "--target-speedup", "0"], "--target-speedup must be above 0"),
+    ("search both targets", ["search", M, "--target-gmacs", "1", "--target-speedup", "2"], "give one target"),
+    ("search reps 0", ["search", M, "--target-gmacs", "1", "--reps", "0"], "--reps must be at least 1"),
+    ("search batch 0", ["search", M, "--target-gmacs", "1", "--batch", "0"], "--batch must be at least 1"),
+    ("search device mps", ["search", M, "--target-gmacs", "1", "--device", "mps"], "unknown device"),
+    ("search unreachable: raise it", ["search", M, "--target-gmacs", "0.0001"], "raise the target or choose earlier layers"),
+    ("search layers and search-layers", ["search", M, "--target-gmacs", "1", "--search-layers", "-l", "2,4"], "drop --layers"),
+    # visualize
+    ("visualize decompression bomb", ["visualize", M, "bomb.png", "-o", "v.png"], "larger than PIL's safety limit"),
+    ("visualize missing image", ["visualize", M, "nope.jpg", "-o", "v.png"], "cannot read image nope.jpg"),
+    ("visualize a folder as image", ["visualize", M, "colours", "-o", "v.png"], "cannot read image colours"),
+    ("visualize output below a file", ["visualize", M, "bad.jpg", "-o", "afile/v.png"], "afile is a file"),
+    ("visualize output is a folder", ["visualize", M, "bad.jpg", "-o", "existing"], "is a folder"),
+    ("visualize keep rate 0", ["visualize", M, "bad.jpg", "-k", "0", "-o", "v.png"], "outside (0, 1]"),
+    ("visualize no images", ["visualize", M], "Missing argument"),
+    # export
+    ("check batches empty entry", ["export", M, "--check-batches", "1,,8"], "comma-separated integers"),
+    ("check batch 0", ["export", M, "--check-batches", "0"], "--check-batches must be at least 1"),
+    ("check batch negative", ["export", M, "--check-batches", "-1"], "at least 1"),
+    ("export output below a file", ["export", M, "-f", "torchscript", "-o", "afile/m.pt"], "afile is a file"),
+    ("export output is a folder", ["export", M, "-f", "torchscript", "-o", "existing"], "is a folder"),
+    ("export evit.json not JSON", ["export", "notjson", "-f", "torchscript"], "is not valid JSON"),
+    ("export incomplete evit.json", ["export", "nokeys", "-f", "torchscript"], "is incomplete"),
+    # info
+    ("info bench.json corrupt", ["info", "badbench"], "badbench/bench.json is not valid JSON"),
+    ("info metrics.json corrupt", ["info", "badmetrics"], "metrics.json is not valid JSON"),
+    ("info evit.json corrupt", ["info", "notjson"], "is not valid JSON"),
+    ("info evit.json incomplete", ["info", "nokeys"], "is incomplete"),
+    ("info on a file", ["info", "afile"], "has no evit.json"),
+    ("info missing folder", ["info", "gone"], "has no evit.json"),
+    # finetune: every numeric option at its edge
+    ("finetune workers negative", F + ["--workers", "-1"], "--workers must be 0 or more"),
+    ("finetune lr negative", F + ["--lr", "-1"], "--lr must be above 0"),
+    ("finetune lr 0", F + ["--lr", "0"], "--lr must be above 0"),
+    ("finetune lr nan", F + ["--lr", "nan"], "--lr must be a finite number"),
+    ("finetune val fraction 1.5", F + ["--val-fraction", "1.5"], "between 0 and 1"),
+    ("finetune val fraction 0", F + ["--val-fraction", "0"], "between 0 and 1"),
+    ("finetune val fraction 1", F + ["--val-fraction", "1"], "between 0 and 1"),
+    ("finetune smoothing 1", F + ["--smoothing", "1"], "--smoothing must be at least 0 and below 1"),
+    ("finetune smoothing negative", F + ["--smoothing", "-0.1"], "at least 0 and below 1"),
+    ("finetune randaugment garbage", F + ["--randaugment", "garbage"], "is not a timm RandAugment policy"),
+    ("finetune epochs 0", F + ["--epochs", "0"], "--epochs must be above 0"),
+    ("finetune epochs inf", F + ["--epochs", "inf"], "finite number"),
+    ("finetune accum steps 0", F + ["--accum-steps", "0"], "--accum-steps must be at least 1"),
+    ("finetune mixup negative", F + ["--mixup", "-1"], "--mixup must be 0 or more"),
+    ("finetune distill alpha 2", F + ["--distill-alpha", "2"], "--distill-alpha must be between 0 and 1"),
+    ("finetune distill tau 0", F + ["--distill-tau", "0"], "--distill-tau must be above 0"),
+    ("finetune device mps", F + ["--device", "mps"], "unknown device 'mps'"),
+    ("finetune seed negative", F + ["--seed", "-1"], "--seed must be 0 or more"),
+    ("finetune save every negative", F + ["--save-every", "-1"], "--save-every must be 0 or more"),
+    ("finetune steps per epoch 0", F + ["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
+    ("finetune bench batch 0", F + ["--bench-batch", "0"], "--bench-batch must be at least 1"),
+    ("finetune warmup epochs negative", F + ["--warmup-epochs", "-1"], "--warmup-epochs must be 0 or more"),
+    ("finetune min lr above lr", F + ["--lr", "1e-4", "--min-lr", "1e-3"], "--min-lr 0.001 is above --lr"),
+    ("finetune empty keep-rate entry", F + ["-k", "0.7,,0.5"], "has an empty entry"),
+    ("finetune output is a file", ["finetune", M, "--dataset", "colours", "-o", "afile"], "is not a folder"),
+    ("finetune output below a file", ["finetune", M, "--dataset", "colours", "-o", "afile/ft"], "afile is a file"),
+    ("finetune without output", ["finetune", M, "--dataset", "colours"], "no output folder"),
+    ("finetune unreadable image", ["finetune", M, "--dataset", "badcol", "-o", "ft", "--workers", "0", "-b", "4",
+                                   "--no-bench"], "broken.png"),
+    # recipes: the same checks as the flags
+    ("recipe epochs abc", F + ["--recipe", "r_epochs.yaml"], "--epochs must be a number, got 'abc'"),
+    ("recipe workers negative", F[:-2] + ["--recipe", "r_workers.yaml"], "--workers must be 0 or more"),
+    ("recipe keep rate not a number", F + ["--recipe", "r_keep.yaml"], "--keep-rate must be numbers"),
+    ("recipe smoothing 1", F + ["--recipe", "r_smooth.yaml"], "--smoothing must be at least 0 and below 1"),
+    ("recipe lr nan", F + ["--recipe", "r_lr.yaml"], "--lr must be a finite number"),
+    ("recipe batch size 2.5", F + ["--recipe", "r_batch.yaml"], "--batch-size must be an integer"),
+    ("recipe amp as text", F + ["--recipe", "r_amp.yaml"], "--amp must be true or false"),
+    ("recipe layers as text", F + ["--recipe", "r_layers.yaml"], "comma-separated block numbers"),
+    ("recipe a list", F + ["--recipe", "r_list.yaml"], "must be a mapping"),
+]
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in NEW_CASES], ids=[c[0] for c in NEW_CASES])
+def test_more_bad_input(args, message, ws, capsys, monkeypatch):
+    test_bad_input(args, message, ws, capsys, monkeypatch)
+
+
+def test_at_least_a_hundred_new_cases():
+    assert len(NEW_CASES) >= 100 and len({c[0] for c in NEW_CASES}) == len(NEW_CASES)
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
