@@ -3,6 +3,7 @@ and nothing left where the output was to go."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 
@@ -327,3 +328,170 @@ def test_disk_full_while_exporting_leaves_nothing(ws, capsys, monkeypatch, tmp_p
     code, _, stderr = run(["convert", ws / M, "-o", tmp_path / "out"], capsys)
     assert code == 2 and "No space left on device" in stderr and len(stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- the error boundary
+
+
+def _boom(*a, **k):
+    raise RuntimeError("boom\nsecond line")
+
+
+def test_a_bug_is_one_line_exit_1_naming_debug(ws, capsys, monkeypatch, tmp_path):
+    import evit_cli.core
+
+    monkeypatch.setattr(evit_cli.core, "convert_keeping", _boom)
+    code, _, stderr = run(["convert", ws / M, "-o", tmp_path / "o"], capsys)
+    assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "RuntimeError: boom" in stderr and "--debug" in stderr and "EVIT_DEBUG=1" in stderr
+    assert "Traceback" not in stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(how, ws, capsys, monkeypatch, tmp_path):
+    import evit_cli.core
+
+    monkeypatch.setattr(evit_cli.core, "convert_keeping", _boom)
+    args = ["convert", ws / M, "-o", tmp_path / "o"]
+    if how == "flag":
+        args.append("--debug")
+    else:
+        monkeypatch.setenv("EVIT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        run(args, capsys)
+
+
+def test_out_of_memory_says_lower_the_batch(ws, capsys, monkeypatch):
+    import importlib
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(importlib.import_module("evit_cli.bench"), "time_side_by_side", oom)
+    code, _, stderr = run(["bench", ws / M, "--batch", "100000", "--report", ws / "never"], capsys)
+    assert code == 2 and "lower --batch" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    assert not (ws / "never").exists()
+
+
+def test_sigterm_during_convert_leaves_no_temp_folder(ws, capsys, monkeypatch, tmp_path):
+    import signal
+
+    import safetensors.torch
+
+    def killed(*a, **k):
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler main() installs raises KeyboardInterrupt here
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    before = signal.getsignal(signal.SIGTERM)
+    code, _, stderr = run(["convert", ws / M, "-o", tmp_path / "out"], capsys)
+    assert code == 130 and stderr.strip() == "interrupted"
+    assert list(tmp_path.iterdir()) == []  # no hidden .out.*.tmp folder
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_outputs_respect_the_umask(ws, capsys, tmp_path):
+    old = os.umask(0o022)
+    try:
+        code, _, _ = run(["convert", ws / M, "-o", tmp_path / "out"], capsys)
+        code2, _, _ = run(["export", tmp_path / "out", "-f", "torchscript", "--check-batches", "1"], capsys)
+    finally:
+        os.umask(old)
+    assert code == code2 == 0
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    for f in (tmp_path / "out").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+# --------------------------------------------------------------------------- what still works
+
+
+def test_unicode_spaces_and_brackets_in_paths_and_spaced_layers(ws, capsys, tmp_path):
+    out = tmp_path / "mödel [v2] ünïcode"
+    code, stdout, stderr = run(["convert", ws / M, "-l", " 2, 4", "-k", " 0.6 , 0.5", "-o", out], capsys)
+    assert code == 0, stderr
+    assert evit_cli.load(out).evit_config.layers == (2, 4)
+    assert "[v2]" in stdout.replace("\n", "")  # printed as written, not eaten as markup
+    code, stdout, _ = run(["info", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["folder"] == str(out)
+
+
+def test_skip_bad_images_reports_the_count(ws, capsys, monkeypatch):
+    monkeypatch.chdir(ws)
+    code, stdout, stderr = run(["eval", M, "-d", "badcol", "--workers", "0", "--reps", "1", "--batch", "8",
+                                "--skip-bad-images", "--json"], capsys)
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["skipped_images"] == 1 and result["images"] == 9
+
+
+def test_help_is_plain_text_with_defaults_and_an_example(capsys):
+    for cmd in ("convert", "bench", "finetune", "eval", "sweep", "search", "visualize", "export", "info"):
+        code, stdout, _ = run([cmd, "--help"], capsys)
+        assert code == 0 and "Example: evit " in stdout, cmd
+        text = " ".join(stdout.split())
+        if cmd == "finetune":
+            assert "[default: 0.1]" in text and "[default: 30]" in text and "[default: 2e-5" in text
+        if cmd == "bench":
+            assert "[default: 256]" in text
+    code, stdout, _ = run([], capsys)
+    assert code == 0 and "Commands:" in stdout
+
+
+def test_missing_extra_hint_keeps_its_brackets(ws, capsys, monkeypatch):
+    import evit_cli.export
+
+    def no_onnx(*a, **k):
+        raise evit_cli.EvitError("ONNX export needs the onnx extra: pip install 'evit-cli[onnx]'")
+
+    monkeypatch.setattr(evit_cli.export, "_export_onnx", no_onnx)
+    code, _, stderr = run(["export", ws / M, "-f", "onnx", "-o", ws / "x.onnx"], capsys)
+    assert code == 2 and "pip install 'evit-cli[onnx]'" in stderr
+    assert not (ws / "x.onnx").exists()
+
+
+# --------------------------------------------------------------------------- progress and tables
+
+
+def test_progress_without_a_terminal_is_timestamped_lines_and_json_stays_pure(ws, capsys, monkeypatch):
+    import re
+
+    monkeypatch.setenv("EVIT_PROGRESS_INTERVAL", "0")
+    monkeypatch.chdir(ws)
+    code, stdout, stderr = run(["eval", M, "-d", "colours", "--workers", "0", "--reps", "1", "--batch", "2",
+                                "--json"], capsys)
+    assert code == 0
+    json.loads(stdout)
+    lines = stderr.strip().splitlines()
+    assert any(re.match(r"^\[\d\d:\d\d:\d\d\] eval dense and EViT: \d+/9 images, [\d.]+ images/s, ETA \d", x)
+               for x in lines), stderr
+    assert any(re.match(r"^\[\d\d:\d\d:\d\d\] eval dense and EViT: 9/9 images, .* done in \d", x) for x in lines)
+    assert any("bench dense vs EViT" in x for x in lines)
+
+
+def test_tables_fit_80_columns_without_ellipsis(ws):
+    import io
+
+    from rich.console import Console
+
+    from evit_cli.report import bench_table, kv_table, sweep_table
+
+    r = evit_cli.bench(evit_cli.load(ws / M), batch=2, reps=1, warmup=0)
+    r.update(batch=256, model="hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k")
+    r["evit_model"]["tokens"] = [197, 140, 100, 72]
+    for key in ("dense", "evit_model"):
+        for lat in ("latency", "latency_b1"):
+            r[key][lat].update(median_ms=12345.6, min_ms=10234.5, max_ms=15234.9)
+    rows = [{"model": "evit", "keep_rate": k, "gmacs": 3.0303, "images_per_s": 1234.5, "speedup": 1.5,
+             "top1": 79.5, "top5": 94.2} for k in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
+    sweep = {"model": "deit_small_patch16_224", "img_size": 224, "layers": [4, 7, 10], "batch": 64, "rows": rows}
+    info = kv_table("evit info ./data[v2]", {"gmacs": 4.60123456789123, "tokens": [197, 140],
+                                               "bench": {"speedup": 1.61234567, "device_name": "AMD EPYC 7B13, 2 threads"}})
+    buf = io.StringIO()
+    console = Console(file=buf, width=80)
+    for table in (bench_table(r), sweep_table(sweep), info):
+        console.print(table)
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "…" not in text
+    assert "197→140→100→72" in text and "12346 (10234-15235)" in text  # whole cells, nothing cut
+    assert "4.601" in text and "4.6012" not in text and "1.612" in text and "./data[v2]" in text
