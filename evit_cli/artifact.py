@@ -138,8 +138,11 @@ def read_meta(folder: str | os.PathLike) -> dict:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvitError(f"{path} is not valid JSON ({e}): export the model again") from None
-    if meta.get("format") != "evit":
+    if not isinstance(meta, dict) or meta.get("format") != "evit":
         raise EvitError(f"{path} is not an evit export file")
+    missing = [k for k in ("family", "source", "num_classes", "img_size", "num_tokens", "tool_version") if k not in meta]
+    if missing or not isinstance(meta["source"], dict):
+        raise EvitError(f"{path} is incomplete (missing {', '.join(missing) or 'source'}): export the model again")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise EvitError(f"{folder} was written by a newer evit (format {meta['format_version']}): upgrade evit-cli")
     return meta

@@ -105,9 +105,10 @@ def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: 
     return times
 
 
-def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False) -> dict[str, float]:
-    """Median seconds per forward pass of each model, timed side by side."""
-    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp)
+def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False,
+                 advance=None) -> dict[str, float]:
+    """Median seconds per forward pass of each model, timed side by side (``advance()`` after each pass)."""
+    times = time_side_by_side(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -258,15 +259,15 @@ def bench(
     models = {"dense": dense_copy(evit).eval(), "evit": evit}
     x = torch.randn(batch, 3, img, img, device=dev)
     figures = {name: _static_figures(m, x[:1], amp) for name, m in models.items()}
-    mode = _compile_mode(compile)
+    mode = compile_mode_of(compile)
     compiled = _compiled(models, mode) if mode else {}
     warmup = max(warmup, 2) if mode else warmup
     latency_reps = latency_reps or max(3 * reps, 10)
     timed = {**models, **compiled}
     steps = len(timed) * ((warmup + reps) + (warmup + latency_reps)) + (2 * (warmup + reps) if train else 0)
-    with _progress(progress) as bar:
-        task = bar.add_task("benchmarking dense vs EViT", total=steps)
-        advance = lambda: bar.advance(task)  # noqa: E731
+    from .progress import Progress
+
+    with Progress(enabled=progress) as bar, bar.task("bench dense vs EViT", steps, unit="passes") as advance:
         t_batch = time_side_by_side(timed, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
         t_one = time_side_by_side(timed, x[:1].clone(), warmup=warmup, reps=latency_reps, amp=amp, advance=advance)
         t_train = time_training(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance) if train else None
@@ -312,7 +313,8 @@ def _static_figures(model: nn.Module, x1: torch.Tensor, amp: bool) -> dict:
     }
 
 
-def _compile_mode(compile: bool | str) -> str | None:
+def compile_mode_of(compile: bool | str) -> str | None:
+    """The torch.compile mode asked for (True: "default"), None for eager; an unknown mode is refused."""
     if compile is True:
         return "default"
     if not compile:
@@ -350,16 +352,6 @@ def _training_report(times: dict[str, list[float]], batch: int) -> dict:
         out[key] = {"step": s, "images_per_s": batch / (s["median_ms"] / 1000)}
     out["speedup"] = out["evit_model"]["images_per_s"] / out["dense"]["images_per_s"]
     return out
-
-
-def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=Console(stderr=True), disable=not enabled, transient=True,
-    )
 
 
 def model_summary(model: nn.Module) -> dict:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,24 +12,68 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from . import __version__
-from .errors import EvitError
+try:  # typer >= 0.25 carries its own copy of click
+    from typer._click import exceptions as clickx
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as clickx
+
+from . import __version__, validate
+from .config import parse_keep_rates, parse_layers
+from .errors import EvitError, user_message
 
 app = typer.Typer(
     help="Make Vision Transformers faster with EViT token reorganization (Liang et al., ICLR 2022).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,  # text is text: [default: ...], 'evit-cli[onnx]' and user paths print as written
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
+out = Console(markup=False, highlight=False, emoji=False)
+err = Console(stderr=True, markup=False, highlight=False, emoji=False)
 
 KEEP_HELP = "Keep rate: one for every layer (0.7) or one per layer (0.9,0.8,0.7)."
 LAYERS_HELP = "1-based block numbers to reorganize in, as in the paper."
+SKIP_HELP = "Skip images that cannot be decoded (and report how many) instead of stopping at the first."
+
+
+def _checked(check):
+    """An option callback that runs a ``validate`` check when the option is parsed, naming the option."""
+
+    def callback(param: typer.CallbackParam, value):
+        if value is None:
+            return None
+        return check(max(param.opts, key=len), value)
+
+    return callback
+
+
+def _keeps_text(check):
+    """A check for a comma-separated option that is parsed later: refuse bad text now, keep the text."""
+
+    def run(label: str, value: str) -> str:
+        check(value, label)
+        return value
+
+    return run
+
+
+POSITIVE_INT = _checked(validate.positive_int)
+NON_NEGATIVE_INT = _checked(validate.non_negative_int)
+POSITIVE = _checked(validate.positive)
+DEVICE = _checked(validate.device)
+KEEP_RATES = _checked(_keeps_text(parse_keep_rates))
+LAYERS = _checked(_keeps_text(parse_layers))
+BATCHES = _checked(_keeps_text(lambda value, label: validate.int_list(label, value)))
+
+
+def _train(name: str):
+    """The callback of a finetune option: the same check a recipe value of that name gets."""
+    return _checked(validate.TRAIN_CHECKS[name])
 
 
 def _emit(result: dict, as_json: bool, *renderables) -> None:
+    import json
+
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     else:
@@ -43,27 +87,29 @@ def _version(value: bool):
         raise typer.Exit()
 
 
-@app.callback()
+@app.callback(epilog="Example: evit convert deit_small_patch16_224 --no-pretrained --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit")
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="On an unexpected error, show the Python traceback (also EVIT_DEBUG=1). "
+                               "Taken anywhere on the command line; main() reads it before parsing."),
 ):
     """Make Vision Transformers faster with EViT token reorganization.
 
-    [bold]Example[/bold]: evit convert deit_small_patch16_224 --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit
+    Every command takes --help (with an example) and --json. Bad input is one line on stderr, exit code 2.
     """
 
 
 @app.command(epilog="Example: evit convert deit_small_patch16_224 --keep-rate 0.7 --layers 4,7,10 -o deit_s_evit")
 def convert(
     model: str = typer.Argument(..., help="timm name, hub id (google/vit-base-patch16-224, hf-hub:timm/...), local folder, or an exported folder."),
-    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse the inattentive tokens into one token, or drop them. [default: fuse, or an exported folder's own]", show_default=False),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Classifier size (default: the model's or the checkpoint's)."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Run at this resolution (position embeddings interpolated)."),
-    match_macs: Optional[int] = typer.Option(None, "--match-macs", help="Pick the keep rate whose MACs come closest to the dense model at this resolution, without exceeding them."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL (not for an exported folder)."),
+    num_classes: Optional[int] = typer.Option(None, "--num-classes", callback=POSITIVE_INT, help="Classifier size (not for an exported folder). [default: the model's or the checkpoint's]"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", callback=POSITIVE_INT, help="Run at this resolution, a multiple of the patch size (position embeddings interpolated)."),
+    match_macs: Optional[int] = typer.Option(None, "--match-macs", callback=POSITIVE_INT, help="Pick the keep rate whose MACs come closest to the dense model at this resolution, without exceeding them."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default: MODEL_evit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
@@ -78,15 +124,15 @@ def convert(
 
     output = output or Path(f"{Path(model).name}_evit")
     fsutil.check_output_dir(output, overwrite)
+    if match_macs is not None and keep_rate is not None:
+        raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     if img_size is not None:
-        if img_size < 1:
-            raise EvitError(f"--img-size must be positive, got {img_size}")
+        validate.image_size("--img-size", m, img_size)
         adapters.get_adapter(m).set_img_size(m, img_size)
     if match_macs is not None:
-        if keep_rate is not None:
-            raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
+        validate.image_size("--match-macs", m, match_macs)
         old = core.get_config(m)
         match_macs_fn(m, match_macs, layers or (old.layers if old else DEFAULT_LAYERS), fuse if fuse is not None else True)
     else:
@@ -104,16 +150,16 @@ def convert(
 @app.command(name="bench", epilog="Example: evit bench deit_s_evit --batch 256 --report reports/")
 def bench_cmd(
     model: str = typer.Argument(..., help="Exported folder, or anything `evit convert` takes (converted on the fly)."),
-    batch: int = typer.Option(256, "--batch", "-b", help="Batch size for throughput."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    batch: int = typer.Option(256, "--batch", "-b", callback=POSITIVE_INT, help="Batch size for throughput."),
+    device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
     amp: bool = typer.Option(False, "--amp", help="Autocast: bf16 on CPU, fp16 on CUDA."),
     compile_: bool = typer.Option(False, "--compile", help="Also time both models under torch.compile, beside the eager ones."),
-    compile_mode: str = typer.Option("default", "--compile-mode", help="torch.compile mode with --compile: default, reduce-overhead (CUDA graphs), max-autotune."),
+    compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (implies --compile): default, reduce-overhead (CUDA graphs), max-autotune. [default: default]", show_default=False),
     train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) of both models."),
-    warmup: int = typer.Option(2, "--warmup", help="Untimed passes first (compiling happens here)."),
-    reps: int = typer.Option(10, "--reps", help="Timed passes per model (batch-1 latency takes 3x as many)."),
-    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
+    warmup: int = typer.Option(2, "--warmup", callback=NON_NEGATIVE_INT, help="Untimed passes first (compiling happens here)."),
+    reps: int = typer.Option(10, "--reps", callback=POSITIVE_INT, help="Timed passes per model (batch-1 latency takes 3x as many)."),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     report: Optional[Path] = typer.Option(None, "--report", help="Write bench.json and bench.md here (an exported folder gets them inside it)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
@@ -122,14 +168,19 @@ def bench_cmd(
     A model name is built with random weights: weights do not change the speed.
     """
     from .artifact import META_FILE
-    from .bench import bench
+    from .bench import bench, compile_mode_of, resolve_device
+    from .fsutil import check_report_dir
     from .report import bench_table, write_bench
 
-    m = _load_converted(model, keep_rate, layers, pretrained=False)
     if report is None and (Path(model) / META_FILE).is_file():
         report = Path(model)
-    result = bench(m, batch=batch, device=device, amp=amp, compile=compile_mode if compile_ else False, train=train,
-                   warmup=warmup, reps=reps, progress=not as_json)
+    if report is not None:
+        check_report_dir(report)
+    resolve_device(device)
+    mode = compile_mode_of(compile_mode or compile_)
+    m = _load_converted(model, keep_rate, layers, pretrained=False)
+    result = bench(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup, reps=reps,
+                   progress=True)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     _emit(result, as_json, bench_table(result))
@@ -141,46 +192,47 @@ def finetune(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub name, image folder (class per subfolder), save_to_disk folder, or parquet."),
     output: Optional[str] = typer.Option(None, "--output", "-o", help="Output folder: checkpoints while training, the exported model at the end."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe (see recipes/); flags override it."),
-    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or the model's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or the model's own]"),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse or drop the inattentive tokens.", show_default=False),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start from pretrained weights. [default: pretrained]", show_default=False),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="[default: train]"),
     val_split: Optional[str] = typer.Option(None, "--val-split", help="[default: validation/val/test if present, else carved from train]"),
-    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of train held out (seeded) when there is no validation split. [default: 0.1]"),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", callback=_train("val_fraction"), help="Share of train held out (seeded) when there is no validation split. [default: 0.1]"),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="[default: found automatically]"),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="[default: found automatically]"),
     streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream the data set instead of memory-mapping it.", show_default=False),
-    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Optimizer steps per epoch (needed with --streaming)."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process. [default: 2]"),
-    randaugment: Optional[str] = typer.Option(None, "--randaugment", help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1."),
-    mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha (0 = off)."),
-    cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off)."),
-    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="Label smoothing. [default: 0.1]"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="[default: 30]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Per process. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: --lr-per-512 x global batch / 512]"),
-    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", help="[default: 2e-5, EViT's DeiT fine-tune]"),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="[default: 2e-6]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-6]"),
-    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Learning-rate warm-up. [default: 0]"),
-    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Gradient norm clipping (off by default)."),
-    accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Gradient accumulation. [default: 1]"),
+    steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", callback=_train("steps_per_epoch"), help="Optimizer steps per epoch (needed with --streaming)."),
+    workers: Optional[int] = typer.Option(None, "--workers", callback=_train("workers"), help="DataLoader workers per process. [default: 2]"),
+    randaugment: Optional[str] = typer.Option(None, "--randaugment", callback=_train("randaugment"), help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", callback=_train("mixup"), help="Mixup alpha (0 = off)."),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", callback=_train("cutmix"), help="CutMix alpha (0 = off)."),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", callback=_train("smoothing"), help="Label smoothing. [default: 0.1]"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", callback=_train("epochs"), help="[default: 30]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=_train("batch_size"), help="Per process. [default: 64]"),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_train("lr"), help="Peak learning rate. [default: --lr-per-512 x global batch / 512]"),
+    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", callback=_train("lr_per_512"), help="[default: 2e-5, EViT's DeiT fine-tune]"),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", callback=_train("min_lr"), help="[default: 2e-6]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", callback=_train("weight_decay"), help="[default: 1e-6]"),
+    warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", callback=_train("warmup_epochs"), help="Learning-rate warm-up. [default: 0]"),
+    clip_grad: Optional[float] = typer.Option(None, "--clip-grad", callback=_train("clip_grad"), help="Gradient norm clipping (off by default)."),
+    accum_steps: Optional[int] = typer.Option(None, "--accum-steps", callback=_train("accum_steps"), help="Gradient accumulation. [default: 1]"),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="Mixed precision (bf16 where supported, else fp16).", show_default=False),
-    seed: Optional[int] = typer.Option(None, "--seed", help="[default: 0]"),
-    device: Optional[str] = typer.Option(None, "--device", help="[default: cuda when available, else cpu]"),
-    shrink_start: Optional[float] = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1.0 first. [default: 0]"),
-    shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", help="Epochs of cosine from 1.0 to the target. [default: 0]"),
+    seed: Optional[int] = typer.Option(None, "--seed", callback=_train("seed"), help="[default: 0]"),
+    device: Optional[str] = typer.Option(None, "--device", callback=_train("device"), help="[default: cuda when available, else cpu]"),
+    shrink_start: Optional[float] = typer.Option(None, "--shrink-start", callback=_train("shrink_start"), help="Epochs at keep rate 1.0 first. [default: 0]"),
+    shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", callback=_train("shrink_epochs"), help="Epochs of cosine from 1.0 to the target. [default: 0]"),
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model (before conversion).", show_default=False),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
-    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="Weight of the KL term. [default: 0.5]"),
-    distill_tau: Optional[float] = typer.Option(None, "--distill-tau", help="Temperature. [default: 1.0]"),
-    save_every: Optional[int] = typer.Option(None, "--save-every", help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the KL term. [default: 0.5]"),
+    distill_tau: Optional[float] = typer.Option(None, "--distill-tau", callback=_train("distill_tau"), help="Temperature. [default: 1.0]"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", callback=_train("save_every"), help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output after a crash or a kill."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     bench_report: Optional[bool] = typer.Option(None, "--bench/--no-bench", help="Benchmark the trained model at the end. [default: bench]", show_default=False),
-    bench_batch: Optional[int] = typer.Option(None, "--bench-batch", help="[default: 32]"),
+    bench_batch: Optional[int] = typer.Option(None, "--bench-batch", callback=_train("bench_batch"), help="[default: 32]"),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=SKIP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
 ):
     """Fine-tune the EViT model on a data set with the cosine keep-rate schedule.
@@ -188,23 +240,56 @@ def finetune(
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
     flags = dict(locals())
+    from . import data
     from .train import TrainConfig, finetune as run, load_recipe
 
-    for k in ("recipe", "as_json", "bench_report"):
+    for k in ("recipe", "as_json", "bench_report", "skip_bad_images"):
         flags.pop(k)
     flags["bench"] = bench_report
     flags["resume"] = resume or None
     flags["overwrite"] = overwrite or None
     cfg = TrainConfig.merged(load_recipe(recipe) if recipe else None, flags)
+    validate.train_config(cfg)
     if not cfg.model:
         raise EvitError("no model: give MODEL or a --recipe that names one")
     if not cfg.dataset:
         raise EvitError("no data set: give --dataset (a hub name, an image folder, a save_to_disk folder or parquet)")
+    if not cfg.output:
+        raise EvitError("no output folder: give -o/--output")
+    _check_run_folder(Path(cfg.output))
     from .report import kv_table
 
-    result = run(cfg, console=None if as_json else err)
+    data.BAD_IMAGES.reset(skip_bad_images)
+    result = _removing_if_unresumable(Path(cfg.output), lambda: run(cfg, console=err))
+    if skip_bad_images:
+        result["skipped_images"] = data.BAD_IMAGES.count
     if int(os.environ.get("RANK", "0")) == 0:
         _emit(result, as_json, kv_table(f"fine-tuned -> {cfg.output}", result))
+
+
+def _check_run_folder(output: Path) -> None:
+    """A training output folder: a folder (or nothing yet) in a place we can write to."""
+    from .fsutil import check_writable
+
+    if output.exists() and not output.is_dir():
+        raise EvitError(f"output {output} exists and is not a folder: choose another -o")
+    check_writable(output if output.is_dir() else output.parent)
+
+
+def _removing_if_unresumable(output: Path, work):
+    """Run ``work``; if it fails before the first checkpoint in a folder it created, remove the folder
+    (nothing there could be resumed), so that a failed start leaves nothing behind."""
+    import shutil
+
+    from .train import CHECKPOINT
+
+    created = not output.exists()
+    try:
+        return work()
+    except BaseException:
+        if created and not (output / CHECKPOINT).is_file():
+            shutil.rmtree(output, ignore_errors=True)
+        raise
 
 
 def _load_converted(model: str, keep_rate, layers, fuse=None, pretrained: bool = True, checkpoint=None):
@@ -227,18 +312,19 @@ def eval_cmd(
     model: str = typer.Argument(..., help="Exported folder, or a model `evit convert` takes (converted with -k/-l)."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Hub name, image folder, save_to_disk folder or parquet."),
     split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
-    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
-    batch: int = typer.Option(64, "--batch", "-b", help="Batch size for evaluation and throughput."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N images only."),
-    workers: int = typer.Option(2, "--workers", help="DataLoader workers."),
-    image_column: Optional[str] = typer.Option(None, "--image-column"),
-    label_column: Optional[str] = typer.Option(None, "--label-column"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    reps: int = typer.Option(5, "--reps", help="Timed passes per model for throughput."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write eval.json here."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
+    batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch size for evaluation and throughput."),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=POSITIVE_INT, help="Evaluate on a seeded sample of N images. [default: all]"),
+    workers: int = typer.Option(2, "--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers."),
+    image_column: Optional[str] = typer.Option(None, "--image-column", help="[default: found automatically]"),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="[default: found automatically]"),
+    device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
+    reps: int = typer.Option(5, "--reps", callback=POSITIVE_INT, help="Timed passes per model for throughput."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write eval.json into this folder."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=SKIP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Top-1/top-5 and throughput of the dense and the EViT model on the same images, without training.
@@ -247,61 +333,73 @@ def eval_cmd(
     """
     from .bench import bench, resolve_device
     from .core import dense_copy
+    from .data import BAD_IMAGES, sample_size
     from .explore import accuracy
-    from .fsutil import write_json
+    from .fsutil import check_report_dir, write_json
+    from .progress import Progress
     from .report import eval_table
 
-    if batch < 1:
-        raise EvitError(f"--batch must be at least 1, got {batch}")
+    if report is not None:
+        check_report_dir(report)
     dev = resolve_device(device)
     m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
+    BAD_IMAGES.reset(skip_bad_images)
     data = _data(dataset, split, image_column, label_column)
-    acc = accuracy({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit, device=dev)
-    speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=not as_json)
+    with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
+        acc = accuracy({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit,
+                       device=dev, progress=advance)
+    speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
     result = {"model": speed["model"], "dataset": dataset, "images": acc["evit"]["images"], "evit": speed["evit"],
               "dense": {**acc["dense"], "gmacs": speed["dense"]["gmacs"], "images_per_s": speed["dense"]["images_per_s"]},
               "evit_model": {**acc["evit"], "gmacs": speed["evit_model"]["gmacs"], "images_per_s": speed["evit_model"]["images_per_s"]},
               "speedup": speed["speedup"], "batch": batch, "device_name": speed["device_name"]}
+    if skip_bad_images:
+        result["skipped_images"] = BAD_IMAGES.count
     if report is not None:
         result["report_files"] = [str(write_json(Path(report) / "eval.json", result))]
     _emit(result, as_json, eval_table(result))
 
 
-def _rates(text: str) -> list[float]:
-    from .config import parse_keep_rates
-
-    return list(parse_keep_rates(text))
 
 
 @app.command(epilog="Example: evit sweep deit_small_patch16_224 --no-pretrained --keep-rates 0.5,0.6,0.7,0.8,0.9,1.0 -o sweep/")
 def sweep(
     model: str = typer.Argument(..., help="A model `evit convert` takes, or an exported folder (its layers are used)."),
-    keep_rates: str = typer.Option("0.5,0.6,0.7,0.8,0.9,1.0", "--keep-rates", help="Keep rates to compare."),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    keep_rates: str = typer.Option("0.5,0.6,0.7,0.8,0.9,1.0", "--keep-rates", callback=KEEP_RATES, help="Keep rates to compare."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Also measure accuracy on this data set."),
-    split: Optional[str] = typer.Option(None, "--split"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate on the first N images only."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
-    batch: int = typer.Option(64, "--batch", "-b"),
-    reps: int = typer.Option(5, "--reps"),
-    device: str = typer.Option("cpu", "--device"),
-    workers: int = typer.Option(2, "--workers"),
+    split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
+    limit: Optional[int] = typer.Option(None, "--limit", callback=POSITIVE_INT, help="Evaluate on a seeded sample of N images. [default: all]"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
+    batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch size for timing and evaluation."),
+    reps: int = typer.Option(5, "--reps", callback=POSITIVE_INT, help="Timed passes per model."),
+    device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
+    workers: int = typer.Option(2, "--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers."),
     output: Path = typer.Option(Path("sweep"), "--output", "-o", help="Folder for sweep.json, sweep.md and sweep.png."),
+    skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=SKIP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table, JSON, PNG plot."""
     from .bench import resolve_device
+    from .data import BAD_IMAGES
     from .explore import plot_sweep, sweep as run
-    from .fsutil import write_json, write_text
+    from .fsutil import check_report_dir, write_json, write_text
+    from .progress import Progress
     from .report import sweep_markdown, sweep_table
 
-    if batch < 1:
-        raise EvitError(f"--batch must be at least 1, got {batch}")
+    if skip_bad_images and not dataset:
+        raise EvitError("--skip-bad-images is about the images of --dataset: give --dataset, or drop it")
+    check_report_dir(output)
     resolve_device(device)
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    BAD_IMAGES.reset(skip_bad_images)
     data = _data(dataset, split, None, None) if dataset else None
-    result = run(m, _rates(keep_rates), data=data, batch=batch, reps=reps, device=device, limit=limit, workers=workers)
+    with Progress() as p:
+        result = run(m, list(parse_keep_rates(keep_rates)), data=data, batch=batch, reps=reps, device=device,
+                     limit=limit, workers=workers, progress=p)
+    if skip_bad_images:
+        result["skipped_images"] = BAD_IMAGES.count
     result["model"] = (getattr(m, "evit_source", {}) or {}).get("model", model)
     files = [write_json(output / "sweep.json", result), write_text(output / "sweep.md", sweep_markdown(result)),
              plot_sweep(result, output / "sweep.png", f"{result['model']}: EViT keep-rate sweep")]
@@ -312,29 +410,34 @@ def sweep(
 @app.command(epilog="Example: evit search deit_small_patch16_224 --no-pretrained --target-gmacs 3.0 --search-layers")
 def search(
     model: str = typer.Argument(..., help="A model `evit convert` takes, or an exported folder."),
-    target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", help="Counted GMACs per image to stay within."),
-    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Measured speedup over dense to reach."),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
+    target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", callback=POSITIVE, help="Counted GMACs per image to stay within."),
+    target_speedup: Optional[float] = typer.Option(None, "--target-speedup", callback=POSITIVE, help="Measured speedup over dense to reach."),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
-    batch: int = typer.Option(64, "--batch", "-b", help="Batch for timing."),
-    reps: int = typer.Option(3, "--reps"),
-    device: str = typer.Option("cpu", "--device"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
+    batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch for timing."),
+    reps: int = typer.Option(3, "--reps", callback=POSITIVE_INT, help="Timed passes per model and candidate."),
+    device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """The largest keep rate (and layer set) that meets a GMACs or speedup target, and the convert command for it."""
     from . import adapters
     from .bench import resolve_device
     from .explore import candidate_layer_sets, search as run
+    from .progress import Progress
     from .report import kv_table
 
-    if batch < 1:
-        raise EvitError(f"--batch must be at least 1, got {batch}")
+    if (target_gmacs is None) == (target_speedup is None):
+        raise EvitError("give one target: --target-gmacs or --target-speedup")
+    if search_layers and layers:
+        raise EvitError("--search-layers chooses the layers: drop --layers, or drop --search-layers")
     resolve_device(device)
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
     sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
-    result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch, reps=reps, device=device)
+    with Progress() as p:
+        result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch,
+                     reps=reps, device=device, progress=p)
     src = getattr(m, "evit_source", {}) or {}
     parts = ["evit convert", shlex.quote(model), f"--keep-rate {result['keep_rate']:g}", "--layers " + ",".join(map(str, result["layers"]))]
     if not pretrained:
@@ -345,9 +448,9 @@ def search(
         parts.append("--no-fuse")
     result["model"] = src.get("model", model)
     result["command"] = " ".join(parts)
-    _emit(result, as_json, kv_table("evit search", result))
+    _emit(result, as_json, kv_table("evit search", {k: v for k, v in result.items() if k != "command"}))
     if not as_json:
-        out.print(f"\nReproduce with:\n  {result['command']}", highlight=False, soft_wrap=True)
+        out.print(f"\nReproduce with:\n  {result['command']}", soft_wrap=True)
 
 
 @app.command(epilog="Example: evit visualize deit_t_evit photo1.jpg photo2.jpg -o tokens.png")
@@ -355,10 +458,10 @@ def visualize(
     model: str = typer.Argument(..., help="Exported folder, or a model `evit convert` takes (converted with -k/-l)."),
     images: list[Path] = typer.Argument(..., help="Image files (any size: resized with the model's transform)."),
     output: Path = typer.Option(Path("evit_tokens.png"), "--output", "-o", help="PNG to write."),
-    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", help=KEEP_HELP),
-    layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
+    keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
+    layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Which patches each EViT layer kept and which it fused: one panel per layer, fused patches blanked.
@@ -366,8 +469,10 @@ def visualize(
     A panel blanks every patch that no longer has a token of its own after that layer.
     """
     from .explore import visualize as run
+    from .fsutil import check_output_file
     from .report import kv_table
 
+    check_output_file(output)
     m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
     result = run(m, [str(p) for p in images], output)
     _emit(result, as_json, kv_table(f"wrote {output}", {k: v for k, v in result.items() if k != "images"}))
@@ -378,23 +483,23 @@ def export_cmd(
     folder: Path = typer.Argument(..., help="A folder written by `evit convert` or `evit finetune`."),
     fmt: str = typer.Option("onnx", "--format", "-f", help="onnx or torchscript (safetensors is what convert writes)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="File to write. [default: FOLDER/model.onnx or FOLDER/model.torchscript.pt]"),
-    check_batches: str = typer.Option("1,8", "--check-batches", help="Batch sizes the written file is run at and compared with PyTorch."),
+    check_batches: str = typer.Option("1,8", "--check-batches", callback=BATCHES, help="Batch sizes the written file is run at and compared with PyTorch."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """Export the EViT model to ONNX or TorchScript: fixed token counts, dynamic batch, checked after export."""
     from . import artifact
     from .export import FORMATS, export
+    from .fsutil import check_output_file
     from .report import kv_table
 
     if fmt not in FORMATS:
         raise EvitError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")
-    try:
-        batches = tuple(int(b) for b in check_batches.split(","))
-    except ValueError:
-        raise EvitError(f"--check-batches must be comma-separated integers, got {check_batches!r}") from None
+    batches = validate.int_list("--check-batches", check_batches)
+    artifact.read_meta(folder)
+    target = check_output_file(output or folder / FORMATS[fmt], overwrite)
     model = artifact.load(folder)
-    result = export(model, fmt, output or folder / FORMATS[fmt], check_batches=batches, overwrite=overwrite)
+    result = export(model, fmt, target, check_batches=batches, overwrite=overwrite)
     _emit(result, as_json, kv_table(f"exported {fmt}", result))
 
 
@@ -405,38 +510,94 @@ def info(
 ):
     """What an exported folder holds: source, layers, keep rates, token counts, GMACs, metrics if trained."""
     from . import artifact
+    from .fsutil import read_json
     from .report import kv_table
 
     meta = artifact.read_meta(folder)
     e = meta.get("evit") or {}
+    src = meta["source"]
     result = {
-        "folder": str(folder), "family": meta["family"], "source": meta["source"].get("model"),
-        "weights": meta["source"].get("checkpoint") or ("pretrained" if meta["source"].get("pretrained") else "random"),
+        "folder": str(folder), "family": meta["family"], "source": src.get("model"),
+        "weights": src.get("checkpoint") or ("pretrained" if src.get("pretrained") else "random"),
         "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
         "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
-        "tokens": [meta["num_tokens"]] + meta.get("token_counts", []),
+        "tokens": [meta["num_tokens"]] + list(meta.get("token_counts") or []),
         "gmacs_dense": meta.get("gmacs_dense"), "gmacs": meta.get("gmacs"), "tool_version": meta["tool_version"],
     }
-    for name in ("metrics.json", "bench.json"):
-        path = Path(folder) / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            if name == "metrics.json":
-                result["metrics"] = {k: data[k] for k in ("top1", "top5", "val_loss", "epoch") if k in data}
-            else:
-                result["bench"] = {"speedup": data["speedup"], "batch": data["batch"], "device": data["device_name"]}
+    metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
+    if metrics.is_file():
+        data = read_json(metrics, "metrics (evit finetune)")
+        result["metrics"] = {k: data[k] for k in ("top1", "top5", "val_loss", "epoch") if k in data}
+    if bench.is_file():
+        data = read_json(bench, "benchmark (evit bench)")
+        result["bench"] = {k: data[k] for k in ("speedup", "batch", "device_name") if k in data}
     _emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))
 
 
-def main() -> None:
+def _say(text: str) -> None:
+    """One line on stderr, whatever the message holds."""
+    sys.stderr.write(" ".join(line.strip() for line in str(text).splitlines() if line.strip()) + "\n")
+    sys.stderr.flush()
+
+
+def _usage_line(e: clickx.UsageError) -> str:
+    where = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+    return f"error: {e.format_message()}{where}"
+
+
+def _on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwinds like Ctrl-C: every `finally` removes its temp files
+
+
+def _run(args: list[str], debug: bool) -> int:
+    """Run the app on ``args``; every way it can end becomes an exit code and at most one stderr line."""
     try:
-        app()
-    except EvitError as e:
-        err.print(f"[bold red]error:[/bold red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
+        rv = app(args=args, prog_name="evit", standalone_mode=False)
+    except clickx.NoArgsIsHelpError as e:
+        out.print(e.format_message(), soft_wrap=True)
+        return 0
+    except clickx.UsageError as e:
+        if debug:
+            raise
+        _say(_usage_line(e))
+        return 2
+    except clickx.ClickException as e:
+        _say(f"error: {e.format_message()}")
+        return e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        _say("interrupted")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the error boundary: nothing reaches the user as a traceback
+        if debug:
+            raise
+        message = user_message(e)
+        if message is not None:
+            _say(f"error: {message}")
+            return 2
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        _say(f"error: unexpected {type(e).__name__}{': ' + first if first else ''}. This is a bug in evit: run "
+             "again with --debug (or EVIT_DEBUG=1) for the traceback, and please report it")
+        return 1
+    if rv == 130:  # typer turns Ctrl-C into exit code 130
+        _say("interrupted")
+    return rv if isinstance(rv, int) else 0
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The `evit` command: one error boundary around the whole app."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("EVIT_DEBUG", "") not in ("", "0")
+    args = [a for a in args if a != "--debug"]
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        code = _run(args, debug)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

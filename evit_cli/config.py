@@ -30,33 +30,55 @@ class EViTConfig:
         return tuple(layer - 1 for layer in self.layers)
 
 
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in str(text).split(",") if p.strip()]
+def _split(text: str, option: str, example: str) -> list[str]:
+    """Comma-separated entries, spaces allowed around them; an empty entry (``0.7,,0.5``) is refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise EvitError(f"{option} is empty: give at least one value, e.g. {option} {example}")
+    if not all(parts):
+        raise EvitError(f"{option} {text!r} has an empty entry: separate the values by single commas, e.g. {example}")
+    return parts
 
 
-def parse_layers(value) -> tuple[int, ...]:
+def parse_layers(value, option: str = "--layers") -> tuple[int, ...]:
     if isinstance(value, str):
-        parts = _split(value)
+        parts = _split(value, option, "4,7,10")
         try:
             layers = tuple(int(p) for p in parts)
         except ValueError:
-            raise EvitError(f"--layers must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
+            raise EvitError(f"{option} must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
     else:
-        layers = tuple(int(v) for v in value)
+        values = (value,) if isinstance(value, int) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise EvitError(f"--layers must be block numbers such as 4,7,10, got {value!r}")
+        layers = tuple(int(v) for v in values)
     if not layers:
         raise EvitError("--layers is empty: give at least one block number, e.g. --layers 4,7,10")
     return layers
 
 
-def parse_keep_rates(value) -> tuple[float, ...]:
+def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
+    if isinstance(value, bool):
+        raise EvitError(f"--keep-rate must be a number in (0, 1], got {value!r}")
     if isinstance(value, (int, float)):
-        return (float(value),)
-    if isinstance(value, str):
+        rates = (float(value),)
+    elif isinstance(value, str):
+        parts = _split(value, option, "0.9,0.8,0.7")
         try:
-            return tuple(float(p) for p in _split(value))
+            rates = tuple(float(p) for p in parts)
         except ValueError:
-            raise EvitError(f"--keep-rate must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, got {value!r}") from None
-    return tuple(float(v) for v in value)
+            raise EvitError(f"{option} must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, got {value!r}") from None
+    else:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise EvitError(f"--keep-rate must be numbers in (0, 1] such as 0.9,0.8,0.7, got {value!r}")
+        rates = tuple(float(v) for v in values)
+    if not rates:
+        raise EvitError("--keep-rate is empty: give at least one value, e.g. --keep-rate 0.7")
+    for r in rates:
+        if not 0.0 < r <= 1.0:  # nan fails this too
+            raise EvitError(f"keep rate {r} is outside (0, 1]: 0.7 keeps 70% of the tokens")
+    return rates
 
 
 def make_config(layers, keep_rate, depth: int, fuse: bool = True) -> EViTConfig:

@@ -178,12 +178,103 @@ def transforms(data_config: dict, *, train: bool, randaugment: str | None = None
     return create_transform(**kw, is_training=False)
 
 
+def sample_size(ds, limit: int | None = None) -> int | None:
+    """How many images reading ``ds`` (at most ``limit`` of them) gives; None for a stream."""
+    n = len(ds) if hasattr(ds, "__len__") else None
+    if n is None:
+        return limit
+    return min(n, limit) if limit else n
+
+
+class BadImages:
+    """What to do with an image of a data set that cannot be decoded: stop with its name (default),
+    or skip it and count it (``--skip-bad-images``). The count is shared with DataLoader workers."""
+
+    def __init__(self):
+        import multiprocessing
+
+        self.skip = False
+        self._count = multiprocessing.Value("i", 0)
+
+    def reset(self, skip: bool) -> None:
+        self.skip = skip
+        with self._count.get_lock():
+            self._count.value = 0
+
+    def add(self) -> None:
+        with self._count.get_lock():
+            self._count.value += 1
+
+    @property
+    def count(self) -> int:
+        return self._count.value
+
+
+BAD_IMAGES = BadImages()
+
+
+def _image_source(value):
+    """(name for messages, what PIL opens) for a path, bytes, a datasets image dict or a PIL image."""
+    import io
+
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+        return (path or "<an image stored in the data set>"), (io.BytesIO(data) if data is not None else path)
+    if isinstance(value, (bytes, bytearray)):
+        return "<an image stored in the data set>", io.BytesIO(value)
+    if isinstance(value, (str, Path)):
+        return str(value), str(value)
+    return getattr(value, "filename", "") or "<an image>", None
+
+
+def open_image(value, skip: bool = False, hint: str = "remove it, or pass --skip-bad-images to skip such images"):
+    """An RGB PIL image; an undecodable one (or one above PIL's decompression-bomb limit) is an
+    EvitError naming it, or, with ``skip``, counted in ``BAD_IMAGES`` and returned as None."""
+    import warnings
+
+    from PIL import Image
+
+    name, source = _image_source(value)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            if source is None:  # already a PIL image
+                value.load()
+                return value.convert("RGB")
+            with Image.open(source) as img:
+                img.load()
+                return img.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        problem = "is larger than PIL's safety limit (a decompression bomb?)"
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
+        problem = f"cannot be decoded ({e.__class__.__name__})"
+    if skip:
+        BAD_IMAGES.add()
+        return None
+    raise EvitError(f"cannot read image {name}: it {problem}; {hint}")
+
+
+def _undecoded(ds, image_column: str):
+    """``ds`` with its image column left as files/bytes, so that decoding happens in ``open_image``."""
+    import datasets
+
+    features = getattr(ds, "features", None) or {}
+    feature = features.get(image_column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
 def with_transform(ds, image_column: str, label_column: str, tf):
-    """Apply ``tf`` lazily; map-style data stays memory-mapped."""
+    """Apply ``tf`` lazily; map-style data stays memory-mapped. Images that cannot be decoded stop
+    the run with their name, or are skipped (``BAD_IMAGES.skip``; ``collate`` leaves them out)."""
+    skip = BAD_IMAGES.skip
+    ds = _undecoded(ds, image_column)
 
     def apply(batch):
+        images = [open_image(value, skip) for value in batch[image_column]]
         return {
-            "pixel_values": [tf(img.convert("RGB")) for img in batch[image_column]],
+            "pixel_values": [None if img is None else tf(img) for img in images],
             "label": batch[label_column],
         }
 
@@ -193,7 +284,17 @@ def with_transform(ds, image_column: str, label_column: str, tf):
 
 
 def collate(batch):
+    batch = [b for b in batch if b["pixel_values"] is not None]  # skipped images
+    if not batch:
+        return torch.empty(0), torch.empty(0, dtype=torch.long)
     return torch.stack([b["pixel_values"] for b in batch]), torch.tensor([b["label"] for b in batch])
+
+
+class _Loader(DataLoader):
+    """A DataLoader that leaves out batches whose every image was skipped."""
+
+    def __iter__(self):
+        return (b for b in super().__iter__() if b[1].numel())
 
 
 class ResumableSampler(Sampler[int]):
@@ -223,10 +324,12 @@ class ResumableSampler(Sampler[int]):
 
 
 def make_loader(ds, *, batch_size: int, workers: int, sampler=None, drop_last: bool = False, seed: int = 0):
-    if batch_size < 1:
-        raise EvitError(f"--batch-size must be at least 1, got {batch_size}")
+    from .validate import non_negative_int, positive_int
+
+    positive_int("--batch-size", batch_size)
+    non_negative_int("--workers", workers)
     iterable = isinstance(ds, IterableDataset) or not hasattr(ds, "__len__")
-    return DataLoader(
+    return _Loader(
         ds, batch_size=batch_size, sampler=None if iterable else sampler, num_workers=workers,
         collate_fn=collate, drop_last=drop_last, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),

@@ -128,16 +128,30 @@ def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
 
 
 def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 64, reps: int = 5, warmup: int = 1,
-          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False) -> dict:
-    """GMACs, images/s and speedup (all timed side by side, interleaved), and accuracy when a data set is given."""
+          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False, progress=None) -> dict:
+    """GMACs, images/s and speedup (all timed side by side, interleaved), and accuracy when a data set is given.
+
+    ``progress``: an :class:`evit_cli.progress.Progress` to show the timing and evaluation on."""
+    from .progress import Progress
+
+    if not keep_rates:
+        raise EvitError("no keep rates to sweep: give --keep-rates, e.g. 0.5,0.7,0.9")
     for r in keep_rates:
         if not 0 < r <= 1:
             raise EvitError(f"keep rate {r} is outside (0, 1]")
+    progress = progress or Progress(enabled=False)
     models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
     img = adapters.get_adapter(model).img_size(model)
     x = torch.randn(batch, 3, img, img, device=device)
-    med = median_times(models, x, warmup=warmup, reps=reps, amp=amp)
-    acc = accuracy(models, data, batch_size=batch, workers=workers, limit=limit, device=device) if data else {}
+    with progress.task(f"sweep: timing {len(models)} models", len(models) * (warmup + reps), unit="passes") as advance:
+        med = median_times(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
+    acc = {}
+    if data:
+        from .data import sample_size
+
+        with progress.task(f"sweep: accuracy of {len(models)} models", sample_size(data.val, limit),
+                           unit="images") as advance:
+            acc = accuracy(models, data, batch_size=batch, workers=workers, limit=limit, device=device, progress=advance)
     rows = []
     for name, m in models.items():
         row = {
@@ -205,15 +219,24 @@ def candidate_layer_sets(depth: int) -> list[tuple[int, ...]]:
 
 
 def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedup: float | None = None,
-           layer_sets: list[tuple[int, ...]] | None = None, batch: int = 64, reps: int = 3, device: str = "cpu") -> dict:
-    """The largest keep rate (and layer set) that meets a GMACs or a measured-speedup target."""
+           layer_sets: list[tuple[int, ...]] | None = None, batch: int = 64, reps: int = 3, device: str = "cpu",
+           progress=None) -> dict:
+    """The largest keep rate (and layer set) that meets a GMACs or a measured-speedup target.
+
+    ``progress``: an :class:`evit_cli.progress.Progress` to show the candidates tried on."""
+    from .progress import Progress
+    from .validate import optional, positive
+
     if (target_gmacs is None) == (target_speedup is None):
         raise EvitError("give one target: --target-gmacs or --target-speedup")
+    optional(positive)("--target-gmacs", target_gmacs)
+    optional(positive)("--target-speedup", target_speedup)
     cfg = get_config(model)
+    searched = bool(layer_sets)
     layer_sets = layer_sets or [cfg.layers]
     adapter = adapters.get_adapter(model)
     best = None
-    for layers in layer_sets:
+    for layers in (progress or Progress(enabled=False)).track(layer_sets, "search", unit="layer sets"):
         m = copy.deepcopy(model)
         convert(m, keep_rate=1.0, layers=layers, fuse=cfg.fuse)
         if target_gmacs is not None:
@@ -228,8 +251,12 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
         if best is None or rate > best[0]:
             best = (rate, layers)
     if best is None:
-        target = f"{target_gmacs} GMACs" if target_gmacs is not None else f"a {target_speedup}x speedup"
-        raise EvitError(f"no keep rate reaches {target} at these layers: lower the target or pass --search-layers")
+        where = "at any of the layer sets tried" if searched else "at these layers"
+        if target_gmacs is not None:
+            advice = "raise the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+            raise EvitError(f"no keep rate reaches {target_gmacs:g} GMACs {where}: {advice}")
+        advice = "lower the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+        raise EvitError(f"no keep rate reaches a {target_speedup:g}x speedup {where}: {advice}")
     rate, layers = best
     convert(model, keep_rate=rate, layers=layers, fuse=cfg.fuse)
     img = adapter.img_size(model)
@@ -302,9 +329,9 @@ def patch_fates(model: nn.Module, x: torch.Tensor) -> list[list[set[int]]]:
 def visualize(model: nn.Module, images: list[str | os.PathLike], out: str | os.PathLike, scale: int | None = None) -> dict:
     """One row per image: the image as the model sees it, then one panel per EViT layer with the
     patches that no longer have a token of their own (fused or dropped) blanked out."""
-    from PIL import Image, ImageDraw, UnidentifiedImageError
+    from PIL import Image, ImageDraw
 
-    from .data import transforms
+    from .data import open_image, transforms
     from .fsutil import write_bytes
 
     if get_config(model) is None:
@@ -314,10 +341,7 @@ def visualize(model: nn.Module, images: list[str | os.PathLike], out: str | os.P
     tf = transforms(dc, train=False)
     pics, tensors = [], []
     for path in images:
-        try:
-            pic = Image.open(path).convert("RGB")
-        except (OSError, UnidentifiedImageError) as e:
-            raise EvitError(f"cannot read image {path} ({e.__class__.__name__}): give a JPEG/PNG file") from None
+        pic = open_image(str(path), hint="give a JPEG or PNG file")
         t = tf(pic)
         tensors.append(t)
         mean, std = torch.tensor(dc["mean"])[:, None, None], torch.tensor(dc["std"])[:, None, None]

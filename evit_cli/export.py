@@ -16,6 +16,7 @@ from torch import nn
 
 from . import adapters
 from .errors import EvitError
+from .fsutil import apply_umask
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
 TOLERANCE = 1e-3
@@ -99,6 +100,7 @@ def export(model: nn.Module, fmt: str, output: str | os.PathLike, *, check_batch
         worst = max(diffs.values())
         if not worst <= TOLERANCE:
             raise EvitError(f"the {fmt} file differs from PyTorch by {worst:.2e} (> {TOLERANCE}): not written; please report it")
+        apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, output)
     except OSError as e:
         raise EvitError(f"could not write {output}: {e.strerror or e}; free some space or choose another -o") from None

@@ -76,7 +76,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise EvitError(f"checkpoint {path} does not exist: give the path of a .safetensors, .pth, .pt or .bin file")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -92,7 +92,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                 f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
                 f"({_first_line(e)}); convert it to .safetensors from a trusted environment"
             ) from None
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - a file that is not a checkpoint fails torch.load in many ways
             raise EvitError(f"{path} is not a readable PyTorch checkpoint ({_first_line(e)}): is it truncated?") from None
     for key in _WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
@@ -105,9 +105,22 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file whatever its name: an 8-byte header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= min(path.stat().st_size - 8, 100_000_000)
+
+
 def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
     """Strict load that reports missing and unexpected keys in one line."""
     own = model.state_dict()
+    wrong_type = [k for k in own if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if wrong_type:
+        raise EvitError(f"{what} holds integer tensors where weights should be float ({_few(wrong_type)}): "
+                        "is it a quantized or corrupted file? give float weights")
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
@@ -346,6 +359,10 @@ def load_model(
     path = Path(spec)
     if path.is_dir():
         if (path / artifact.META_FILE).is_file():
+            if checkpoint is not None or kwargs:
+                given = ", ".join(["--checkpoint"] * (checkpoint is not None) + [f"--{k.replace('_', '-')}" for k in kwargs])
+                raise EvitError(f"{path} is an exported folder, which holds its own weights and classes: drop {given}, "
+                                "or give the original model name")
             return artifact.load(path)
         if (path / "config.json").is_file():
             return load_folder(path, pretrained=pretrained, checkpoint=checkpoint, **kwargs)

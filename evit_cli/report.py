@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from .fsutil import write_json, write_text
 
@@ -69,14 +71,38 @@ def bench_caption(r: dict) -> str:
     )
 
 
-def rows_table(title: str, caption: str, rows: list[list[str]]) -> Table:
-    """A rich table from rows (header first): first column left, numbers right."""
-    table = Table(title=title, caption=caption)
+def _plain_table(title: str, caption: str, rows: list[list[str]]) -> Table:
+    table = Table(title=Text(title), caption=Text(caption), box=box.ROUNDED)
     for i, h in enumerate(rows[0]):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(Text(h), justify="left" if i == 0 else "right", overflow="fold")
     for row in rows[1:]:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))
     return table
+
+
+class FittedTable:
+    """Rows (header first) as a table that fits the terminal: one row per model when that fits,
+    else one row per measurement (a column per model), else the first layout with cells folded.
+    Cells are plain text (no markup) and are never cut with an ellipsis."""
+
+    def __init__(self, title: str, caption: str, rows: list[list[str]]):
+        self.wide = _plain_table(title, caption, rows)
+        self.tall = _plain_table(title, caption, [list(col) for col in zip(*rows)])
+
+    def __rich_console__(self, console, options):
+        from rich.measure import Measurement
+
+        unbounded = options.update(max_width=10_000)  # a measurement is clamped to the width it is given
+        for table in (self.wide, self.tall):
+            if Measurement.get(console, unbounded, table).maximum <= options.max_width:
+                yield table
+                return
+        yield self.wide
+
+
+def rows_table(title: str, caption: str, rows: list[list[str]]) -> FittedTable:
+    """A rich renderable from rows (header first): first column left, numbers right."""
+    return FittedTable(title, caption, rows)
 
 
 def bench_table(r: dict) -> Table:
@@ -100,20 +126,36 @@ def write_bench(r: dict, folder: str | os.PathLike) -> list[Path]:
 
 
 def kv_table(title: str, items: dict) -> Table:
-    """A two-column table of named values."""
-    table = Table(title=title, show_header=False)
-    table.add_column("", style="bold")
-    table.add_column("")
+    """A two-column table of named values; a nested dict becomes indented rows. Plain text, folded."""
+    table = Table(title=Text(title), show_header=False, box=box.ROUNDED)
+    table.add_column("", style="bold", overflow="fold")
+    table.add_column("", overflow="fold")
     for k, v in items.items():
-        table.add_row(str(k), v if isinstance(v, str) else _fmt(v))
+        if isinstance(v, dict):
+            table.add_row(Text(str(k)), Text(""))
+            for sub, value in v.items():
+                table.add_row(Text(f"  {sub}"), Text(fmt_value(value)))
+        else:
+            table.add_row(Text(str(k)), Text(fmt_value(v)))
     return table
 
 
-def _fmt(v) -> str:
+def fmt_number(v: float) -> str:
+    """Rounded for reading: 4.601, 0.7, 72.74, 0.0001, 1.2e+07."""
+    if v == 0 or 0.01 <= abs(v) < 1e6:
+        return f"{v:.3f}".rstrip("0").rstrip(".")
+    return f"{v:.3g}"
+
+
+def fmt_value(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if isinstance(v, bool) else "-"
     if isinstance(v, float):
-        return f"{v:.3f}"
+        return fmt_number(v)
     if isinstance(v, (list, tuple)):
-        return ", ".join(_fmt(x) if isinstance(x, float) else str(x) for x in v)
+        return ", ".join(fmt_value(x) for x in v)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {fmt_value(x)}" for k, x in v.items())
     return str(v)
 
 
@@ -127,7 +169,8 @@ def eval_rows(r: dict) -> list[list[str]]:
 
 def eval_table(r: dict) -> Table:
     e = r["evit"]
-    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images), EViT layers {','.join(map(str, e['layers']))} "
+    skipped = f", {r['skipped_images']} unreadable skipped" if r.get("skipped_images") else ""
+    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{skipped}), EViT layers {','.join(map(str, e['layers']))} "
                f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, no training; speedup {r['speedup']:.2f}x; {r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
 
@@ -146,6 +189,8 @@ def sweep_rows(r: dict) -> list[list[str]]:
 
 def sweep_table(r: dict) -> Table:
     caption = f"{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}"
+    if r.get("skipped_images"):
+        caption += f"; {r['skipped_images']} unreadable images skipped"
     return rows_table("evit sweep", caption, sweep_rows(r))
 
 

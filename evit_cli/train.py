@@ -29,7 +29,7 @@ from torch import nn
 from . import adapters
 from .core import convert_keeping, dense_copy, get_config
 from .errors import EvitError
-from .fsutil import write_json
+from .fsutil import atomic_file, write_json, write_text
 from .schedule import keep_rate_at
 
 CHECKPOINT = "checkpoint.pt"
@@ -214,13 +214,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def _save_checkpoint(out: Path, state: dict) -> None:
-    tmp = out / f".{CHECKPOINT}.tmp"
-    try:
+    with atomic_file(out / CHECKPOINT) as tmp:  # removed on any failure, a kill included
         torch.save(state, tmp)
-        os.replace(tmp, out / CHECKPOINT)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise EvitError(f"could not write the checkpoint in {out}: {e.strerror or e}") from None
     write_json(out / PROGRESS, {"epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"]})
 
 
@@ -233,7 +228,7 @@ def _truncate_log(path: Path, last_step: int, key: str) -> None:
     """Drop log lines written after the checkpoint we resume from."""
     if path.is_file():
         rows = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last_step]
-        path.write_text("".join(r + "\n" for r in rows))
+        write_text(path, "".join(r + "\n" for r in rows))
 
 
 def _resolve_device(name: str | None, d: Dist) -> torch.device:
@@ -402,7 +397,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
             if sampler is None and first:  # a stream cannot seek: read past the batches already done
                 loader = itertools.islice(loader, first * cfg.accum_steps, None)
             task = progress.add_task(f"epoch {epoch + 1}/{num_epochs}", total=steps_this_epoch, completed=first,
-                                     loss=float("nan"), lr=0.0, keep="", ips=0.0)
+                                     unit="steps")
             net.train()
             in_epoch, micro, t0, seen, loss_sum = first, 0, time.perf_counter(), 0, 0.0
             for images, target in loader:
@@ -517,10 +512,7 @@ def _export(model, out: Path, final: dict, cfg: TrainConfig, device, console) ->
 
 
 def _progress(enabled: bool, console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Steps of each epoch with loss, lr, keep rate and images/s: a bar on a terminal, timestamped lines otherwise."""
+    from .progress import Progress
 
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f} lr {task.fields[lr]:.2e} keep {task.fields[keep]} {task.fields[ips]:.1f} img/s"),
-        TimeRemainingColumn(), console=console, disable=not enabled, transient=True,
-    )
+    return Progress(enabled=enabled, stream=getattr(console, "file", None))
