@@ -200,33 +200,57 @@ def create_timm(
 TRANSFORMERS_CLASSES = (
     "ViTForImageClassification", "ViTModel",
     "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
+    "ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel",
+    "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+    "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
+    "BeitModel", "BeitForImageClassification",
 )
-_DEFAULT_CLASS = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification"}
+# model_type -> the class built when config.json names no supported architecture
+_DEFAULT_CLASS = {
+    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
+    "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
+}
 
 
 def _transformers_class(config: dict, where: str):
     import transformers
 
+    from .adapters.transformers.families import MASKED_IMAGE_MODELING, NO_CLASS_TOKEN, reason, supported
+
     arch = (config.get("architectures") or [None])[0]
+    if arch in MASKED_IMAGE_MODELING or any(str(arch).startswith(p) for p in NO_CLASS_TOKEN):
+        raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))
     if arch is None:
-        raise EvitError(
-            f"{where} is a transformers {config.get('model_type')!r} model: evit supports ViT and DeiT "
-            f"({', '.join(TRANSFORMERS_CLASSES)})"
-        )
+        what = (config.get("architectures") or [config.get("model_type")])[0]
+        raise EvitError(f"{where} is a transformers {what!r} model, which evit does not support yet ({supported()})")
     return getattr(transformers, arch)
 
 
+def _vision_config(cls, cfg):
+    """CLIP's vision-only classes are built from the vision part of a full CLIP config."""
+    if cls.__name__.startswith("CLIPVision") and hasattr(cfg, "vision_config"):
+        return cfg.vision_config
+    return cfg
+
+
 def create_transformers(
-    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False, **kwargs
+    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False,
+    attn_implementation: str | None = None, **kwargs
 ) -> nn.Module:
-    """A transformers ViT/DeiT from a local folder or a hub id whose files lie in ``folder``."""
+    """A transformers ViT from a local folder or a hub id whose files lie in ``folder``.
+
+    ``attn_implementation`` (``eager`` or ``sdpa``) chooses transformers' attention; default: its own choice.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     config = json.loads((folder / "config.json").read_text())
+    if attn_implementation is None and (folder / "evit.json").is_file():  # an exported folder keeps its choice
+        attn_implementation = json.loads((folder / "evit.json").read_text()).get("source", {}).get("attn_implementation")
     cls = _transformers_class(config, spec)
     config_kwargs = {}
     if "num_classes" in kwargs:
@@ -236,13 +260,15 @@ def create_transformers(
         raise EvitError(f"{', '.join(kwargs)} cannot be set for a transformers model")
     try:
         if pretrained and checkpoint is None:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
-                                        **config_kwargs)
+                                        **config_kwargs, **extra)
         else:
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
-            model = cls(cfg)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = cls._from_config(_vision_config(cls, cfg), **extra)
     except (OSError, ValueError) as e:
         raise EvitError(f"cannot load {spec} with transformers ({_first_line(e)}): is the folder complete?") from None
     if checkpoint is not None:
@@ -251,6 +277,7 @@ def create_transformers(
         "family": "transformers",
         "model": str(spec),
         "class": cls.__name__,
+        "attn_implementation": model.config._attn_implementation,
         "pretrained": bool(pretrained and checkpoint is None),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
