@@ -221,8 +221,17 @@ def logits(model: nn.Module, output) -> torch.Tensor:
     return output.logits
 
 
+def run(model: nn.Module, pixel_values: torch.Tensor):
+    """The model on images: a full CLIP model through its image tower (``get_image_features``)."""
+    if hasattr(model, "get_image_features") and hasattr(model, "text_model"):
+        return model.get_image_features(pixel_values=pixel_values)
+    return model(pixel_values)
+
+
 def features(model: nn.Module, output) -> torch.Tensor:
     """The embedding a headless model gives: CLIP's projected image embedding, else the pooled or class token."""
+    if isinstance(output, torch.Tensor):  # a headless TimmWrapper's timm model gives its pooled features
+        return output
     for attr in ("image_embeds", "pooler_output"):
         value = getattr(output, attr, None)
         if value is not None:

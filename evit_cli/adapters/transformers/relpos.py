@@ -10,7 +10,7 @@ query and as key, in every later layer -- the same "no position term" the
 fused token gets in the timm RoPE families. A fused token that a later EViT
 layer keeps stays position-less.
 
-The positions travel between layers in a small dict shared by the model's
+The positions travel between layers in a small object shared by the model's
 layers (``evit_positions``): the first layer resets it, EViT layers update it.
 """
 
@@ -21,8 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class Positions:
+    """Original positions (B, N) of the current tokens; ``None`` while no token was removed."""
+
+    def __init__(self):
+        self.pos: Tensor | None = None
+        self.n0 = 0
+
+
 def install(layers: nn.ModuleList, shared_bias: nn.Module | None) -> None:
-    state: dict = {"pos": None}
+    state = Positions()
     for i, layer in enumerate(layers):
         # __dict__: a plain reference, not a registered submodule (state-dict keys stay those of transformers)
         layer.__dict__["evit_positions"] = state
@@ -35,11 +43,13 @@ def uninstall(layer: nn.Module) -> None:
         layer.__dict__.pop(attr, None)
 
 
-def _full_bias(layer: nn.Module, n0: int, resolution, interpolate: bool) -> Tensor | None:
-    """The layer's (1, H, N0, N0) bias for the full sequence, as the original layer and model compute it."""
+def _window(layer: nn.Module, resolution) -> tuple[int, int]:
     height, width = resolution
-    patch = layer.patch_size
-    window = (height // patch, width // patch)
+    return int(height) // layer.patch_size, int(width) // layer.patch_size
+
+
+def _full_bias(layer: nn.Module, window, n0: int, interpolate: bool) -> Tensor | None:
+    """The layer's (1, H, N0, N0) bias for the full sequence, as the original layer and model compute it."""
     parts = [m(window, interpolate, dim_size=n0) for m in (layer.evit_shared_bias, layer.relative_position_bias) if m is not None]
     if not parts:
         return None
@@ -48,16 +58,17 @@ def _full_bias(layer: nn.Module, n0: int, resolution, interpolate: bool) -> Tens
 
 def bias_for(layer: nn.Module, x: Tensor, kwargs: dict) -> Tensor | None:
     """This layer's bias for the tokens of ``x`` (B, H, N, N); pops the BEiT layer keywords from ``kwargs``."""
-    resolution = kwargs.pop("resolution")
+    window = _window(layer, kwargs.pop("resolution"))
     interpolate = bool(kwargs.pop("interpolate_pos_encoding", False))
+    n0 = window[0] * window[1] + 1  # class token + patches
     state = layer.evit_positions
     if layer.evit_layer_index == 0:
-        state["pos"], state["n0"] = None, int(x.shape[1])
-    bias = _full_bias(layer, state["n0"], resolution, interpolate)
-    pos = state["pos"]
+        state.pos = None
+    state.n0 = n0
+    bias = _full_bias(layer, window, n0, interpolate)
+    pos = state.pos
     if bias is None or pos is None:
         return bias
-    n0 = state["n0"]
     b, n = pos.shape
     padded = F.pad(bias, (0, 1, 0, 1)).expand(b, -1, -1, -1)  # index n0: the position-less fused token
     heads = padded.shape[1]
@@ -70,10 +81,10 @@ def follow(layer: nn.Module, kept: Tensor | None, num_prefix: int, fused: bool, 
     if kept is None:
         return
     state = layer.evit_positions
-    pos = state["pos"]
+    pos = state.pos
     if pos is None:
-        pos = torch.arange(state["n0"], device=device).expand(batch, -1)
+        pos = torch.arange(state.n0, device=device).expand(batch, -1)
     parts = [pos[:, :num_prefix], pos[:, num_prefix:].gather(1, kept)]
     if fused:
-        parts.append(torch.full((batch, 1), state["n0"], dtype=pos.dtype, device=device))
-    state["pos"] = torch.cat(parts, dim=1)
+        parts.append(torch.full((batch, 1), state.n0, dtype=pos.dtype, device=device))
+    state.pos = torch.cat(parts, dim=1)
