@@ -68,6 +68,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="transformers models: eager or sdpa attention (default: the model's own)."),
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
     from . import adapters, artifact, core, fsutil, loading
@@ -79,7 +80,7 @@ def convert(
     output = output or Path(f"{Path(model).name}_evit")
     fsutil.check_output_dir(output, overwrite)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, attn_implementation=attn_implementation, **kwargs)
     if img_size is not None:
         if img_size < 1:
             raise EvitError(f"--img-size must be positive, got {img_size}")

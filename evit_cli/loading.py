@@ -352,7 +352,34 @@ def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs
                                offline=offline, **kwargs)
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
 def load_model(
+    spec: str | os.PathLike,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Any model the tool takes (see :func:`_load_model`); ``attn_implementation`` (``eager`` or ``sdpa``)
+    sets a transformers model's attention and is refused for timm models."""
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise EvitError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}")
+    model = _load_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    if attn_implementation is not None:
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise EvitError("--attn-implementation chooses a transformers model's attention: timm models pick "
+                            "theirs themselves (fused SDPA where available); drop the option")
+        model.set_attn_implementation(attn_implementation)
+        model.evit_source["attn_implementation"] = attn_implementation
+    return model
+
+
+def _load_model(
     spec: str | os.PathLike,
     *,
     pretrained: bool = True,
