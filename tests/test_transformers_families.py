@@ -235,3 +235,28 @@ def test_other_transformers_models_are_refused_truthfully(cls, cfg, match):
     with pytest.raises(evit_cli.EvitError, match=match) as e:
         evit_cli.convert(cls(cfg), keep_rate=0.5, layers=(2,))
     assert "\n" not in str(e.value) and "lacks a class token" not in str(e.value)
+
+
+@pytest.mark.parametrize("headless", [False, True])
+def test_timm_wrapper_goes_through_the_timm_adapter(headless, images):
+    from reference import reference_forward
+
+    cfg = tf.TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=5,
+                               model_args=dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3))
+    torch.manual_seed(0)
+    model = randomize((tf.TimmWrapperModel if headless else tf.TimmWrapperForImageClassification)(cfg))
+    timm_model = copy.deepcopy(model.timm_model)
+    with torch.no_grad():
+        evit_cli.convert(model, keep_rate=1.0, layers=(2, 4))
+        out = model(images)
+        dense = timm_model(images) if not headless else timm_model.forward_head(timm_model.forward_features(images), pre_logits=True)
+        assert ((out.pooler_output if headless else out.logits) - dense).abs().max() < 1e-5
+        evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
+        assert evit_cli.tokens_after_layers(model) == _independent_counts(65, 1, (0.5, 0.5))
+        if not headless:  # the independent, naive EViT forward of tests/reference.py on the same timm weights
+            expected, counts = reference_forward(timm_model, images, (2, 4), (0.5, 0.5))
+            assert counts == [34, 19] and (model(images).logits - expected).abs().max() < 1e-4
+        else:
+            assert model(images).last_hidden_state.shape == (3, 19, 48)
+    evit_cli.revert(model)
+    assert type(model.timm_model.blocks[1]).__name__ == "Block"
