@@ -98,3 +98,31 @@ def test_every_preprocessor_form_matches_the_image_processor(proc, tmp_path):
         expected = _hf_pixels(tmp_path)
     assert dc["input_size"] == tuple(expected.shape)
     assert (transforms(dc, train=False)(_photo()) - expected).abs().mean() < 2e-4
+
+
+def test_attn_implementation_option_is_kept_and_refused_for_timm(tmp_path, capsys):
+    from test_cli import run
+
+    folder = _shrunk(HUB / "facebook__deit-small-patch16-224", tmp_path / "deit")
+    for impl in ("eager", "sdpa"):
+        code, out, err = run(["convert", folder, "--no-pretrained", "-l", "1,2", "--attn-implementation", impl,
+                              "-o", tmp_path / impl, "--json"], capsys)
+        assert code == 0, err
+        assert evit_cli.load(tmp_path / impl).config._attn_implementation == impl
+    code, _, err = run(["convert", "deit_tiny_patch16_224", "--no-pretrained", "--attn-implementation", "eager",
+                        "-o", tmp_path / "t"], capsys)
+    assert code == 2 and "timm" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["convert", folder, "--no-pretrained", "--attn-implementation", "flash", "-o", tmp_path / "f"], capsys)
+    assert code == 2 and "eager, sdpa" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("arch, match", [("ViTForMaskedImageModeling", "masked-image-modeling"),
+                                         ("SiglipVisionModel", "no class token"),
+                                         ("Data2VecVisionModel", "not support yet")])
+def test_refused_architectures_in_config_json_are_one_line(arch, match, tmp_path):
+    cfg = json.loads((HUB / "google__vit-base-patch16-224" / "config.json").read_text())
+    cfg["architectures"], cfg["model_type"] = [arch], "data2vec-vision" if "Data2Vec" in arch else cfg["model_type"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(evit_cli.EvitError, match=match) as e:
+        evit_cli.load_model(tmp_path, pretrained=False)
+    assert "\n" not in str(e.value)
