@@ -209,7 +209,7 @@ TRANSFORMERS_CLASSES = (
 _DEFAULT_CLASS = {
     "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
     "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
-    "clip": "CLIPModel", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
+    "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
 }
 
 
@@ -223,6 +223,8 @@ def _transformers_class(config: dict, where: str):
         raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))
+    if arch == "CLIPModel":  # a CLIP checkpoint: its image tower and projection, which take images alone
+        arch = "CLIPVisionModelWithProjection"
     if arch is None:
         what = (config.get("architectures") or [config.get("model_type")])[0]
         raise EvitError(f"{where} is a transformers {what!r} model, which evit does not support yet ({supported()})")
