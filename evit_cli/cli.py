@@ -114,6 +114,7 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="transformers models: eager or sdpa attention (default: the model's own)."),
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
     from . import adapters, artifact, core, fsutil, loading
@@ -127,7 +128,7 @@ def convert(
     if match_macs is not None and keep_rate is not None:
         raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, attn_implementation=attn_implementation, **kwargs)
     if img_size is not None:
         validate.image_size("--img-size", m, img_size)
         adapters.get_adapter(m).set_img_size(m, img_size)

@@ -213,33 +213,59 @@ def create_timm(
 TRANSFORMERS_CLASSES = (
     "ViTForImageClassification", "ViTModel",
     "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
+    "ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel",
+    "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+    "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
+    "BeitModel", "BeitForImageClassification",
 )
-_DEFAULT_CLASS = {"vit": "ViTForImageClassification", "deit": "DeiTForImageClassification"}
+# model_type -> the class built when config.json names no supported architecture
+_DEFAULT_CLASS = {
+    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
+    "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
+}
 
 
 def _transformers_class(config: dict, where: str):
     import transformers
 
+    from .adapters.transformers.families import MASKED_IMAGE_MODELING, NO_CLASS_TOKEN, reason, supported
+
     arch = (config.get("architectures") or [None])[0]
+    if arch in MASKED_IMAGE_MODELING or any(str(arch).startswith(p) for p in NO_CLASS_TOKEN):
+        raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))
+    if arch == "CLIPModel":  # a CLIP checkpoint: its image tower and projection, which take images alone
+        arch = "CLIPVisionModelWithProjection"
     if arch is None:
-        raise EvitError(
-            f"{where} is a transformers {config.get('model_type')!r} model: evit supports ViT and DeiT "
-            f"({', '.join(TRANSFORMERS_CLASSES)})"
-        )
+        what = (config.get("architectures") or [config.get("model_type")])[0]
+        raise EvitError(f"{where} is a transformers {what!r} model, which evit does not support yet ({supported()})")
     return getattr(transformers, arch)
 
 
+def _vision_config(cls, cfg):
+    """CLIP's vision-only classes are built from the vision part of a full CLIP config."""
+    if cls.__name__.startswith("CLIPVision") and hasattr(cfg, "vision_config"):
+        return cfg.vision_config
+    return cfg
+
+
 def create_transformers(
-    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False, **kwargs
+    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False,
+    attn_implementation: str | None = None, **kwargs
 ) -> nn.Module:
-    """A transformers ViT/DeiT from a local folder or a hub id whose files lie in ``folder``."""
+    """A transformers ViT from a local folder or a hub id whose files lie in ``folder``.
+
+    ``attn_implementation`` (``eager`` or ``sdpa``) chooses transformers' attention; default: its own choice.
+    """
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     config = json.loads((folder / "config.json").read_text())
+    if attn_implementation is None and (folder / "evit.json").is_file():  # an exported folder keeps its choice
+        attn_implementation = json.loads((folder / "evit.json").read_text()).get("source", {}).get("attn_implementation")
     cls = _transformers_class(config, spec)
     config_kwargs = {}
     if "num_classes" in kwargs:
@@ -249,13 +275,15 @@ def create_transformers(
         raise EvitError(f"{', '.join(kwargs)} cannot be set for a transformers model")
     try:
         if pretrained and checkpoint is None:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             model = cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
-                                        **config_kwargs)
+                                        **config_kwargs, **extra)
         else:
             from transformers import AutoConfig
 
             cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
-            model = cls(cfg)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = cls._from_config(_vision_config(cls, cfg), **extra)
     except (OSError, ValueError) as e:
         raise EvitError(f"cannot load {spec} with transformers ({_first_line(e)}): is the folder complete?") from None
     if checkpoint is not None:
@@ -264,6 +292,7 @@ def create_transformers(
         "family": "transformers",
         "model": str(spec),
         "class": cls.__name__,
+        "attn_implementation": model.config._attn_implementation,
         "pretrained": bool(pretrained and checkpoint is None),
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
@@ -338,7 +367,34 @@ def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs
                                offline=offline, **kwargs)
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
 def load_model(
+    spec: str | os.PathLike,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """Any model the tool takes (see :func:`_load_model`); ``attn_implementation`` (``eager`` or ``sdpa``)
+    sets a transformers model's attention and is refused for timm models."""
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise EvitError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}")
+    model = _load_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    if attn_implementation is not None:
+        from transformers import PreTrainedModel
+
+        if not isinstance(model, PreTrainedModel):
+            raise EvitError("--attn-implementation chooses a transformers model's attention: timm models pick "
+                            "theirs themselves (fused SDPA where available); drop the option")
+        model.set_attn_implementation(attn_implementation)
+        model.evit_source["attn_implementation"] = attn_implementation
+    return model
+
+
+def _load_model(
     spec: str | os.PathLike,
     *,
     pretrained: bool = True,

@@ -1,0 +1,85 @@
+"""The transformers ViT families EViT supports, each a declarative spec, and the honest refusals.
+
+A new family is one :class:`Family` entry: the layer class, where its norms,
+attention (``q_proj``/``k_proj``/``v_proj`` + output projection), MLP, dropout,
+layer scale and drop path live, how many prefix tokens its embeddings put
+first, and whether its attention carries a relative position bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                                # what the user knows it as
+    norm1: str = "layernorm_before"          # layer attributes, in forward order
+    attention: str = "attention"
+    norm2: str = "layernorm_after"
+    mlp: str = "mlp"
+    out_proj: str = "o_proj"                 # attention attributes
+    scaling: str = "scaling"
+    attn_dropout: str = "attention_dropout"
+    dropout: str | None = "dropout"          # applied to each branch's output
+    layer_scale: tuple[str, str] | None = None  # modules, parameters or floats multiplying each branch
+    drop_path: str | None = None
+    prefix: int = 1                          # class token (+ distillation token)
+    prefix_config: str | None = None         # config attribute adding prefix tokens (registers)
+    relative_position_bias: bool = False     # per-layer and/or shared bias tables (BEiT)
+    any_input_size: bool = False             # embeddings interpolate positions to any input size
+    processor: str = "ViTImageProcessor"     # transformers' default image processor of the family
+
+
+VIT = Family("ViT")
+FAMILIES: dict[str, Family] = {
+    "ViTLayer": VIT,
+    "DeiTLayer": Family("DeiT", prefix=2),
+    "ViTMSNLayer": Family("ViT-MSN"),
+    "ViTMAELayer": Family("ViT-MAE"),
+    "Dinov2Layer": Family("DINOv2", norm1="norm1", norm2="norm2", dropout=None,
+                          layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
+                          any_input_size=True, processor="BitImageProcessor"),
+    "Dinov2WithRegistersLayer": Family("DINOv2 with registers", norm1="norm1", norm2="norm2", dropout=None,
+                                       layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
+                                       prefix_config="num_register_tokens", any_input_size=True,
+                                       processor="BitImageProcessor"),
+    "CLIPEncoderLayer": Family("CLIP vision", norm1="layer_norm1", attention="self_attn", norm2="layer_norm2",
+                               out_proj="out_proj", scaling="scale", attn_dropout="dropout", dropout=None,
+                               processor="CLIPImageProcessor"),
+    "BeitLayer": Family("BEiT", layer_scale=("lambda_1", "lambda_2"), drop_path="drop_path",
+                        relative_position_bias=True, processor="BeitImageProcessor"),
+}
+
+# models whose head needs every patch: converting them would give a wrong shape
+MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "BeitForMaskedImageModeling",
+                         "ViTMAEForPreTraining", "Data2VecVisionForMaskedImageModeling")
+NO_CLASS_TOKEN = {
+    "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
+    "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
+}
+
+
+def refusal(model: nn.Module) -> str:
+    """The one-line reason ``model`` cannot be converted (it matched no family)."""
+    has_cls = any(n.endswith(("cls_token", "class_embedding")) for n, _ in model.named_parameters())
+    return reason(type(model).__name__, has_cls)
+
+
+def reason(name: str, has_cls: bool) -> str:
+    """Why the transformers class ``name`` cannot be converted."""
+    if name in MASKED_IMAGE_MODELING:
+        return (f"{name} is a masked-image-modeling model: its head reconstructs every patch, so EViT cannot "
+                "remove tokens; convert the encoder alone (e.g. ViTModel, BeitModel)")
+    for prefix, why in NO_CLASS_TOKEN.items():
+        if name.startswith(prefix):
+            return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"
+    if has_cls:
+        return f"{name} is a ViT with a class token, but its layer layout is not supported yet ({supported()})"
+    return f"{name} is not a Vision Transformer family evit supports yet ({supported()})"
+
+
+def supported() -> str:
+    return "supported: " + ", ".join(f.name for f in dict.fromkeys(FAMILIES.values())) + ", and timm models"
