@@ -132,7 +132,7 @@ def bench_cmd(
     _emit(result, as_json, bench_table(result))
 
 
-@app.command(epilog="Example: evit finetune deit_small_patch16_224 --dataset ./my_images --keep-rate 0.7 --epochs 30 -o deit_s_mine")
+@app.command(epilog="Example: evit finetune deit_t_evit --dataset ./my_photos --epochs 1 -o deit_t_recovered")
 def finetune(
     model: Optional[str] = typer.Argument(None, help="Anything `evit convert` takes, or an exported folder. [default: the recipe's]", show_default=False),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub name, image folder (class per subfolder), save_to_disk folder, or parquet."),
@@ -143,6 +143,8 @@ def finetune(
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse or drop the inattentive tokens.", show_default=False),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start from pretrained weights. [default: pretrained]", show_default=False),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
+    head: Optional[str] = typer.Option(None, "--head", help="auto: keep the model's head when the data set's classes map onto its classes (ImageNet synset folders onto a 1000-class model, names in id2label) or there are no labels, else a new one; keep; new. [default: auto]"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Train and export at this resolution (position embeddings interpolated)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="[default: train]"),
     val_split: Optional[str] = typer.Option(None, "--val-split", help="[default: validation/val/test if present, else carved from train]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", help="Share of train held out (seeded) when there is no validation split. [default: 0.1]"),
@@ -151,16 +153,17 @@ def finetune(
     streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream the data set instead of memory-mapping it.", show_default=False),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", help="Optimizer steps per epoch (needed with --streaming)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader workers per process. [default: 2]"),
-    randaugment: Optional[str] = typer.Option(None, "--randaugment", help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1."),
+    randaugment: Optional[str] = typer.Option(None, "--randaugment", help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1. [default: off: random-resized crop and flip only]"),
+    color_jitter: Optional[float] = typer.Option(None, "--color-jitter", help="[default: 0]"),
     mixup: Optional[float] = typer.Option(None, "--mixup", help="Mixup alpha (0 = off)."),
     cutmix: Optional[float] = typer.Option(None, "--cutmix", help="CutMix alpha (0 = off)."),
-    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="Label smoothing. [default: 0.1]"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="[default: 30]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Per process. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: --lr-per-512 x global batch / 512]"),
-    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", help="[default: 2e-5, EViT's DeiT fine-tune]"),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="[default: 2e-6]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 1e-6]"),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", help="Label smoothing of the label term (none without labels). [default: 0.1]"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="[default: 2]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Per process. [default: 32]"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate. [default: 5e-5, or --lr-per-512 x global batch / 512]"),
+    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", help="Learning rate per 512 images of global batch (the paper's recipes: 2e-5)."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", help="End of the cosine; clamped to the peak. [default: 1e-6]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[default: 0.05]"),
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", help="Learning-rate warm-up. [default: 0]"),
     clip_grad: Optional[float] = typer.Option(None, "--clip-grad", help="Gradient norm clipping (off by default)."),
     accum_steps: Optional[int] = typer.Option(None, "--accum-steps", help="Gradient accumulation. [default: 1]"),
@@ -169,11 +172,12 @@ def finetune(
     device: Optional[str] = typer.Option(None, "--device", help="[default: cuda when available, else cpu]"),
     shrink_start: Optional[float] = typer.Option(None, "--shrink-start", help="Epochs at keep rate 1.0 first. [default: 0]"),
     shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", help="Epochs of cosine from 1.0 to the target. [default: 0]"),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model (before conversion).", show_default=False),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model before conversion (KL to its distribution). [default: whenever its classes fit; always without labels]", show_default=False),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
-    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="Weight of the KL term. [default: 0.5]"),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", help="Weight of the KL term against the label term (without labels the KL is the whole loss). [default: 0.5]"),
     distill_tau: Optional[float] = typer.Option(None, "--distill-tau", help="Temperature. [default: 1.0]"),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="Where the training checkpoint goes. [default: OUTPUT.train, beside the export]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output after a crash or a kill."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     bench_report: Optional[bool] = typer.Option(None, "--bench/--no-bench", help="Benchmark the trained model at the end. [default: bench]", show_default=False),
@@ -181,6 +185,8 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
 ):
     """Fine-tune the EViT model on a data set with the cosine keep-rate schedule.
+
+    The defaults are the recovery recipe (recipes/recover.yaml): distil from the dense model before conversion, AdamW lr 5e-5, weight decay 0.05, batch 32, random-resized crop and flip, cosine, 2 epochs. Labels are optional: a flat folder of your own photos wins back what EViT costs.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
