@@ -125,6 +125,16 @@ def describe_start(start: dict) -> str:
     return f"{start.get('model')} ({w})"
 
 
+def training_summary(meta: dict) -> str:
+    """One line on how the weights were trained (for ``evit info``)."""
+    t = meta.get("training")
+    if not t:
+        return "none (converted, not fine-tuned)"
+    dist = f", distilled from {t['distillation']['teacher']}" if t.get("distillation") else ""
+    return (f"{t['steps']} steps on {t['dataset']} ({'with' if t['labels'] else 'without'} labels{dist}); "
+            f"head {t['head']}; metrics on {t['metrics_split']}")
+
+
 def training_lines(meta: dict) -> list[str]:
     """The model card's account of a fine-tune."""
     t = meta.get("training")

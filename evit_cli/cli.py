@@ -244,13 +244,13 @@ def eval_cmd(
     report: Optional[Path] = typer.Option(None, "--report", help="Write eval.json here."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """Top-1/top-5 and throughput of the dense and the EViT model on the same images, without training.
+    """Dense vs EViT on the same images: agreement and KL(dense || EViT) on any image folder, top-1/top-5 with labels, throughput.
 
-    ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes.
+    A flat folder of images has no labels. ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes. A headless model reports the cosine similarity of the embeddings.
     """
     from .bench import bench, resolve_device
     from .core import dense_copy
-    from .explore import accuracy
+    from .explore import evaluate_models
     from .fsutil import write_json
     from .report import eval_table
 
@@ -259,9 +259,10 @@ def eval_cmd(
     dev = resolve_device(device)
     m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
     data = _data(dataset, split, image_column, label_column)
-    acc = accuracy({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit, device=dev)
+    acc = evaluate_models({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit, device=dev)
     speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=not as_json)
     result = {"model": speed["model"], "dataset": dataset, "images": acc["evit"]["images"], "evit": speed["evit"],
+              "labelled": data.labelled, "training": getattr(m, "evit_training", None),
               "dense": {**acc["dense"], "gmacs": speed["dense"]["gmacs"], "images_per_s": speed["dense"]["images_per_s"]},
               "evit_model": {**acc["evit"], "gmacs": speed["evit_model"]["gmacs"], "images_per_s": speed["evit_model"]["images_per_s"]},
               "speedup": speed["speedup"], "batch": batch, "device_name": speed["device_name"]}
@@ -414,7 +415,7 @@ def info(
     e = meta.get("evit") or {}
     result = {
         "folder": str(folder), "family": meta["family"], "source": meta["source"].get("model"),
-        "weights": meta["source"].get("checkpoint") or ("pretrained" if meta["source"].get("pretrained") else "random"),
+        "weights": artifact.weights_of(meta), "training": artifact.training_summary(meta),
         "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
         "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
         "tokens": [meta["num_tokens"]] + meta.get("token_counts", []),
@@ -425,7 +426,7 @@ def info(
         if path.is_file():
             data = json.loads(path.read_text())
             if name == "metrics.json":
-                result["metrics"] = {k: data[k] for k in ("top1", "top5", "val_loss", "epoch") if k in data}
+                result["metrics"] = {k: data[k] for k in ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split") if k in data}
             else:
                 result["bench"] = {"speedup": data["speedup"], "batch": data["batch"], "device": data["device_name"]}
     _emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))
