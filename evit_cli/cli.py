@@ -319,7 +319,13 @@ def search(
     target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", help="Counted GMACs per image to stay within."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", help="Measured speedup over dense to reach."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", help=LAYERS_HELP),
-    search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets."),
+    search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets (by accuracy: any block from 2 on)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Images for --max-drop/--min-agreement (labelled or a flat folder); with a GMACs/speedup target, the found setting's fidelity on them."),
+    split: Optional[str] = typer.Option(None, "--split"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", help="Fastest setting whose top-1 stays within this many points of the dense model's (needs labels)."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="Fastest setting that agrees with the dense model's top-1 on at least this % of images (no labels needed)."),
+    limit: int = typer.Option(256, "--limit", help="Calibration sample: this many images (seeded)."),
+    workers: int = typer.Option(2, "--workers"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained"),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c"),
     batch: int = typer.Option(64, "--batch", "-b", help="Batch for timing."),
@@ -327,20 +333,38 @@ def search(
     device: str = typer.Option("cpu", "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """The largest keep rate (and layer set) that meets a GMACs or speedup target, and the convert command for it."""
+    """The cheapest EViT setting that meets a target, and the convert command for it.
+
+    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy constraint.
+    """
     from . import adapters
     from .bench import resolve_device
-    from .explore import candidate_layer_sets, search as run
+    from .explore import candidate_layer_sets, search as run, search_fidelity
     from .report import kv_table
 
     if batch < 1:
         raise EvitError(f"--batch must be at least 1, got {batch}")
     resolve_device(device)
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
-    sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
-    result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch, reps=reps, device=device)
+    data = _data(dataset, split, None, None) if dataset else None
+    if max_drop is not None or min_agreement is not None:
+        from .accuracy_search import search_by_accuracy
+
+        if data is None:
+            raise EvitError("--max-drop/--min-agreement need --dataset: the images to measure on")
+        if target_gmacs is not None or target_speedup is not None:
+            raise EvitError("give an accuracy constraint or a GMACs/speedup target, not both")
+        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, limit=limit,
+                                    search_layers=search_layers, batch=batch, device=device, workers=workers)
+    else:
+        sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
+        result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch, reps=reps, device=device)
+        if data is not None:
+            result["fidelity"] = search_fidelity(m, data, limit=limit, batch=batch, workers=workers, device=device)
     src = getattr(m, "evit_source", {}) or {}
-    parts = ["evit convert", shlex.quote(model), f"--keep-rate {result['keep_rate']:g}", "--layers " + ",".join(map(str, result["layers"]))]
+    rates = result.get("keep_rates") or [result["keep_rate"]]
+    parts = ["evit convert", shlex.quote(model), "--keep-rate " + ",".join(f"{r:g}" for r in rates),
+             "--layers " + ",".join(map(str, result["layers"]))]
     if not pretrained:
         parts.append("--no-pretrained")
     if checkpoint:

@@ -236,6 +236,13 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
     }
 
 
+def search_fidelity(model: nn.Module, data, *, limit: int, batch: int, workers: int, device) -> dict:
+    """Agreement and KL with the dense model (and top-1 with labels) of a found setting, on ``limit`` images."""
+    r = evaluate_models({"dense": dense_copy(model).to(device).eval(), "evit": model.to(device).eval()}, data,
+                        batch_size=batch, workers=workers, limit=limit, device=device)
+    return {**r["evit"], **({"top1_dense": r["dense"]["top1"]} if "top1" in r["dense"] else {})}
+
+
 def _search_speedup(model, target: float, *, batch: int, reps: int, device: str) -> float | None:
     """Bisection over keep rates 0.05-1.0 (steps of 0.05) on the measured speedup."""
     img = adapters.get_adapter(model).img_size(model)
