@@ -164,3 +164,16 @@ def test_finetune_at_img_size_64(tmp_path, flat):
     assert meta["img_size"] == 64 and meta["num_tokens"] == 1 + 16 * 16
     model = evit_cli.load(out)
     assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+def test_sweep_on_an_unlabelled_folder_reports_agreement_per_keep_rate(tmp_path, heldout, capsys):
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.7, layers=(2, 4)), tmp_path / "m")
+    code, stdout, err = run(["sweep", folder, "--keep-rates", "0.3,1.0", "--dataset", heldout, "--batch", 8, "--reps", 1,
+                             "--workers", 0, "-o", tmp_path / "sw", "--json"], capsys)
+    assert code == 0, err
+    rows = {(x["model"], x["keep_rate"]): x for x in json.loads(stdout)["rows"]}
+    assert rows[("evit", 1.0)]["agreement"] == 100.0 and rows[("evit", 1.0)]["kl"] == pytest.approx(0.0, abs=1e-9)
+    model = evit_cli.convert(evit_cli.load(folder), keep_rate=0.3, layers=(2, 4))
+    kl, agree = kl_and_agreement(independent_logits(dense_copy(model), heldout), independent_logits(model, heldout))
+    assert rows[("evit", 0.3)]["kl"] == pytest.approx(kl, rel=1e-4) and rows[("evit", 0.3)]["agreement"] == pytest.approx(agree)
+    assert "top1" not in rows[("evit", 0.3)] and "agreement (%)" in (tmp_path / "sw" / "sweep.md").read_text()
