@@ -62,6 +62,7 @@ def metadata(model: nn.Module, extra: dict | None = None) -> dict:
         "evit": cfg.to_dict() if cfg else None,
         "token_counts": tokens_after_layers(model),
         "data_config": adapter.data_config(model),
+        "training": getattr(model, "evit_training", None),  # how it was fine-tuned; None: not
     }
     meta.update(extra or {})
     return meta
@@ -90,11 +91,12 @@ def model_card(meta: dict) -> str:
         ]
     if "gmacs" in meta:
         lines.append(f"- GMACs per image: {meta['gmacs_dense']:.2f} dense -> {meta['gmacs']:.2f} EViT")
-    weights = "random" if src.get("pretrained") is False and not src.get("checkpoint") else (
-        src.get("checkpoint") or "pretrained")
     lines += [
-        f"- weights: {weights}",
+        f"- weights: {weights_of(meta)}",
         f"- image size: {meta['img_size']}, classes: {meta['num_classes']}",
+    ]
+    lines += training_lines(meta)
+    lines += [
         "",
         "Load the EViT model:",
         "",
@@ -106,6 +108,56 @@ def model_card(meta: dict) -> str:
     if meta["family"] == "transformers":
         lines += ["", "`from_pretrained` on this folder gives the dense model with the same weights."]
     return "\n".join(lines) + "\n"
+
+
+def weights_of(meta: dict) -> str:
+    """Where the weights come from, in words: fine-tuned, a checkpoint, pretrained or random."""
+    t, src = meta.get("training"), meta["source"]
+    if t:
+        return f"fine-tuned from {describe_start(t['from'])} on {t['dataset']} ({t['steps']} steps)"
+    if src.get("pretrained") is False and not src.get("checkpoint"):
+        return "random"
+    return src.get("checkpoint") or "pretrained"
+
+
+def describe_start(start: dict) -> str:
+    w = start.get("checkpoint") or ("pretrained weights" if start.get("pretrained") else "random weights")
+    return f"{start.get('model')} ({w})"
+
+
+def training_summary(meta: dict) -> str:
+    """One line on how the weights were trained (for ``evit info``)."""
+    t = meta.get("training")
+    if not t:
+        return "none (converted, not fine-tuned)"
+    dist = f", distilled from {t['distillation']['teacher']}" if t.get("distillation") else ""
+    return (f"{t['steps']} steps on {t['dataset']} ({'with' if t['labels'] else 'without'} labels{dist}); "
+            f"head {t['head']}; metrics on {t['metrics_split']}")
+
+
+def training_lines(meta: dict) -> list[str]:
+    """The model card's account of a fine-tune."""
+    t = meta.get("training")
+    if not t:
+        return ["- training: none (converted, not fine-tuned)"]
+    lines = [
+        "",
+        "## Fine-tuning",
+        "",
+        f"- from: {describe_start(t['from'])}",
+        f"- data: {t['dataset']}, split {t['train_split']!r}" + (f", {t['train_images']} images" if t.get("train_images") else ""),
+        f"- labels: {'used' if t['labels'] else 'none (unlabelled images)'}; loss: {t['loss']}",
+        f"- head: {t['head']}",
+        f"- steps: {t['steps']} ({t['epochs']:g} epochs at batch {t['global_batch']}, peak lr {t['lr']:g})",
+    ]
+    if t.get("distillation"):
+        dd = t["distillation"]
+        lines.append(f"- distillation: teacher {dd['teacher']}, weight {dd['alpha']:g}, temperature {dd['tau']:g}")
+    m = meta.get("metrics") or {}
+    shown = ", ".join(f"{k} {m[k]:.2f}" for k in ("agreement", "kl", "top1", "top5") if k in m)
+    if shown:
+        lines.append(f"- metrics on {t['metrics_split']}: {shown}")
+    return lines
 
 
 def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
@@ -165,6 +217,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     else:
         raise EvitError(f"{folder}: unknown model family {meta['family']!r}")
     model.evit_source = src
+    model.evit_training = meta.get("training")
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse)

@@ -60,6 +60,8 @@ def _keeps_text(check):
 POSITIVE_INT = _checked(validate.positive_int)
 NON_NEGATIVE_INT = _checked(validate.non_negative_int)
 POSITIVE = _checked(validate.positive)
+NON_NEGATIVE = _checked(validate.non_negative)
+PERCENT = _checked(validate.percent)
 DEVICE = _checked(validate.device)
 KEEP_RATES = _checked(_keeps_text(parse_keep_rates))
 LAYERS = _checked(_keeps_text(parse_layers))
@@ -187,7 +189,7 @@ def bench_cmd(
     _emit(result, as_json, bench_table(result))
 
 
-@app.command(epilog="Example: evit finetune deit_small_patch16_224 --dataset ./my_images --keep-rate 0.7 --epochs 30 -o deit_s_mine")
+@app.command(epilog="Example: evit finetune deit_t_evit --dataset ./my_photos --epochs 1 -o deit_t_recovered")
 def finetune(
     model: Optional[str] = typer.Argument(None, help="Anything `evit convert` takes, or an exported folder. [default: the recipe's]", show_default=False),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Hub name, image folder (class per subfolder), save_to_disk folder, or parquet."),
@@ -198,6 +200,8 @@ def finetune(
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse or drop the inattentive tokens.", show_default=False),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Start from pretrained weights. [default: pretrained]", show_default=False),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL."),
+    head: Optional[str] = typer.Option(None, "--head", callback=_train("head"), help="auto: keep the model's head when the data set's classes map onto its classes (ImageNet synset folders onto a 1000-class model, names in id2label) or there are no labels, else a new one; keep; new. [default: auto]"),
+    img_size: Optional[int] = typer.Option(None, "--img-size", callback=_train("img_size"), help="Train and export at this resolution (position embeddings interpolated)."),
     train_split: Optional[str] = typer.Option(None, "--train-split", help="[default: train]"),
     val_split: Optional[str] = typer.Option(None, "--val-split", help="[default: validation/val/test if present, else carved from train]"),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", callback=_train("val_fraction"), help="Share of train held out (seeded) when there is no validation split. [default: 0.1]"),
@@ -206,16 +210,17 @@ def finetune(
     streaming: Optional[bool] = typer.Option(None, "--streaming/--no-streaming", help="Stream the data set instead of memory-mapping it.", show_default=False),
     steps_per_epoch: Optional[int] = typer.Option(None, "--steps-per-epoch", callback=_train("steps_per_epoch"), help="Optimizer steps per epoch (needed with --streaming)."),
     workers: Optional[int] = typer.Option(None, "--workers", callback=_train("workers"), help="DataLoader workers per process. [default: 2]"),
-    randaugment: Optional[str] = typer.Option(None, "--randaugment", callback=_train("randaugment"), help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1."),
+    randaugment: Optional[str] = typer.Option(None, "--randaugment", callback=_train("randaugment"), help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1. [default: off: random-resized crop and flip only]"),
+    color_jitter: Optional[float] = typer.Option(None, "--color-jitter", callback=_train("color_jitter"), help="[default: 0]"),
     mixup: Optional[float] = typer.Option(None, "--mixup", callback=_train("mixup"), help="Mixup alpha (0 = off)."),
     cutmix: Optional[float] = typer.Option(None, "--cutmix", callback=_train("cutmix"), help="CutMix alpha (0 = off)."),
-    smoothing: Optional[float] = typer.Option(None, "--smoothing", callback=_train("smoothing"), help="Label smoothing. [default: 0.1]"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", callback=_train("epochs"), help="[default: 30]"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=_train("batch_size"), help="Per process. [default: 64]"),
-    lr: Optional[float] = typer.Option(None, "--lr", callback=_train("lr"), help="Peak learning rate. [default: --lr-per-512 x global batch / 512]"),
-    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", callback=_train("lr_per_512"), help="[default: 2e-5, EViT's DeiT fine-tune]"),
-    min_lr: Optional[float] = typer.Option(None, "--min-lr", callback=_train("min_lr"), help="[default: 2e-6]"),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", callback=_train("weight_decay"), help="[default: 1e-6]"),
+    smoothing: Optional[float] = typer.Option(None, "--smoothing", callback=_train("smoothing"), help="Label smoothing of the label term (none without labels). [default: 0.1]"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", callback=_train("epochs"), help="[default: 2]"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=_train("batch_size"), help="Per process. [default: 32]"),
+    lr: Optional[float] = typer.Option(None, "--lr", callback=_train("lr"), help="Peak learning rate. [default: 5e-5, or --lr-per-512 x global batch / 512]"),
+    lr_per_512: Optional[float] = typer.Option(None, "--lr-per-512", callback=_train("lr_per_512"), help="Learning rate per 512 images of global batch (the paper's recipes: 2e-5)."),
+    min_lr: Optional[float] = typer.Option(None, "--min-lr", callback=_train("min_lr"), help="End of the cosine; clamped to the peak. [default: 1e-6]"),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", callback=_train("weight_decay"), help="[default: 0.05]"),
     warmup_epochs: Optional[float] = typer.Option(None, "--warmup-epochs", callback=_train("warmup_epochs"), help="Learning-rate warm-up. [default: 0]"),
     clip_grad: Optional[float] = typer.Option(None, "--clip-grad", callback=_train("clip_grad"), help="Gradient norm clipping (off by default)."),
     accum_steps: Optional[int] = typer.Option(None, "--accum-steps", callback=_train("accum_steps"), help="Gradient accumulation. [default: 1]"),
@@ -224,11 +229,12 @@ def finetune(
     device: Optional[str] = typer.Option(None, "--device", callback=_train("device"), help="[default: cuda when available, else cpu]"),
     shrink_start: Optional[float] = typer.Option(None, "--shrink-start", callback=_train("shrink_start"), help="Epochs at keep rate 1.0 first. [default: 0]"),
     shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", callback=_train("shrink_epochs"), help="Epochs of cosine from 1.0 to the target. [default: 0]"),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model (before conversion).", show_default=False),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model before conversion (KL to its distribution). [default: whenever its classes fit; always without labels]", show_default=False),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
-    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the KL term. [default: 0.5]"),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the KL term against the label term (without labels the KL is the whole loss). [default: 0.5]"),
     distill_tau: Optional[float] = typer.Option(None, "--distill-tau", callback=_train("distill_tau"), help="Temperature. [default: 1.0]"),
     save_every: Optional[int] = typer.Option(None, "--save-every", callback=_train("save_every"), help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", callback=_train("checkpoint_dir"), help="Where the training checkpoint goes. [default: OUTPUT.train, beside the export]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output after a crash or a kill."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     bench_report: Optional[bool] = typer.Option(None, "--bench/--no-bench", help="Benchmark the trained model at the end. [default: bench]", show_default=False),
@@ -237,6 +243,8 @@ def finetune(
     as_json: bool = typer.Option(False, "--json", help="Print the final metrics as JSON on stdout."),
 ):
     """Fine-tune the EViT model on a data set with the cosine keep-rate schedule.
+
+    The defaults are the recovery recipe (recipes/recover.yaml): distil from the dense model before conversion, AdamW lr 5e-5, weight decay 0.05, batch 32, random-resized crop and flip, cosine, 2 epochs. Labels are optional: a flat folder of your own photos wins back what EViT costs.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
@@ -261,7 +269,7 @@ def finetune(
     from .report import kv_table
 
     data.BAD_IMAGES.reset(skip_bad_images)
-    result = _removing_if_unresumable(Path(cfg.output), lambda: run(cfg, console=err))
+    result = _removing_if_unresumable(cfg, lambda: run(cfg, console=err))
     if skip_bad_images:
         result["skipped_images"] = data.BAD_IMAGES.count
     if int(os.environ.get("RANK", "0")) == 0:
@@ -277,19 +285,22 @@ def _check_run_folder(output: Path) -> None:
     check_writable(output if output.is_dir() else output.parent)
 
 
-def _removing_if_unresumable(output: Path, work):
-    """Run ``work``; if it fails before the first checkpoint in a folder it created, remove the folder
+def _removing_if_unresumable(cfg, work):
+    """Run ``work``; if it fails before the first checkpoint, remove the folders it created
     (nothing there could be resumed), so that a failed start leaves nothing behind."""
     import shutil
 
-    from .train import CHECKPOINT
+    from .checkpoint import CHECKPOINT
+    from .train import run_folders
 
-    created = not output.exists()
+    output, train_dir = run_folders(cfg)
+    created = [p for p in (output, train_dir) if not p.exists()]
     try:
         return work()
     except BaseException:
-        if created and not (output / CHECKPOINT).is_file():
-            shutil.rmtree(output, ignore_errors=True)
+        if not (train_dir / CHECKPOINT).is_file():
+            for p in created:
+                shutil.rmtree(p, ignore_errors=True)
         raise
 
 
@@ -328,14 +339,14 @@ def eval_cmd(
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=SKIP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """Top-1/top-5 and throughput of the dense and the EViT model on the same images, without training.
+    """Dense vs EViT on the same images: agreement and KL(dense || EViT) on any image folder, top-1/top-5 with labels, throughput.
 
-    ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes.
+    A flat folder of images has no labels. ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes. A headless model reports the cosine similarity of the embeddings.
     """
     from .bench import bench, resolve_device
     from .core import dense_copy
     from .data import BAD_IMAGES, sample_size
-    from .explore import accuracy
+    from .explore import evaluate_models
     from .fsutil import check_report_dir, write_json
     from .progress import Progress
     from .report import eval_table
@@ -347,10 +358,11 @@ def eval_cmd(
     BAD_IMAGES.reset(skip_bad_images)
     data = _data(dataset, split, image_column, label_column)
     with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
-        acc = accuracy({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit,
-                       device=dev, progress=advance)
+        acc = evaluate_models({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit,
+                              device=dev, progress=advance)
     speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
     result = {"model": speed["model"], "dataset": dataset, "images": acc["evit"]["images"], "evit": speed["evit"],
+              "labelled": data.labelled, "training": getattr(m, "evit_training", None),
               "dense": {**acc["dense"], "gmacs": speed["dense"]["gmacs"], "images_per_s": speed["dense"]["images_per_s"]},
               "evit_model": {**acc["evit"], "gmacs": speed["evit_model"]["gmacs"], "images_per_s": speed["evit_model"]["images_per_s"]},
               "speedup": speed["speedup"], "batch": batch, "device_name": speed["device_name"]}
@@ -414,7 +426,13 @@ def search(
     target_gmacs: Optional[float] = typer.Option(None, "--target-gmacs", callback=POSITIVE, help="Counted GMACs per image to stay within."),
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", callback=POSITIVE, help="Measured speedup over dense to reach."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
-    search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets."),
+    search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets (by accuracy: any block from 2 on)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Images for --max-drop/--min-agreement (labelled or a flat folder); with a GMACs/speedup target, the found setting's fidelity on them."),
+    split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
+    max_drop: Optional[float] = typer.Option(None, "--max-drop", callback=NON_NEGATIVE, help="Fastest setting whose top-1 stays within this many points of the dense model's (needs labels)."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", callback=PERCENT, help="Fastest setting that agrees with the dense model's top-1 on at least this % of images (no labels needed)."),
+    limit: int = typer.Option(256, "--limit", callback=POSITIVE_INT, help="Calibration sample: this many images (seeded)."),
+    workers: int = typer.Option(2, "--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers."),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch for timing."),
@@ -422,25 +440,46 @@ def search(
     device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
-    """The largest keep rate (and layer set) that meets a GMACs or speedup target, and the convert command for it."""
+    """The cheapest EViT setting that meets a target, and the convert command for it.
+
+    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy constraint.
+    """
     from . import adapters
     from .bench import resolve_device
-    from .explore import candidate_layer_sets, search as run
+    from .explore import candidate_layer_sets, search as run, search_fidelity
     from .progress import Progress
     from .report import kv_table
 
-    if (target_gmacs is None) == (target_speedup is None):
-        raise EvitError("give one target: --target-gmacs or --target-speedup")
+    accuracy = max_drop is not None or min_agreement is not None
+    if accuracy and (target_gmacs is not None or target_speedup is not None):
+        raise EvitError("give an accuracy constraint or a GMACs/speedup target, not both")
+    if accuracy and max_drop is not None and min_agreement is not None:
+        raise EvitError("give one accuracy constraint: --max-drop (labels) or --min-agreement (no labels needed)")
+    if not accuracy and (target_gmacs is None) == (target_speedup is None):
+        raise EvitError("give one target: --target-gmacs or --target-speedup (or --max-drop/--min-agreement with --dataset)")
+    if accuracy and dataset is None:
+        raise EvitError("--max-drop/--min-agreement need --dataset: the images to measure on")
     if search_layers and layers:
         raise EvitError("--search-layers chooses the layers: drop --layers, or drop --search-layers")
     resolve_device(device)
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
-    sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
-    with Progress() as p:
-        result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch,
-                     reps=reps, device=device, progress=p)
+    data = _data(dataset, split, None, None) if dataset else None
+    if max_drop is not None or min_agreement is not None:
+        from .accuracy_search import search_by_accuracy
+
+        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, limit=limit,
+                                    search_layers=search_layers, batch=batch, device=device, workers=workers)
+    else:
+        sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
+        with Progress() as p:
+            result = run(m, target_gmacs=target_gmacs, target_speedup=target_speedup, layer_sets=sets, batch=batch,
+                         reps=reps, device=device, progress=p)
+        if data is not None:
+            result["fidelity"] = search_fidelity(m, data, limit=limit, batch=batch, workers=workers, device=device)
     src = getattr(m, "evit_source", {}) or {}
-    parts = ["evit convert", shlex.quote(model), f"--keep-rate {result['keep_rate']:g}", "--layers " + ",".join(map(str, result["layers"]))]
+    rates = result.get("keep_rates") or [result["keep_rate"]]
+    parts = ["evit convert", shlex.quote(model), "--keep-rate " + ",".join(f"{r:g}" for r in rates),
+             "--layers " + ",".join(map(str, result["layers"]))]
     if not pretrained:
         parts.append("--no-pretrained")
     if checkpoint:
@@ -519,7 +558,7 @@ def info(
     src = meta["source"]
     result = {
         "folder": str(folder), "family": meta["family"], "source": src.get("model"),
-        "weights": src.get("checkpoint") or ("pretrained" if src.get("pretrained") else "random"),
+        "weights": artifact.weights_of(meta), "training": artifact.training_summary(meta),
         "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
         "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
         "tokens": [meta["num_tokens"]] + list(meta.get("token_counts") or []),
@@ -528,7 +567,7 @@ def info(
     metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
     if metrics.is_file():
         data = read_json(metrics, "metrics (evit finetune)")
-        result["metrics"] = {k: data[k] for k in ("top1", "top5", "val_loss", "epoch") if k in data}
+        result["metrics"] = {k: data[k] for k in ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split") if k in data}
     if bench.is_file():
         data = read_json(bench, "benchmark (evit bench)")
         result["bench"] = {k: data[k] for k in ("speedup", "batch", "device_name") if k in data}

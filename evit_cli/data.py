@@ -6,10 +6,13 @@ Map-style data sets stay memory-mapped Arrow (nothing is loaded whole);
 
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
@@ -23,12 +26,17 @@ class ImageData:
     train: object  # datasets.Dataset or IterableDataset
     val: object
     image_column: str
-    label_column: str
-    class_names: list[str]
+    label_column: str | None  # None: no labels (a flat folder of images, no label column)
+    class_names: list[str]  # empty without labels
+    val_source: str = ""  # which images the validation split is, in words
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_column is not None
 
 
 def _load(source: str, streaming: bool):
@@ -91,7 +99,8 @@ def _parquet_splits(root: Path, files: list[Path]) -> dict[str, list[str]]:
     return splits
 
 
-def _find_columns(features, image_column: str | None, label_column: str | None) -> tuple[str, str]:
+def _find_columns(features, image_column: str | None, label_column: str | None) -> tuple[str, str | None]:
+    """The image column and the label column (None when the data set has no labels)."""
     import datasets
 
     if features is None:
@@ -103,10 +112,10 @@ def _find_columns(features, image_column: str | None, label_column: str | None) 
     if label_column is None:
         label_column = next((n for n in names if isinstance(features[n], datasets.ClassLabel)), None)
         label_column = label_column or next((n for n in ("label", "labels") if n in names), None)
+    if image_column is None:
+        raise EvitError(f"no image column found among {names}: name it with --image-column")
     for what, col in (("image", image_column), ("label", label_column)):
-        if col is None:
-            raise EvitError(f"no {what} column found among {names}: name it with --{what}-column")
-        if col not in names:
+        if col is not None and col not in names:
             raise EvitError(f"--{what}-column {col!r} is not a column of the data set; it has {names}")
     return image_column, label_column
 
@@ -125,11 +134,15 @@ def load_image_data(
 ) -> ImageData:
     """Train and validation splits with their image/label columns and class names.
 
+    A data set without a label column (a flat folder of images) has ``label_column`` None and no
+    class names: it can be evaluated for agreement with the dense model, and trained by distillation.
+
     Without a validation split, a seeded ``val_fraction`` of train is held out, or, with
     ``whole_if_no_val`` (evaluation), the whole train split is the validation split.
     """
     import datasets
 
+    datasets.disable_caching()  # splits, samples and casts go to temp files, never into the user's data folder
     ds = _load(source, streaming)
     if not isinstance(ds, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         ds = {"train": ds}
@@ -144,14 +157,20 @@ def load_image_data(
         if val_split not in ds:
             raise EvitError(f"data set {source} has no split {val_split!r}; it has {list(ds)}: use --val-split")
         val = ds[val_split]
+        val_source = f"split {val_split!r}"
     elif whole_if_no_val:
-        val = train
+        val, val_source = train, f"split {train_split!r} (all of it)"
     elif streaming:
         raise EvitError("a streamed data set without a validation split: give --val-split, or drop --streaming")
     else:  # carve a seeded validation split from train
+        if not 0 < val_fraction < 1:
+            raise EvitError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
         parts = train.train_test_split(test_size=val_fraction, seed=seed, stratify_by_column=None)
         train, val = parts["train"], parts["test"]
+        val_source = f"{val_fraction:g} of split {train_split!r} held out (seed {seed})"
     image_column, label_column = _find_columns(train.features, image_column, label_column)
+    if label_column is None:
+        return ImageData(train, val, image_column, None, [], val_source)
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
         class_names = list(feature.names)
@@ -162,11 +181,16 @@ def load_image_data(
         if values != list(range(len(values))):
             raise EvitError(f"labels in {label_column!r} must be 0..N-1 or a ClassLabel, got {values[:5]}...")
         class_names = [str(v) for v in values]
-    return ImageData(train, val, image_column, label_column, class_names)
+    return ImageData(train, val, image_column, label_column, class_names, val_source)
 
 
-def transforms(data_config: dict, *, train: bool, randaugment: str | None = None, re_prob: float = 0.0):
-    """timm's transforms from the model's data config (mean/std, interpolation, crop)."""
+def transforms(data_config: dict, *, train: bool, randaugment: str | None = None, re_prob: float = 0.0,
+               color_jitter: float = 0.0):
+    """timm's transforms from the model's data config (mean/std, interpolation, crop).
+
+    Training: random-resized crop and horizontal flip, plus RandAugment, colour jitter and random
+    erasing when asked.
+    """
     from timm.data import create_transform
 
     kw = dict(input_size=data_config["input_size"], interpolation=data_config.get("interpolation", "bicubic"),
@@ -174,7 +198,8 @@ def transforms(data_config: dict, *, train: bool, randaugment: str | None = None
               crop_mode=data_config.get("crop_mode", "center"))
     if train:
         return create_transform(**{k: v for k, v in kw.items() if k not in ("crop_pct", "crop_mode")},
-                                is_training=True, auto_augment=randaugment or None, re_prob=re_prob)
+                                is_training=True, auto_augment=randaugment or None, re_prob=re_prob,
+                                color_jitter=color_jitter or None)
     return create_transform(**kw, is_training=False)
 
 
@@ -265,22 +290,86 @@ def _undecoded(ds, image_column: str):
     return ds
 
 
-def with_transform(ds, image_column: str, label_column: str, tf):
-    """Apply ``tf`` lazily; map-style data stays memory-mapped. Images that cannot be decoded stop
-    the run with their name, or are skipped (``BAD_IMAGES.skip``; ``collate`` leaves them out)."""
+NO_LABEL = -1
+
+
+def with_transform(ds, image_column: str, label_column: str | None, tf, *, seed: int | None = None,
+                   label_map: list[int] | None = None):
+    """Apply ``tf`` lazily; map-style data stays memory-mapped.
+
+    Items are ``{"pixel_values", "label"}``; the label is ``label_map[label]`` when a map is given,
+    and -1 without labels. With ``seed``, a map-style data set draws each item's augmentation from
+    (seed, epoch, index) alone (see :class:`ImageDataset`). Images that cannot be decoded stop the
+    run with their name, or are skipped (``BAD_IMAGES.skip``: ``pixel_values`` None, which
+    ``collate`` leaves out).
+    """
     skip = BAD_IMAGES.skip
     ds = _undecoded(ds, image_column)
+
+    def label(value):
+        if label_column is None:
+            return NO_LABEL
+        return label_map[value] if label_map is not None else value
 
     def apply(batch):
         images = [open_image(value, skip) for value in batch[image_column]]
         return {
             "pixel_values": [None if img is None else tf(img) for img in images],
-            "label": batch[label_column],
+            "label": [label(v) for v in batch[label_column]] if label_column else [NO_LABEL] * len(images),
         }
 
     if isinstance(ds, torch.utils.data.IterableDataset) or hasattr(ds, "_ex_iterable"):
         return ds.map(apply, batched=True, batch_size=16, remove_columns=list(ds.features or []))
-    return ds.with_transform(apply)
+    return ImageDataset(ds, image_column, label_column, tf, label, seed)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """A map-style data set's images through a transform, drawn item by item.
+
+    With a ``seed``, item ``i`` of epoch ``e`` is transformed under RNGs seeded from (seed, e, i)
+    and the caller's RNG states are restored after: the augmentation of an item does not depend on
+    which worker draws it or on what was drawn before, so a resumed run sees the same images.
+    """
+
+    def __init__(self, ds, image_column: str, label_column: str | None, tf, label, seed: int | None):
+        self.ds, self.image_column, self.label_column = ds, image_column, label_column
+        self.tf, self.label, self.seed = tf, label, seed
+        self.skip = BAD_IMAGES.skip
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        row = self.ds[int(i)]
+        img = open_image(row[self.image_column], self.skip)
+        if img is None:
+            x = None
+        elif self.seed is None:
+            x = self.tf(img)
+        else:
+            with item_rng(self.seed, self.epoch, int(i)):
+                x = self.tf(img)
+        return {"pixel_values": x, "label": self.label(row[self.label_column] if self.label_column else None)}
+
+
+@contextlib.contextmanager
+def item_rng(seed: int, epoch: int, index: int):
+    """Seed Python's, NumPy's and torch's CPU RNGs from (seed, epoch, index); restore them after."""
+    s = int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0]) >> 1
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.manual_seed(s)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 def collate(batch):

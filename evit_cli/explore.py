@@ -63,57 +63,44 @@ def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True)
 # --------------------------------------------------------------------------- accuracy
 
 
-def imagenet_label_map(class_names: list[str], num_model_classes: int) -> list[int] | None:
-    """Data set class -> model class: identity when the counts agree, ImageNet synsets when the
-    data set's classes are ImageNet synsets (n01440764, ...) and the model has 1000 classes."""
-    if num_model_classes == len(class_names):
-        return None
-    if num_model_classes == 1000:
-        from timm.data import ImageNetInfo
-
-        index = {name: i for i, name in enumerate(ImageNetInfo().label_names())}
-        if all(c in index for c in class_names):
-            return [index[c] for c in class_names]
-    raise EvitError(
-        f"the data set has {len(class_names)} classes and the model {num_model_classes}: evaluate on the "
-        "classes the model was trained on (ImageNet synset folder names map to a 1000-class model)"
-    )
-
-
 @torch.no_grad()
-def accuracy(models: dict[str, nn.Module], data, *, batch_size: int = 64, workers: int = 2, limit: int | None = None,
-             device="cpu", progress=None) -> dict[str, dict]:
-    """Top-1/top-5 (%) of each model on the same images."""
+def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "dense", batch_size: int = 64,
+                    workers: int = 2, limit: int | None = None, device="cpu", progress=None) -> dict[str, dict]:
+    """Each model on the same images, against ``models[reference]`` (the dense model): agreement (%)
+    and KL(dense || model) per image, or the embeddings' cosine similarity for a headless model;
+    top-1/top-5 (%) when the data set has labels. A flat folder of images has none."""
+    from .classes import eval_class_map
     from .data import make_loader, transforms, with_transform
+    from .fidelity import Tally, outputs
 
-    first = next(iter(models.values()))
-    adapter = adapters.get_adapter(first)
-    mapping = imagenet_label_map(data.class_names, adapter.num_classes(first))
+    ref_model = models[reference]
+    adapter = adapters.get_adapter(ref_model)
+    embedding = adapter.num_classes(ref_model) == 0
+    mapping = eval_class_map(data.class_names, ref_model) if data.labelled and not embedding else None
     ds = data.val
     if limit:
         ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # a seeded sample across classes
-    ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(first), train=False))
-    loader = make_loader(ds, batch_size=batch_size, workers=workers)
-    hits = {name: [0, 0] for name in models}
-    n = 0
-    for images, target in loader:
-        images = images.to(device)
-        if mapping is not None:
-            target = torch.tensor([mapping[t] for t in target.tolist()])
-        target = target.to(device)
+    label_column = None if embedding else data.label_column
+    ds = with_transform(ds, data.image_column, label_column, transforms(adapter.data_config(ref_model), train=False),
+                        label_map=mapping)
+    tallies = {name: Tally(embedding) for name in models}
+    for images, target in make_loader(ds, batch_size=batch_size, workers=workers):
+        images, target = images.to(device), target.to(device)
+        ref = outputs(ref_model, images)
         for name, m in models.items():
-            top = adapter.logits(m, m(images)).topk(min(5, adapter.num_classes(m)), dim=-1).indices
-            hits[name][0] += (top[:, 0] == target).sum().item()
-            hits[name][1] += (top == target[:, None]).any(-1).sum().item()
-        n += target.numel()
+            out = ref if name == reference else outputs(m, images)
+            tallies[name].add(out, None if name == reference else ref, target)
         if progress:
             progress(target.numel())
-    if n == 0:
+    if tallies[reference].sums["images"] == 0:
         raise EvitError("the evaluation split is empty")
-    return {name: {"top1": 100 * h[0] / n, "top5": 100 * h[1] / n, "images": n} for name, h in hits.items()}
+    return {name: t.result() for name, t in tallies.items()}
 
 
 # --------------------------------------------------------------------------- sweep and search
+
+
+FIDELITY_KEYS = ("agreement", "kl", "cosine", "top1", "top5")
 
 
 def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
@@ -151,7 +138,8 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
 
         with progress.task(f"sweep: accuracy of {len(models)} models", sample_size(data.val, limit),
                            unit="images") as advance:
-            acc = accuracy(models, data, batch_size=batch, workers=workers, limit=limit, device=device, progress=advance)
+            acc = evaluate_models(models, data, batch_size=batch, workers=workers, limit=limit, device=device,
+                                  progress=advance)
     rows = []
     for name, m in models.items():
         row = {
@@ -162,7 +150,7 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
             "speedup": med["dense"] / med[name],
         }
         if name in acc:
-            row.update(top1=acc[name]["top1"], top5=acc[name]["top5"])
+            row.update({k: v for k, v in acc[name].items() if k in FIDELITY_KEYS})
         rows.append(row)
     cfg = get_config(model)
     return {"layers": list(cfg.layers), "fuse": cfg.fuse, "batch": batch, "img_size": img, "reps": reps, "rows": rows,
@@ -183,9 +171,13 @@ def plot_sweep(result: dict, path: str | os.PathLike, title: str = "") -> Path:
 
     rows = sorted((r for r in result["rows"] if r["model"] == "evit"), key=lambda r: r["gmacs"])
     dense = next(r for r in result["rows"] if r["model"] == "dense")
-    has_acc = "top1" in dense
+    # accuracy: top-1 with labels, else the agreement with the dense model (100% for itself)
+    acc_key = next((k for k in ("top1", "agreement", "cosine") if rows and k in rows[0]), None)
+    labels = {"top1": "top-1 (%)", "agreement": "agreement with dense (%)", "cosine": "cosine to dense"}
+    dense = {**dense, "agreement": 100.0, "cosine": 1.0} if acc_key in ("agreement", "cosine") else dense
+    has_acc = acc_key is not None
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False)
-    panels = [("images_per_s", "images/s")] + ([("top1", "top-1 (%)")] if has_acc else [])
+    panels = [("images_per_s", "images/s")] + ([(acc_key, labels[acc_key])] if has_acc else [])
     for ax, (key, label) in zip(axes[0][::-1] if has_acc else axes[0], panels):
         ax.plot([r["gmacs"] for r in rows], [r[key] for r in rows], "o-", label="EViT")
         for r in rows:
@@ -270,6 +262,13 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
         "speedup": med["dense"] / med["evit"], "images_per_s": batch / med["evit"], "batch": batch,
         "target_gmacs": target_gmacs, "target_speedup": target_speedup,
     }
+
+
+def search_fidelity(model: nn.Module, data, *, limit: int, batch: int, workers: int, device) -> dict:
+    """Agreement and KL with the dense model (and top-1 with labels) of a found setting, on ``limit`` images."""
+    r = evaluate_models({"dense": dense_copy(model).to(device).eval(), "evit": model.to(device).eval()}, data,
+                        batch_size=batch, workers=workers, limit=limit, device=device)
+    return {**r["evit"], **({"top1_dense": r["dense"]["top1"]} if "top1" in r["dense"] else {})}
 
 
 def _search_speedup(model, target: float, *, batch: int, reps: int, device: str) -> float | None:

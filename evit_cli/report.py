@@ -159,31 +159,52 @@ def fmt_value(v) -> str:
     return str(v)
 
 
+FIDELITY_COLUMNS = (("agreement", "agreement (%)", "{:.2f}"), ("kl", "KL(dense‖EViT)", "{:.4f}"),
+                    ("cosine", "cosine", "{:.4f}"), ("top1", "top-1 (%)", "{:.2f}"), ("top5", "top-5 (%)", "{:.2f}"))
+
+
+def _fidelity_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """The fidelity and accuracy columns that some row has; a row without one shows '-' (the dense model itself)."""
+    return [c for c in FIDELITY_COLUMNS if any(c[0] in x for x in rows)]
+
+
+def _cells(x: dict, cols) -> list[str]:
+    return [fmt.format(x[k]) if k in x else "-" for k, _, fmt in cols]
+
+
 def eval_rows(r: dict) -> list[list[str]]:
-    rows = [["model", "top-1 (%)", "top-5 (%)", "GMACs", f"images/s @{r['batch']}"]]
+    cols = _fidelity_columns([r["dense"], r["evit_model"]])
+    rows = [["model", *(h for _, h, _ in cols), "GMACs", f"images/s @{r['batch']}"]]
     for label, key in (("dense", "dense"), ("EViT", "evit_model")):
         m = r[key]
-        rows.append([label, f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['gmacs']:.2f}", f"{m['images_per_s']:.1f}"])
+        rows.append([label, *_cells(m, cols), f"{m['gmacs']:.2f}", f"{m['images_per_s']:.1f}"])
     return rows
+
+
+def training_note(t: dict | None) -> str:
+    if not t:
+        return "no training"
+    how = "with labels" if t.get("labels") else "without labels"
+    dist = ", distilled" if t.get("distillation") else ""
+    return f"fine-tuned on {t['dataset']} ({t['steps']} steps, {how}{dist})"
 
 
 def eval_table(r: dict) -> Table:
     e = r["evit"]
+    labels = "" if r.get("labelled", True) else ", no labels"
     skipped = f", {r['skipped_images']} unreadable skipped" if r.get("skipped_images") else ""
-    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{skipped}), EViT layers {','.join(map(str, e['layers']))} "
-               f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, no training; speedup {r['speedup']:.2f}x; {r['device_name']}")
+    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers {','.join(map(str, e['layers']))} "
+               f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, {training_note(r.get('training'))}; "
+               f"speedup {r['speedup']:.2f}x; {r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
 
 
 def sweep_rows(r: dict) -> list[list[str]]:
-    acc = "top1" in r["rows"][0]
-    head = ["model", "keep rate", "GMACs", f"images/s @{r['batch']}", "speedup"] + (["top-1 (%)", "top-5 (%)"] if acc else [])
-    rows = [head]
+    cols = _fidelity_columns(r["rows"])
+    rows = [["model", "keep rate", "GMACs", f"images/s @{r['batch']}", "speedup", *(h for _, h, _ in cols)]]
     for x in r["rows"]:
-        row = [x["model"], f"{x['keep_rate']:g}", f"{x['gmacs']:.3f}", f"{x['images_per_s']:.1f}", f"{x['speedup']:.2f}x"]
-        if acc:
-            row += [f"{x['top1']:.2f}", f"{x['top5']:.2f}"]
-        rows.append(row)
+        rows.append([x["model"], f"{x['keep_rate']:g}", f"{x['gmacs']:.3f}", f"{x['images_per_s']:.1f}",
+                     f"{x['speedup']:.2f}x", *_cells(x, cols)])
     return rows
 
 

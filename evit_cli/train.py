@@ -1,10 +1,16 @@
 """Fine-tune an EViT model with the keep-rate schedule of EVIT.md.
 
+By default it distils the EViT model from the dense model it was made from: labels are optional
+(a flat folder of photos is enough), the head is kept when the data set's classes map onto the
+model's, and the settings are the recovery recipe of ``recipes/recover.yaml``.
+
 Single process or data-parallel under ``torchrun`` (DDP; NCCL on GPUs, gloo
 on CPU). Only rank 0 writes files and prints. The run can be killed at any
 point and continued with ``resume=True``: checkpoints are atomic and carry the
-optimizer, scaler, step and RNG states, and the data order is a function of
-(seed, epoch), so a resumed run takes the same steps an uninterrupted one does.
+optimizer, scaler, step and RNG states, the data order is a function of
+(seed, epoch) and each image's augmentation of (seed, epoch, index), so a
+resumed run takes the same steps an uninterrupted one does, with any number of
+loader workers.
 """
 
 from __future__ import annotations
@@ -12,35 +18,35 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import shutil
 import math
 import os
-import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from . import adapters
+from . import adapters, checkpoint as ckpt
 from .core import convert_keeping, dense_copy, get_config
 from .errors import EvitError
-from .fsutil import atomic_file, write_json, write_text
+from .fsutil import write_json
 from .schedule import keep_rate_at
 
-CHECKPOINT = "checkpoint.pt"
-PROGRESS = "progress.json"
 METRICS_LOG = "metrics.jsonl"
 STEP_LOG = "train_log.jsonl"
+DEFAULT_LR = 5e-5  # recipes/recover.yaml: AdamW at batch 32 on a pretrained model
 
 
 @dataclass
 class TrainConfig:
-    """Everything a run needs; recipes (YAML) and flags fill it. Epoch counts may be fractional."""
+    """Everything a run needs; recipes (YAML) and flags fill it. Epoch counts may be fractional.
+
+    The defaults are the recovery recipe (recipes/recover.yaml): distil from the dense model,
+    AdamW lr 5e-5, weight decay 0.05, batch 32, random-resized crop and flip, cosine, 2 epochs.
+    """
 
     model: str = ""
     dataset: str = ""
@@ -50,6 +56,8 @@ class TrainConfig:
     fuse: bool | None = None
     pretrained: bool = True
     checkpoint: str | None = None
+    head: str = "auto"  # auto | keep | new
+    img_size: int | None = None
     # data
     train_split: str = "train"
     val_split: str | None = None
@@ -60,16 +68,17 @@ class TrainConfig:
     steps_per_epoch: int | None = None  # required when streaming
     workers: int = 2
     randaugment: str | None = None  # e.g. rand-m9-mstd0.5-inc1
+    color_jitter: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
-    smoothing: float = 0.1
-    # optimisation (defaults: EViT's DeiT-S fine-tune)
-    epochs: float = 30
-    batch_size: int = 64  # per process
-    lr: float | None = None  # absolute; None: lr_per_512 * global batch / 512
-    lr_per_512: float = 2e-5
-    min_lr: float = 2e-6
-    weight_decay: float = 1e-6
+    smoothing: float = 0.1  # label smoothing of the label term (there is none without labels)
+    # optimisation
+    epochs: float = 2
+    batch_size: int = 32  # per process
+    lr: float | None = None  # absolute; None: lr_per_512 * global batch / 512 if given, else 5e-5
+    lr_per_512: float | None = None
+    min_lr: float = 1e-6  # clamped to the peak
+    weight_decay: float = 0.05
     warmup_epochs: float = 0.0
     clip_grad: float | None = None
     accum_steps: int = 1
@@ -79,13 +88,14 @@ class TrainConfig:
     # keep-rate schedule
     shrink_start: float = 0.0
     shrink_epochs: float = 0.0
-    # distillation
-    distill: bool = False
+    # distillation: None distils whenever the teacher's classes fit (always without labels)
+    distill: bool | None = None
     teacher: str | None = None
-    distill_alpha: float = 0.5
+    distill_alpha: float = 0.5  # weight of the KL term when there are labels
     distill_tau: float = 1.0
     # bookkeeping
     save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: end of epoch only
+    checkpoint_dir: str | None = None  # None: OUTPUT.train beside the output
     resume: bool = False
     overwrite: bool = False
     bench: bool = True
@@ -166,42 +176,6 @@ def keep_rates_at(step: int, targets, steps_per_epoch: int, cfg: TrainConfig) ->
     return [keep_rate_at(step, t, steps_per_epoch, cfg.shrink_start, cfg.shrink_epochs) for t in targets]
 
 
-# --------------------------------------------------------------------------- RNG state
-
-
-def _rng_state() -> dict:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": list(_tuple_to_list(random.getstate())),
-    }
-
-
-def _tuple_to_list(x):
-    return [_tuple_to_list(v) for v in x] if isinstance(x, (tuple, list)) else x
-
-
-def _list_to_tuple(x):
-    return tuple(_list_to_tuple(v) for v in x) if isinstance(x, list) else x
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-    n = s["numpy"]
-    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), int(n[2]), int(n[3]), float(n[4])))
-    random.setstate(_list_to_tuple(s["python"]))
-
-
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # --------------------------------------------------------------------------- the run
 
 
@@ -211,24 +185,6 @@ def _autocast(device: torch.device, enabled: bool):
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.autocast("cuda", dtype=torch.float16)
     return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
-def _save_checkpoint(out: Path, state: dict) -> None:
-    with atomic_file(out / CHECKPOINT) as tmp:  # removed on any failure, a kill included
-        torch.save(state, tmp)
-    write_json(out / PROGRESS, {"epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"]})
-
-
-def _append(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-
-
-def _truncate_log(path: Path, last_step: int, key: str) -> None:
-    """Drop log lines written after the checkpoint we resume from."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] <= last_step]
-        write_text(path, "".join(r + "\n" for r in rows))
 
 
 def _resolve_device(name: str | None, d: Dist) -> torch.device:
@@ -243,68 +199,169 @@ def _resolve_device(name: str | None, d: Dist) -> torch.device:
     return dev
 
 
-def finetune(cfg: TrainConfig, console=None) -> dict:
-    """Run the fine-tune described by ``cfg``; returns the final metrics."""
-    from .data import ResumableSampler, load_image_data, make_loader, transforms, with_transform
+def resolve_lr(cfg: TrainConfig, global_batch: int) -> tuple[float, float, str | None]:
+    """Peak and final learning rate, and a note when ``min_lr`` had to be clamped to the peak."""
+    if cfg.lr is not None:
+        base = cfg.lr
+    elif cfg.lr_per_512 is not None:
+        base = cfg.lr_per_512 * global_batch / 512
+    else:
+        base = DEFAULT_LR
+    if base <= 0:
+        raise EvitError(f"the learning rate must be above 0, got {base:g}: give --lr")
+    if cfg.min_lr > base:
+        return base, base, f"--min-lr {cfg.min_lr:g} is above the peak learning rate {base:g}: clamped to the peak"
+    return base, cfg.min_lr, None
+
+
+# --------------------------------------------------------------------------- the model, its head and its teacher
+
+
+@dataclass
+class Setup:
+    model: nn.Module  # the EViT student
+    adapter: object
+    data: object  # data.ImageData
+    head: str  # "keep" or "new"
+    label_map: list[int] | None  # data set class -> model class, when the head is kept
+    teacher: object  # distill.Teacher or None
+    loss: str  # what the loss is, in words
+    previous: dict | None  # the model's own training record, when it was fine-tuned before
+
+
+def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
+    """Model, data, head and teacher. The dense model before conversion is taken here, once:
+    it is the teacher unless ``--teacher`` names another."""
+    from .classes import choose_head
+    from .data import load_image_data
+    from .distill import build_teacher
     from .loading import load_model
 
-    d = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = _resolve_device(cfg.device, d)
-    show = console is not None and d.main
-    out = Path(cfg.output)
-    if not cfg.output:
-        raise EvitError("no output folder: give -o/--output")
-    if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs <= 0:
-        raise EvitError("--batch-size and --accum-steps must be at least 1 and --epochs above 0")
-    resuming = cfg.resume and (out / CHECKPOINT).is_file()
-    if cfg.resume and not resuming:
-        raise EvitError(f"nothing to resume: {out / CHECKPOINT} does not exist; drop --resume to start")
-    if not resuming and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise EvitError(f"output {out} already exists: choose another -o, pass --resume to continue it, or --overwrite")
-
-    _seed_all(cfg.seed + d.rank)
-    # ---- model
     model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     adapter = adapters.get_adapter(model)
+    if cfg.img_size is not None:
+        if cfg.img_size < 1:
+            raise EvitError(f"--img-size must be positive, got {cfg.img_size}")
+        adapter.set_img_size(model, cfg.img_size)
     data = load_image_data(
         cfg.dataset, train_split=cfg.train_split, val_split=cfg.val_split, val_fraction=cfg.val_fraction,
         image_column=cfg.image_column, label_column=cfg.label_column, streaming=cfg.streaming, seed=cfg.seed,
     )
-    teacher = None
-    if cfg.distill or cfg.teacher:  # the dense model before conversion, or another one
-        teacher = dense_copy(load_model(cfg.teacher, pretrained=True) if cfg.teacher else model)
-        classes = adapters.get_adapter(teacher).num_classes(teacher)
-        if classes != data.num_classes:
-            raise EvitError(
-                f"the teacher predicts {classes} classes, the data set has {data.num_classes}: "
-                "pass --teacher MODEL trained on this data set"
-            )
-        teacher = teacher.to(device).eval()
-    if adapter.num_classes(model) != data.num_classes:
+    dense = dense_copy(model)  # the dense model before conversion (and before a new head)
+    head, mapping = choose_head(cfg.head, data.class_names, model)
+    if head == "new":
         adapter.reset_head(model, data.num_classes, data.class_names)
-    else:
-        adapter.set_class_names(model, data.class_names)
+    elif mapping == list(range(adapter.num_classes(model))):
+        if not adapter.class_names(model):
+            adapter.set_class_names(model, data.class_names)
+        mapping = None
+    teacher, loss = build_teacher(cfg.distill, cfg.teacher, dense, head, adapter.num_classes(model),
+                                  data.class_names, data.labelled)
+    if teacher is not None:
+        t_adapter = adapters.get_adapter(teacher.model)
+        if t_adapter.img_size(teacher.model) != adapter.img_size(model):
+            t_adapter.set_img_size(teacher.model, adapter.img_size(model))
+        teacher.model.to(device)
+    previous = getattr(model, "evit_training", None)
     convert_keeping(model, cfg.keep_rate, cfg.layers, cfg.fuse)
-    evit_cfg = get_config(model)
     model.to(device)
+    return Setup(model, adapter, data, head, mapping, teacher, loss, previous)
 
-    # ---- data
-    data_config = adapter.data_config(model)
-    train_ds = with_transform(data.train, data.image_column, data.label_column,
-                              transforms(data_config, train=True, randaugment=cfg.randaugment))
-    val_ds = with_transform(data.val, data.image_column, data.label_column, transforms(data_config, train=False))
-    if cfg.streaming:
-        from datasets.distributed import split_dataset_by_node
 
-        if not cfg.steps_per_epoch:
-            raise EvitError("--streaming needs --steps-per-epoch: a stream has no length")
-        train_ds = split_dataset_by_node(train_ds.shuffle(seed=cfg.seed, buffer_size=1000), rank=d.rank, world_size=d.world)
-        val_ds = split_dataset_by_node(val_ds, rank=d.rank, world_size=d.world)
-        sampler = None
-        val_sampler = None
-    else:
-        sampler = ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world)
-        val_sampler = ResumableSampler(len(val_ds), seed=0, shuffle=False, rank=d.rank, world=d.world)
+def head_note(s: Setup) -> str:
+    n = s.adapter.num_classes(s.model)
+    if s.head == "new":
+        return f"new: {n} classes from the data set"
+    if not s.data.labelled:
+        return f"kept: the model's {n} classes (the data set has no labels)"
+    how = "mapped onto them" if s.label_map is not None else "the same"
+    return f"kept: the model's {n} classes (the data set's {s.data.num_classes} classes {how})"
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_folders(cfg: TrainConfig) -> tuple[Path, Path]:
+    """The output folder (the exported model) and the training folder (checkpoint, progress)."""
+    if not cfg.output:
+        raise EvitError("no output folder: give -o/--output")
+    out = Path(cfg.output)
+    train_dir = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.parent / f"{out.name}.train"
+    if cfg.resume and not (train_dir / ckpt.CHECKPOINT).is_file() and (out / ckpt.CHECKPOINT).is_file():
+        train_dir = out  # a run started by an earlier version kept its checkpoint inside
+    return out, train_dir
+
+
+def _start_folders(cfg: TrainConfig, out: Path, train_dir: Path, d) -> bool:
+    """Check the output and training folders; returns whether the run resumes."""
+    resuming = cfg.resume and (train_dir / ckpt.CHECKPOINT).is_file()
+    if cfg.resume and not resuming:
+        raise EvitError(f"nothing to resume: {train_dir / ckpt.CHECKPOINT} does not exist; drop --resume to start")
+    if resuming:
+        return True
+    busy = [p for p in (out, train_dir) if p.exists() and any(p.iterdir())]
+    if busy and not cfg.overwrite:
+        raise EvitError(f"{busy[0]} already exists: choose another -o, pass --resume to continue it, or --overwrite")
+    if d.main:
+        for p in busy:
+            shutil.rmtree(p)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "train_config.json", asdict(cfg))
+    return False
+
+
+def _check(cfg: TrainConfig) -> None:
+    if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs <= 0:
+        raise EvitError("--batch-size and --accum-steps must be at least 1 and --epochs above 0")
+    if not 0 <= cfg.distill_alpha <= 1:
+        raise EvitError(f"--distill-alpha must be between 0 and 1, got {cfg.distill_alpha}")
+
+
+def _datasets(cfg: TrainConfig, s: Setup, d):
+    """Transformed train/val data sets and samplers (a seeded augmentation per image)."""
+    from .data import ResumableSampler, transforms, with_transform
+
+    data_config = s.adapter.data_config(s.model)
+    train_tf = transforms(data_config, train=True, randaugment=cfg.randaugment, color_jitter=cfg.color_jitter)
+    cols = (s.data.image_column, s.data.label_column)
+    train_ds = with_transform(s.data.train, *cols, train_tf, seed=cfg.seed + 1000003 * d.rank, label_map=s.label_map)
+    val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map)
+    if not cfg.streaming:
+        return (train_ds, val_ds, ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world),
+                ResumableSampler(len(val_ds), seed=0, shuffle=False, rank=d.rank, world=d.world))
+    from datasets.distributed import split_dataset_by_node
+
+    if not cfg.steps_per_epoch:
+        raise EvitError("--streaming needs --steps-per-epoch: a stream has no length")
+    train_ds = split_dataset_by_node(train_ds.shuffle(seed=cfg.seed, buffer_size=1000), rank=d.rank, world_size=d.world)
+    return train_ds, split_dataset_by_node(val_ds, rank=d.rank, world_size=d.world), None, None
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float):
+    decay, no_decay = [], []
+    skip = ("cls_token", "pos_embed", "dist_token", "reg_token", "position_embeddings", "distillation_token")
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 or name.endswith(skip) else decay).append(p)
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def finetune(cfg: TrainConfig, console=None) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the final metrics."""
+    from .data import make_loader
+    from .distill import training_loss
+
+    d = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _resolve_device(cfg.device, d)
+    show = console is not None and d.main
+    _check(cfg)
+    out, train_dir = run_folders(cfg)
+    resuming = _start_folders(cfg, out, train_dir, d)
+    ckpt.seed_all(cfg.seed + d.rank)
+    s = prepare(cfg, device)
+    model, adapter, teacher, labelled = s.model, s.adapter, s.teacher, s.data.labelled
+    evit_cfg = get_config(model)
+    train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d)
     micro_per_epoch = (sampler.per_rank // cfg.batch_size) if sampler else cfg.steps_per_epoch * cfg.accum_steps
     steps_per_epoch = cfg.steps_per_epoch or micro_per_epoch // cfg.accum_steps
     if steps_per_epoch < 1:
@@ -313,42 +370,33 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
     num_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
     global_batch = cfg.batch_size * cfg.accum_steps * d.world
-    base_lr = cfg.lr if cfg.lr is not None else cfg.lr_per_512 * global_batch / 512
+    base_lr, min_lr, lr_note = resolve_lr(cfg, global_batch)
+    notes = [f"head {head_note(s)}", f"loss: {s.loss}"] + ([lr_note] if lr_note else [])
 
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
         from timm.data import Mixup
 
         mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                         num_classes=data.num_classes)
-
-    # ---- optimisation
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 or name.endswith(("cls_token", "pos_embed", "dist_token", "reg_token", "position_embeddings", "distillation_token")) else decay).append(p)
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=base_lr)
+                         num_classes=adapter.num_classes(model))
+    optimizer = _optimizer(model, cfg, base_lr)
     use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
 
     step, start_epoch, start_in_epoch = 0, 0, 0
     if resuming:
-        state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True)
+        state = torch.load(train_dir / ckpt.CHECKPOINT, map_location="cpu", weights_only=True)
+        if state["total_steps"] != total_steps:
+            raise EvitError(f"{out} was started with {state['total_steps']} steps, these settings give {total_steps}: resume with the same settings")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        _set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-        if state["total_steps"] != total_steps:
-            raise EvitError(f"{out} was started with {state['total_steps']} steps, these settings give {total_steps}: resume with the same settings")
-        if d.main:
-            _truncate_log(out / STEP_LOG, step, "step")
-            _truncate_log(out / METRICS_LOG, start_epoch, "epoch")
-    elif d.main:
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        write_json(out / "train_config.json", asdict(cfg))
+        ckpt.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
+        if d.main:  # the logs and progress.json say what the checkpoint holds, no more
+            ckpt.truncate_log(out / STEP_LOG, step, "step")
+            ckpt.truncate_log(out / METRICS_LOG, start_epoch + 1, "epoch")
+            ckpt.write_progress(train_dir, state)
     if d.world > 1:
         dist.barrier()
 
@@ -356,22 +404,8 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def loss_fn(logits, target, images):
-        if target.ndim == 2:  # mixup soft targets
-            loss = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(logits, target, label_smoothing=cfg.smoothing)
-        if teacher is not None:
-            with torch.no_grad():
-                t_logits = adapters.get_adapter(teacher).logits(teacher, teacher(images)).float()
-            tau = cfg.distill_tau
-            kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(t_logits / tau, -1),
-                          reduction="batchmean", log_target=True) * tau * tau
-            loss = (1 - cfg.distill_alpha) * loss + cfg.distill_alpha * kl
-        return loss
-
     def checkpoint_state(epoch: int, in_epoch: int) -> dict:
-        rngs = [_rng_state()]
+        rngs = [ckpt.rng_state()]
         if d.world > 1:
             gathered = [None] * d.world
             dist.all_gather_object(gathered, rngs[0])
@@ -382,16 +416,19 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
             "epoch": epoch, "step": step, "step_in_epoch": in_epoch, "total_steps": total_steps, "rng": rngs,
         }
 
+    def rates_lr(at: int):
+        return (keep_rates_at(at, evit_cfg.keep_rates, steps_per_epoch, cfg),
+                lr_at(at, total_steps, warmup_steps, base_lr, min_lr))
+
     progress = _progress(show, console)
     history: list[dict] = []
     with progress:
         for epoch in range(start_epoch, num_epochs):
             first = start_in_epoch if epoch == start_epoch else 0
             steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+            train_ds.set_epoch(epoch)
             if sampler is not None:
                 sampler.set_epoch(epoch, first * cfg.batch_size * cfg.accum_steps)
-            else:
-                train_ds.set_epoch(epoch)
             loader = make_loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=sampler,
                                  drop_last=True, seed=cfg.seed + epoch)
             if sampler is None and first:  # a stream cannot seek: read past the batches already done
@@ -403,19 +440,20 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
             for images, target in loader:
                 if in_epoch >= steps_this_epoch:
                     break
-                rates = keep_rates_at(step, evit_cfg.keep_rates, steps_per_epoch, cfg)
+                rates, lr = rates_lr(step)
                 adapters.set_keep_rates(model, rates)
-                lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
                 if mixup_fn is not None:
-                    images, target = mixup_fn(images, target)
+                    images, target = mixup_fn(images, target if labelled else torch.zeros_like(target))
                 sync = (micro + 1) % cfg.accum_steps == 0
                 ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, _autocast(device, cfg.amp):
                     logits = adapter.logits(model, net(images)).float()
-                    loss = loss_fn(logits, target, images) / cfg.accum_steps
+                    t_logits = teacher.logits(images) if teacher is not None else None
+                    loss = training_loss(logits, target, t_logits, labelled=labelled, alpha=cfg.distill_alpha,
+                                         tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
                 scaler.scale(loss).backward()
                 loss_sum += loss.item()
                 seen += images.shape[0]
@@ -432,7 +470,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                 optimizer.zero_grad(set_to_none=True)
                 ips = seen * d.world / (time.perf_counter() - t0)
                 if d.main:
-                    _append(out / STEP_LOG, {"step": step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": loss_sum})
+                    ckpt.append(out / STEP_LOG, {"step": step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": loss_sum})
                 progress.update(task, advance=1, loss=loss_sum, lr=lr, keep=",".join(f"{r:.3f}" for r in rates), ips=ips)
                 step += 1
                 in_epoch += 1
@@ -440,55 +478,81 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                 if cfg.save_every and step % cfg.save_every == 0 and in_epoch < steps_this_epoch:
                     state = checkpoint_state(epoch, in_epoch)
                     if d.main:
-                        _save_checkpoint(out, state)
+                        ckpt.save(train_dir, state)
             progress.remove_task(task)
-            metrics = evaluate(net, model, adapter, val_ds, val_sampler, cfg, device, d)
-            metrics.update(epoch=epoch + 1, step=step, keep_rate=keep_rates_at(max(step - 1, 0), evit_cfg.keep_rates, steps_per_epoch, cfg),
-                           lr=lr_at(max(step - 1, 0), total_steps, warmup_steps, base_lr, cfg.min_lr))
+            metrics = evaluate(net, model, adapter, val_ds, val_sampler, cfg, device, d, teacher)
+            rates, lr = rates_lr(max(step - 1, 0))
+            metrics.update(epoch=epoch + 1, step=step, keep_rate=rates, lr=lr, split=s.data.val_source)
             history.append(metrics)
             state = checkpoint_state(epoch + 1, 0)
             if d.main:
-                _append(out / METRICS_LOG, metrics)
-                _save_checkpoint(out, state)
+                ckpt.append(out / METRICS_LOG, metrics)
+                ckpt.save(train_dir, state)
                 if show:
-                    console.print(
-                        f"epoch {epoch + 1}/{num_epochs}: val loss {metrics['val_loss']:.4f}, top-1 {metrics['top1']:.2f}%, "
-                        f"top-5 {metrics['top5']:.2f}%, keep {','.join(f'{r:.3f}' for r in metrics['keep_rate'])}"
-                    )
+                    console.print(f"epoch {epoch + 1}/{num_epochs}: {describe_metrics(metrics)}", highlight=False)
     adapters.set_keep_rates(model, evit_cfg.keep_rates)
     final = history[-1] if history else json.loads((out / METRICS_LOG).read_text().splitlines()[-1])
+    final = {**final, "head": head_note(s), "loss": s.loss, "notes": notes[2:], "checkpoint_dir": str(train_dir)}
     if d.main:
-        _export(model, out, final, cfg, device, console)
+        record = training_record(cfg, s, final, total_steps=total_steps, global_batch=global_batch, lr=base_lr,
+                                 train_images=len(s.data.train) if sampler else None)
+        _export(model, out, final, record, cfg, device, console)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return final
 
 
+def describe_metrics(m: dict) -> str:
+    parts = []
+    if "agreement" in m:
+        parts.append(f"agreement with the teacher {m['agreement']:.2f}%, KL {m['kl']:.4f}")
+    if "top1" in m:
+        parts.append(f"val loss {m['val_loss']:.4f}, top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%")
+    parts.append(f"keep {','.join(f'{r:.3f}' for r in m['keep_rate'])} ({m['images']} images: {m['split']})")
+    return "; ".join(parts)
+
+
 @torch.no_grad()
-def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist) -> dict:
-    """Validation loss, top-1 and top-5 (%), summed over ranks."""
+def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist, teacher=None) -> dict:
+    """On the validation split, summed over ranks: agreement and KL with the teacher when there is
+    one, val loss, top-1 and top-5 (%) when there are labels."""
     from .data import make_loader
+    from .fidelity import Tally
 
     net.eval()
     loader = make_loader(val_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=val_sampler)
-    loss = c1 = c5 = n = 0.0
+    tally = Tally()
     for images, target in loader:
         images, target = images.to(device), target.to(device)
         with _autocast(device, cfg.amp):
             logits = adapter.logits(model, net(images)).float()
-        loss += F.cross_entropy(logits, target, reduction="sum").item()
-        top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-        c1 += (top[:, 0] == target).sum().item()
-        c5 += (top == target[:, None]).any(dim=-1).sum().item()
-        n += target.numel()
-    loss, c1, c5, n = _all_sum([loss, c1, c5, n], d, device)
-    if n == 0:
+            ref = teacher.logits(images) if teacher is not None else None
+        tally.add(logits, ref, target)
+    keys = list(tally.sums)
+    tally.sums = dict(zip(keys, _all_sum([tally.sums[k] for k in keys], d, device)))
+    if tally.sums["images"] == 0:
         raise EvitError("the validation split is empty: give --val-split or a larger --val-fraction")
-    return {"val_loss": loss / n, "top1": 100 * c1 / n, "top5": 100 * c5 / n, "val_images": int(n)}
+    return tally.result()
 
 
-def _export(model, out: Path, final: dict, cfg: TrainConfig, device, console) -> None:
+def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int, global_batch: int, lr: float,
+                    train_images: int | None) -> dict:
+    """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
+    t = s.teacher
+    return {
+        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained},
+        "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
+        "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
+        "distillation": None if t is None else {
+            "teacher": t.source, "alpha": cfg.distill_alpha if s.data.labelled else 1.0, "tau": cfg.distill_tau},
+        "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,
+        "weight_decay": cfg.weight_decay, "img_size": s.adapter.img_size(s.model),
+        "metrics_split": f"{final['split']}, {final['images']} images", "previous": s.previous,
+    }
+
+
+def _export(model, out: Path, final: dict, record: dict, cfg: TrainConfig, device, console) -> None:
     """The output folder becomes an exported model, with metrics.json and the bench report."""
     import tempfile
 
@@ -498,7 +562,7 @@ def _export(model, out: Path, final: dict, cfg: TrainConfig, device, console) ->
     model.eval()
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out))
     try:
-        artifact.save(model, tmp / "m", extra={"metrics": final})
+        artifact.save(model, tmp / "m", extra={"metrics": final, "training": record})
         for f in (tmp / "m").iterdir():
             os.replace(f, out / f.name)
     finally:

@@ -78,6 +78,23 @@ def unit_interval(label: str, value) -> float:
     return value
 
 
+def percent(label: str, value) -> float:
+    """0 <= value <= 100 (a share of images, in %)."""
+    value = _number(label, value, False)
+    if not 0 <= value <= 100:
+        raise EvitError(f"{label} is a percentage: give a value from 0 to 100, got {value:g}")
+    return value
+
+
+def one_of(*choices: str):
+    def check(label: str, value) -> str:
+        if value not in choices:
+            raise EvitError(f"{label} must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
 def boolean(label: str, value) -> bool:
     if not isinstance(value, bool):
         raise EvitError(f"{label} must be true or false, got {value!r}")
@@ -152,15 +169,17 @@ def optional(check):
 TRAIN_CHECKS = {
     "val_fraction": open_fraction, "workers": non_negative_int, "steps_per_epoch": optional(positive_int),
     "randaugment": optional(randaugment), "mixup": non_negative, "cutmix": non_negative, "smoothing": below_one,
-    "epochs": positive, "batch_size": positive_int, "lr": optional(positive), "lr_per_512": positive,
+    "epochs": positive, "batch_size": positive_int, "lr": optional(positive), "lr_per_512": optional(positive),
     "min_lr": non_negative, "weight_decay": non_negative, "warmup_epochs": non_negative,
     "clip_grad": optional(positive), "accum_steps": positive_int, "seed": non_negative_int,
     "device": optional(device), "shrink_start": non_negative, "shrink_epochs": non_negative,
     "distill_alpha": unit_interval, "distill_tau": positive, "save_every": non_negative_int,
     "bench_batch": positive_int, "pretrained": boolean, "streaming": boolean, "amp": boolean,
-    "distill": boolean, "resume": boolean, "overwrite": boolean, "bench": boolean,
+    "distill": optional(boolean), "resume": boolean, "overwrite": boolean, "bench": boolean,
     "train_split": text, "val_split": optional(text), "image_column": optional(text),
     "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
+    "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
+    "img_size": optional(positive_int),
 }
 
 

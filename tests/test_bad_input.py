@@ -107,7 +107,7 @@ CASES = [
     ("cuda without CUDA", ["bench", M, "--device", "cuda"], "no CUDA"),
     ("eval batch 0", ["eval", M, "--dataset", "colours", "--batch", "0"], "at least 1"),
     ("eval cuda without CUDA", ["eval", M, "--dataset", "colours", "--device", "cuda"], "no CUDA"),
-    ("data set without label column", ["eval", M, "--dataset", "nolabel", "--workers", "0"], "no label column"),
+    ("new head without labels", ["finetune", M, "--dataset", "nolabel", "--head", "new", "-o", "ft", "--workers", "0"], "--head new needs labels"),
     ("data set without image column", ["eval", M, "--dataset", "noimage", "--workers", "0"], "no image column"),
     ("missing data set folder", ["eval", M, "--dataset", "./nodata"], "does not exist"),
     ("sweep keep rate 0", ["sweep", M, "--keep-rates", "0,0.5", "-o", "sw"], "outside (0, 1]"),
@@ -430,7 +430,7 @@ def test_help_is_plain_text_with_defaults_and_an_example(capsys):
         assert code == 0 and "Example: evit " in stdout, cmd
         text = " ".join(stdout.split())
         if cmd == "finetune":
-            assert "[default: 0.1]" in text and "[default: 30]" in text and "[default: 2e-5" in text
+            assert "[default: 0.1]" in text and "[default: 2]" in text and "[default: 5e-5" in text
         if cmd == "bench":
             assert "[default: 256]" in text
     code, stdout, _ = run([], capsys)

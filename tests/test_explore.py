@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 import evit_cli
-from evit_cli.explore import BLANK, candidate_layer_sets, imagenet_label_map
+from evit_cli.classes import eval_class_map
+from evit_cli.explore import BLANK, candidate_layer_sets
 from conftest import tiny_timm
 from test_cli import run
 from test_train import write_colour_folder
@@ -113,7 +114,8 @@ def test_eval_reports_dense_and_evit_on_the_same_images(tiny_folder, tmp_path, c
 
 
 def test_imagenet_synsets_map_to_a_1000_class_model():
-    assert imagenet_label_map(["n01440764", "n02102040", "n03888257"], 1000) == [0, 217, 701]
-    assert imagenet_label_map(["a", "b"], 2) is None
+    m1000, m2 = tiny_timm("vit", num_classes=1000), tiny_timm("vit", num_classes=2)
+    assert eval_class_map(["n01440764", "n02102040", "n03888257"], m1000) == [0, 217, 701]
+    assert eval_class_map(["a", "b"], m2) is None
     with pytest.raises(evit_cli.EvitError, match="3 classes and the model 1000"):
-        imagenet_label_map(["a", "b", "c"], 1000)
+        eval_class_map(["a", "b", "c"], m1000)

@@ -96,14 +96,16 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tiny_model, colours, tmp_path):
-    args = ["finetune", tiny_model, "--dataset", colours, "--epochs", 2, "--batch-size", 2, "--lr", 1e-3,
-            "--workers", 0, "--save-every", 1, "--no-bench", "--seed", 3]
+def test_kill_mid_epoch_with_workers_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tiny_model, colours, tmp_path):
+    # two loader workers and random crops and flips: each image's augmentation must depend on
+    # (seed, epoch, index) only, not on which worker drew it after the resume
+    args = ["finetune", tiny_model, "--dataset", colours, "--epochs", 2, "--batch-size", 4, "--lr", 1e-3,
+            "--workers", 2, "--save-every", 1, "--no-bench", "--seed", 3]
     full = _cli([*args, "-o", tmp_path / "full"])
     assert full.wait(timeout=600) == 0, full.stderr.read()
 
     proc = _cli([*args, "-o", tmp_path / "cut"])
-    progress = tmp_path / "cut" / "progress.json"
+    progress = tmp_path / "cut.train" / "progress.json"  # the checkpoint lives beside the export
     deadline = time.time() + 300
     while time.time() < deadline:
         if progress.is_file():
@@ -118,13 +120,15 @@ def test_kill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(tiny_model, c
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
-    assert steps == list(range(len(steps))) and len(steps) == 2 * (81 // 2)
+    assert steps == list(range(len(steps))) and len(steps) == 2 * (81 // 4)  # no step twice
     for name in ("metrics.json",):
         assert json.loads((tmp_path / "cut" / name).read_text())["step"] == json.loads((tmp_path / "full" / name).read_text())["step"]
-    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(tmp_path / "cut.train" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == len(steps)
+    assert json.loads(progress.read_text())["step"] == ckpt["step"]
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # not inside the exported model
     a, b = load_file(tmp_path / "cut" / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # same data order, same RNG: same weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
 
 
 def test_torchrun_two_cpu_processes_write_one_output(tiny_model, colours, tmp_path):
@@ -137,7 +141,7 @@ def test_torchrun_two_cpu_processes_write_one_output(tiny_model, colours, tmp_pa
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     final = json.loads(proc.stdout)  # only rank 0 printed
-    assert final["val_images"] == 10  # 9 held-out images, padded to 5 per rank
+    assert final["images"] == 10  # 9 held-out images, padded to 5 per rank
     assert len((tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()) == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "ddp" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(2 * (41 // 4)))  # 81 images over 2 ranks: 41 each, batch 4
@@ -160,8 +164,10 @@ def test_data_formats_and_columns(tmp_path, colours):
     pq = load_image_data(str(tmp_path / "pq"), val_fraction=0.2)
     assert pq.num_classes == 3 and len(pq.val) == 18
     ds.remove_columns("y").save_to_disk(str(tmp_path / "nolabel"))
-    with pytest.raises(evit_cli.EvitError, match="no label column"):
-        load_image_data(str(tmp_path / "nolabel"))
+    unlabelled = load_image_data(str(tmp_path / "nolabel"))  # no labels: trained by distillation alone
+    assert unlabelled.label_column is None and not unlabelled.labelled and unlabelled.class_names == []
+    with pytest.raises(evit_cli.EvitError, match="--label-column 'y'"):
+        load_image_data(str(tmp_path / "nolabel"), label_column="y")
     with pytest.raises(evit_cli.EvitError, match="--image-column 'photo'"):
         load_image_data(str(tmp_path / "saved"), image_column="photo")
 
@@ -174,7 +180,7 @@ def test_streaming_parquet_trains_for_the_given_steps(tmp_path, colours, tiny_mo
     ds["train"].to_parquet(str(tmp_path / "pq" / "train.parquet"))
     ds["test"].to_parquet(str(tmp_path / "pq" / "validation.parquet"))
     final = finetune(base_config(tiny_model, tmp_path / "pq", tmp_path / "s", epochs=2, streaming=True, steps_per_epoch=4))
-    assert final["step"] == 8 and final["val_images"] == 18
+    assert final["step"] == 8 and final["images"] == 18
     with pytest.raises(evit_cli.EvitError, match="--steps-per-epoch"):
         finetune(base_config(tiny_model, tmp_path / "pq", tmp_path / "s2", streaming=True))
 
@@ -191,6 +197,17 @@ def test_recipes_load_and_flags_override():
         TrainConfig.merged({"learning_rate": 1}, {})
 
 
+def test_the_defaults_are_the_recovery_recipe():
+    from evit_cli.train import resolve_lr
+
+    recipe = load_recipe(ROOT / "recipes" / "recover.yaml")
+    defaults = TrainConfig()
+    assert {k: getattr(defaults, k) for k in recipe if k != "lr"} == {k: v for k, v in recipe.items() if k != "lr"}
+    assert resolve_lr(defaults, 32)[:2] == (recipe["lr"], recipe["min_lr"]) == (5e-5, 1e-6)  # lr None: 5e-5
+    assert (defaults.weight_decay, defaults.batch_size, defaults.distill) == (0.05, 32, None)  # None: distil when possible
+    assert resolve_lr(TrainConfig(lr_per_512=2e-5, min_lr=2e-6), 32)[:2] == (1.25e-6, 1.25e-6)  # clamped, not rising
+
+
 def test_distill_from_the_dense_model_and_refuse_a_mismatched_teacher(colours, tmp_path):
     three = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2,)), tmp_path / "m3")
     # with alpha 1 the loss is the KL to the dense teacher alone; at keep rate 1.0 the student is
@@ -202,5 +219,5 @@ def test_distill_from_the_dense_model_and_refuse_a_mismatched_teacher(colours, t
     first = json.loads((tmp_path / "d2" / "train_log.jsonl").read_text().splitlines()[0])
     assert first["loss"] > 1e-4
     five = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2,)), tmp_path / "m5")
-    with pytest.raises(evit_cli.EvitError, match="teacher predicts 5 classes"):
+    with pytest.raises(evit_cli.EvitError, match="cannot distil: the teacher's 5 classes do not map onto the data set's 3"):
         finetune(base_config(five, colours, tmp_path / "e", epochs=1, distill=True))

@@ -1,0 +1,167 @@
+"""Search by accuracy: the cheapest layer set and per-layer keep rates within a fidelity constraint.
+
+On a calibration sample (images decoded once, the dense model's outputs computed once), a greedy
+coordinate descent lowers one layer's keep rate by one step of a grid at a time: of the moves that
+keep the constraint (top-1 within ``max_drop`` points of the dense model with labels, or agreement
+with the dense model at least ``min_agreement`` % without), it takes the one that costs the least
+KL(dense || EViT) per counted MAC saved, until no move keeps the constraint. A layer whose rate
+stays 1.0 is not an EViT layer. For comparison it also finds the best single keep rate at the
+same layers.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import adapters
+from .bench import count_macs
+from .core import convert, dense_copy, get_config
+from .errors import EvitError
+from .explore import largest_keep_rate_under
+
+GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the paper's range, and a little below
+
+
+def calibration_sample(model: nn.Module, data, limit: int, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A seeded sample of ``limit`` images (eval transform) and their labels in the model's classes."""
+    from .classes import eval_class_map
+    from .data import make_loader, transforms, with_transform
+
+    adapter = adapters.get_adapter(model)
+    mapping = eval_class_map(data.class_names, model) if data.labelled else None
+    ds = data.val.shuffle(seed=0).select(range(min(limit, len(data.val))))
+    ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(model), train=False),
+                        label_map=mapping)
+    xs, ys = zip(*make_loader(ds, batch_size=64, workers=workers))
+    return torch.cat(xs), (torch.cat(ys) if data.labelled else None)
+
+
+class Scorer:
+    """Fidelity of keep-rate settings of one model on a fixed sample, each setting evaluated once."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, batch: int, device):
+        self.model, self.images, self.targets, self.batch, self.device = model.to(device).eval(), images, targets, batch, device
+        self.adapter = adapters.get_adapter(model)
+        self.img = self.adapter.img_size(model)
+        self.ref = self._logits(dense_copy(model).to(device).eval())
+        self.cache: dict[tuple, dict] = {}
+
+    @torch.no_grad()
+    def _logits(self, m: nn.Module) -> torch.Tensor:
+        return torch.cat([self.adapter.logits(m, m(self.images[i:i + self.batch].to(self.device))).float().cpu()
+                          for i in range(0, len(self.images), self.batch)])
+
+    def top1(self, logits: torch.Tensor) -> float | None:
+        return None if self.targets is None else 100 * (logits.argmax(-1) == self.targets).float().mean().item()
+
+    def __call__(self, rates: tuple[float, ...]) -> dict:
+        if rates not in self.cache:
+            adapters.set_keep_rates(self.model, rates)
+            out = self._logits(self.model)
+            p = self.ref.log_softmax(-1)
+            kl = (p.exp() * (p - out.log_softmax(-1))).sum(-1).mean().item()
+            self.cache[rates] = {"keep_rates": list(rates), "gmacs": count_macs(self.model, self.img, self.device) / 1e9,
+                                 "agreement": 100 * (out.argmax(-1) == self.ref.argmax(-1)).float().mean().item(),
+                                 "kl": kl, "top1": self.top1(out)}
+        return self.cache[rates]
+
+
+def _meets(r: dict, dense_top1: float | None, max_drop: float | None, min_agreement: float | None) -> bool:
+    if max_drop is not None:
+        return dense_top1 - r["top1"] <= max_drop + 1e-9
+    return r["agreement"] >= min_agreement - 1e-9
+
+
+def greedy(score: Scorer, n: int, ok) -> dict:
+    """Lower one layer's rate a grid step at a time, cheapest KL per MAC saved first, while ``ok``."""
+    idx = [0] * n  # grid positions
+    cur = score(tuple(GRID[i] for i in idx))
+    while True:
+        best = None
+        for j in range(n):
+            if idx[j] + 1 >= len(GRID):
+                continue
+            trial = idx.copy()
+            trial[j] += 1
+            r = score(tuple(GRID[i] for i in trial))
+            saved = cur["gmacs"] - r["gmacs"]
+            if saved <= 0 or not ok(r):
+                continue
+            cost = (r["kl"] - cur["kl"]) / saved
+            if best is None or cost < best[0]:
+                best = (cost, trial, r)
+        if best is None:
+            return cur
+        _, idx, cur = best
+
+
+def best_single_rate(score: Scorer, n: int, ok, step: float = 0.05) -> dict | None:
+    """The lowest single keep rate (multiples of ``step``, down to the grid's lowest) that keeps the
+    constraint, scanning down from 1."""
+    found = None
+    for k in range(round(1 / step) - 1, round(GRID[-1] / step) - 1, -1):
+        r = score((round(k * step, 6),) * n)
+        if not ok(r):
+            break
+        found = r
+    return found
+
+
+def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None, min_agreement: float | None = None,
+                       limit: int = 256, search_layers: bool = False, batch: int = 64, device="cpu",
+                       workers: int = 0) -> dict:
+    """The configuration with the fewest counted MACs found within the constraint (see the module)."""
+    if (max_drop is None) == (min_agreement is None):
+        raise EvitError("give one constraint: --max-drop (points of top-1, needs labels) or --min-agreement (%)")
+    if max_drop is not None and not data.labelled:
+        raise EvitError("--max-drop needs labels and this data set has none: use --min-agreement instead")
+    if limit < 1:
+        raise EvitError(f"--limit must be at least 1, got {limit}")
+    cfg = get_config(model)
+    depth = adapters.get_adapter(model).depth(model)
+    positions = tuple(range(2, depth + 1)) if search_layers else tuple(cfg.layers)
+    m = copy.deepcopy(model)
+    convert(m, keep_rate=1.0, layers=positions, fuse=cfg.fuse)
+    images, targets = calibration_sample(m, data, limit, workers=workers)
+    score = Scorer(m, images, targets, batch, device)
+    dense = score((1.0,) * len(positions))
+    dense_top1 = dense["top1"]
+
+    def ok(r):
+        return _meets(r, dense_top1, max_drop, min_agreement)
+
+    found = greedy(score, len(positions), ok)
+    kept = [(p, r) for p, r in zip(positions, found["keep_rates"]) if r < 1.0]
+    single_layers = tuple(p for p, _ in kept) if kept and not search_layers else tuple(cfg.layers)
+    if not kept:
+        raise EvitError(f"no keep rate below 1.0 keeps the constraint on these {len(images)} images: loosen it")
+    single = _single_baseline(model, single_layers, images, targets, batch, device, ok, found["gmacs"])
+    return {
+        "layers": [p for p, _ in kept], "keep_rates": [r for _, r in kept], "fuse": cfg.fuse,
+        "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], "agreement": found["agreement"], "kl": found["kl"],
+        "top1": found["top1"], "top1_dense": dense_top1,
+        "constraint": f"top-1 drop <= {max_drop:g} points" if max_drop is not None else f"agreement >= {min_agreement:g}%",
+        "calibration_images": len(images), "evaluations": len(score.cache), "single_rate": single,
+    }
+
+
+def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: float) -> dict:
+    """For comparison, at ``layers``: the best single keep rate within the same constraint, and the
+    largest single keep rate whose counted MACs do not exceed ``gmacs`` (the per-layer result's)."""
+    m = copy.deepcopy(model)
+    convert(m, keep_rate=1.0, layers=layers, fuse=get_config(model).fuse)
+    score = Scorer(m, images, targets, batch, device)
+    n = len(layers)
+
+    def row(r):
+        return None if r is None else {"keep_rate": r["keep_rates"][0], "gmacs": r["gmacs"], "agreement": r["agreement"],
+                                       "kl": r["kl"], "top1": r["top1"], "meets": ok(r)}
+
+    try:
+        equal = score((largest_keep_rate_under(m, gmacs * 1e9 + 0.5, step=0.01),) * n)
+    except EvitError:  # no single rate gets that cheap at these layers
+        equal = None
+    return {"layers": list(layers), "within_constraint": row(best_single_rate(score, n, ok)), "at_equal_gmacs": row(equal)}
