@@ -570,7 +570,8 @@ def info(
         result["metrics"] = {k: data[k] for k in ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split") if k in data}
     if bench.is_file():
         data = read_json(bench, "benchmark (evit bench)")
-        result["bench"] = {k: data[k] for k in ("speedup", "batch", "device_name") if k in data}
+        result["bench"] = {name: data[k] for name, k in (("speedup", "speedup"), ("batch", "batch"), ("device", "device_name"))
+                           if k in data}
     _emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))
 
 
