@@ -18,7 +18,7 @@ from ...errors import EvitError
 from ..block import clear_block, setup_block
 from . import layer as hf_layer
 from . import preprocess, relpos
-from .families import FAMILIES, Family, refusal
+from .families import MASKED_IMAGE_MODELING, Family, refusal
 
 name = "transformers"
 
@@ -79,7 +79,7 @@ def matches(model: nn.Module) -> bool:
 def check(model: nn.Module) -> None:
     if _is_timm_wrapper(model):
         return _timm(model).check(model.timm_model)
-    if type(model).__name__ in _REFUSED or family(model) is None:
+    if type(model).__name__ in MASKED_IMAGE_MODELING or family(model) is None:
         raise EvitError(refusal(model))
     attn = getattr(_layers(model)[0], family(model).attention)
     for attr in ("q_proj", "k_proj", "v_proj", "head_dim"):
@@ -88,10 +88,6 @@ def check(model: nn.Module) -> None:
                 f"this transformers version lays out {type(attn).__name__} without {attr!r}: "
                 "install transformers>=5 (pip install -U transformers)"
             )
-
-
-# classes whose layers match a family but whose head needs every token
-_REFUSED = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "BeitForMaskedImageModeling", "ViTMAEForPreTraining")
 
 
 def depth(model: nn.Module) -> int:
