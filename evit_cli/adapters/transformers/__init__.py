@@ -6,6 +6,16 @@ vision tower of a CLIP model is touched. ``TimmWrapperModel`` /
 ``TimmWrapperForImageClassification`` are converted through the timm adapter
 on their ``timm_model``. Works with the model's attention implementation
 (eager or sdpa). Any other transformers model is refused with its reason.
+
+Outputs of a converted model: ``last_hidden_state`` is ``(B, N_last, C)``,
+the tokens after the last EViT layer (``[prefix, kept, fused]``); heads that
+pool the class token are unchanged, heads that average the patch tokens
+(BEiT, DINOv2's classifier) average the kept and fused tokens.
+``output_hidden_states=True`` gives ``depth + 1`` states, state ``i`` of shape
+``(B, N_i, C)`` with ``N_i`` the tokens after layer ``i`` (``i = 0``: the
+embeddings); ``output_attentions=True`` gives one ``(B, H, N, N)`` map per
+layer over the tokens entering it (with the eager attention; with sdpa
+transformers returns none, as it does without EViT).
 """
 
 from __future__ import annotations
