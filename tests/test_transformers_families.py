@@ -102,7 +102,7 @@ def _independent_counts(n: int, prefix: int, rates) -> list[int]:
     return counts
 
 
-def _cls_row_naive(layer, attn_mod, h, bias, spec_scale):
+def _cls_row_naive(attn_mod, h, bias, spec_scale):
     """Mean over heads of the class token's softmax row, one head at a time, from the module's own projections."""
     b, n, _ = h.shape
     heads = attn_mod.config.num_attention_heads
@@ -110,13 +110,13 @@ def _cls_row_naive(layer, attn_mod, h, bias, spec_scale):
     q, k = attn_mod.q_proj(h).view(b, n, heads, d), attn_mod.k_proj(h).view(b, n, heads, d)
     rows = []
     for hd in range(heads):
-        logits = q[:, 0, hd] @ k[:, :, hd].transpose(-1, -2) if False else torch.einsum("bd,bnd->bn", q[:, 0, hd], k[:, :, hd])
+        logits = torch.einsum("bd,bnd->bn", q[:, 0, hd], k[:, :, hd])
         logits = logits * spec_scale + (bias[:, hd, 0] if bias is not None else 0)
         rows.append(logits.softmax(-1))
     return torch.stack(rows).mean(0)
 
 
-def _naive_bias(dense_model, layer_idx, positions, n0):
+def _naive_bias(dense_model, positions, n0):
     """(B, H, N, N) bias at ``positions`` (original indices; n0 = the fused token: zero), one entry at a time."""
     root = dense_model.base_model
     full = root.shared_position_bias((8, 8), False, dim_size=n0)[0]
@@ -162,7 +162,7 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
                 break  # a per-layer table: checked at its first EViT layer (the shared table covers the gather)
             if positions is None:
                 positions = torch.arange(65).expand(inp.shape[0], -1)
-            bias = (_naive_bias(dense, i - 1, positions, 65) if not beit_per_layer else
+            bias = (_naive_bias(dense, positions, 65) if not beit_per_layer else
                     ref_layer.relative_position_bias((8, 8), False, dim_size=65))
             if beit_per_layer:
                 bias = bias.expand(inp.shape[0], -1, -1, -1)
@@ -174,7 +174,7 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
             ref_attn = getattr(ref_layer, "attention", None) or ref_layer.self_attn
             norm1 = getattr(ref_layer, "layernorm_before", None) or getattr(ref_layer, "norm1", None) or ref_layer.layer_norm1
             scale = getattr(ref_attn, "scaling", None) or ref_attn.scale
-            row = _cls_row_naive(ref_layer, ref_attn, norm1(inp), bias, scale)[:, prefix:]
+            row = _cls_row_naive(ref_attn, norm1(inp), bias, scale)[:, prefix:]
         k = kept.shape[1]
         assert torch.equal(kept.sort(1).values, row.topk(k, dim=1).indices.sort(1).values)
         idx = kept.unsqueeze(-1).expand(-1, -1, ref.shape[-1])
@@ -229,6 +229,7 @@ def test_vit_mae_masking_is_off_and_every_patch_in_order(images):
     (tf.DeiTForMaskedImageModeling, tf.DeiTConfig(**VIT), "masked-image-modeling"),
     (tf.SiglipVisionModel, tf.SiglipVisionConfig(**CLIP_VISION), "no class token.*attention-pooling"),
     (tf.YolosModel, tf.YolosConfig(**dict(VIT, image_size=[32, 32])), "YolosModel is a ViT with a class token, but .* not supported yet"),
+    (tf.Data2VecVisionModel, tf.Data2VecVisionConfig(**VIT), "Data2VecVisionModel is a ViT with a class token, but"),
     (tf.ConvNextModel, tf.ConvNextConfig(), "ConvNextModel is not a Vision Transformer family"),
 ])
 def test_other_transformers_models_are_refused_truthfully(cls, cfg, match):

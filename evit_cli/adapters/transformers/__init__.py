@@ -6,6 +6,16 @@ vision tower of a CLIP model is touched. ``TimmWrapperModel`` /
 ``TimmWrapperForImageClassification`` are converted through the timm adapter
 on their ``timm_model``. Works with the model's attention implementation
 (eager or sdpa). Any other transformers model is refused with its reason.
+
+Outputs of a converted model: ``last_hidden_state`` is ``(B, N_last, C)``,
+the tokens after the last EViT layer (``[prefix, kept, fused]``); heads that
+pool the class token are unchanged, heads that average the patch tokens
+(BEiT, DINOv2's classifier) average the kept and fused tokens.
+``output_hidden_states=True`` gives ``depth + 1`` states, state ``i`` of shape
+``(B, N_i, C)`` with ``N_i`` the tokens after layer ``i`` (``i = 0``: the
+embeddings); ``output_attentions=True`` gives one ``(B, H, N, N)`` map per
+layer over the tokens entering it (with the eager attention; with sdpa
+transformers returns none, as it does without EViT).
 """
 
 from __future__ import annotations
@@ -18,7 +28,7 @@ from ...errors import EvitError
 from ..block import clear_block, setup_block
 from . import layer as hf_layer
 from . import preprocess, relpos
-from .families import FAMILIES, Family, refusal
+from .families import MASKED_IMAGE_MODELING, Family, refusal
 
 name = "transformers"
 
@@ -79,7 +89,7 @@ def matches(model: nn.Module) -> bool:
 def check(model: nn.Module) -> None:
     if _is_timm_wrapper(model):
         return _timm(model).check(model.timm_model)
-    if type(model).__name__ in _REFUSED or family(model) is None:
+    if type(model).__name__ in MASKED_IMAGE_MODELING or family(model) is None:
         raise EvitError(refusal(model))
     attn = getattr(_layers(model)[0], family(model).attention)
     for attr in ("q_proj", "k_proj", "v_proj", "head_dim"):
@@ -88,10 +98,6 @@ def check(model: nn.Module) -> None:
                 f"this transformers version lays out {type(attn).__name__} without {attr!r}: "
                 "install transformers>=5 (pip install -U transformers)"
             )
-
-
-# classes whose layers match a family but whose head needs every token
-_REFUSED = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "BeitForMaskedImageModeling", "ViTMAEForPreTraining")
 
 
 def depth(model: nn.Module) -> int:
