@@ -67,11 +67,12 @@ def try_timm(name: str) -> dict:
     row = {"name": name, "class": vit_class(model)}
     if row["class"] is None:
         return row
-    depth = len(model.blocks) if hasattr(model, "blocks") else 12
-    size = model.patch_embed.img_size if hasattr(getattr(model, "patch_embed", None), "img_size") else (224, 224)
-    x = torch.empty(1, 3, *size, device="meta")
     try:
-        evit_cli.convert(model, keep_rate=0.7, layers=paper_layers(depth))
+        adapter = evit_cli.adapters.get_adapter(model)
+        evit_cli.convert(model, keep_rate=0.7, layers=paper_layers(adapter.depth(model)))
+        pe = getattr(model, "patch_embed", None)  # (H, W), not always square; else the adapter's size (NaFlexViT:
+        size = pe.img_size if hasattr(pe, "img_size") else (adapter.img_size(model),) * 2  # its pretrained config's)
+        x = torch.empty(1, 3, *size, device="meta")
     except EvitError as e:
         return {**row, "status": "refused", "reason": str(e)}
     except Exception as e:  # noqa: BLE001 - the benchmark records crashes, it must not stop on one

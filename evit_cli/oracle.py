@@ -40,6 +40,8 @@ class Oracle:
         cfg = get_config(student)
         if cfg is None:
             raise EvitError("oracle selection needs an EViT student: convert the model first")
+        if adapters.num_sequences(student) > 1 or adapters.num_sequences(teacher) > 1:
+            raise EvitError("oracle selection needs single-sequence ViTs: a CrossViT's two branches are not supported")
         self._check_compatible(student, teacher, max(cfg.layers))
         convert(teacher, keep_rate=1.0, layers=cfg.layers)
         self.teacher = teacher.eval()

@@ -42,6 +42,8 @@ FAMILIES = {
     "relpos_cls": ("vit_relpos_base_patch16_cls_224", {}),
     "relpos_shared": ("vit_srelpos_small_patch16_224", {"class_token": True, "global_pool": "token"}),
     "relpos_res_post": ("vit_relpos_small_patch16_rpn_224", {"class_token": True, "global_pool": "token"}),
+    # C-RADIO: class token + 7 registers; NaFlexVit keeps no img_size, its size is the pretrained config's
+    "naflex_radio": ("naflexvit_base_patch16_radio_v3", {"pretrained_cfg_overlay": {"input_size": (3, 32, 32)}}),
 }
 
 
@@ -193,7 +195,7 @@ def _dense_class_row(blk, x, call):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_parallel_things", "vit_parallel_scaling", "eva02", "dinov3", "pe_core",
-                                    "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared"])
+                                    "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared", "naflex_radio"])
 def test_the_ranking_row_is_the_blocks_own_attention(family, x):
     """The class row EViT ranks by equals the one timm's attention computes (RoPE rotated, bias added),
     in the first EViT block and in the second, whose tokens are the kept ones of the first."""
@@ -215,7 +217,7 @@ def test_the_ranking_row_is_the_blocks_own_attention(family, x):
         assert (rows[i] - _dense_class_row(blk, args[0], dkwargs)).abs().max() < 1e-5, f"block {i + 1}"
 
 
-@pytest.mark.parametrize("family", ["vit", "eva02", "dinov3", "beit", "vit_parallel_scaling"])
+@pytest.mark.parametrize("family", ["vit", "eva02", "dinov3", "beit", "vit_parallel_scaling", "naflex_radio"])
 def test_forward_backward_and_revert(family, x):
     dense = tiny(family)
     model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS).train()
@@ -231,7 +233,7 @@ def test_forward_backward_and_revert(family, x):
 # ------------------------------------------------------------ features
 
 
-@pytest.mark.parametrize("family", ["vit", "eva02", "dinov3", "beit"])
+@pytest.mark.parametrize("family", ["vit", "eva02", "dinov3", "beit", "naflex_radio"])
 def test_headless_model_and_forward_features(family, x):
     model = evit_cli.convert(tiny(family, num_classes=0), keep_rate=0.5, layers=LAYERS)
     p = model.num_prefix_tokens
@@ -240,7 +242,7 @@ def test_headless_model_and_forward_features(family, x):
         assert model.forward_features(x).shape == (2, p + 17 + 1, 48)  # 64 -> 33 (32 + fused) -> 18 (17 + fused)
 
 
-@pytest.mark.parametrize("family", ["vit", "eva02", "beit"])
+@pytest.mark.parametrize("family", ["vit", "eva02", "beit", "naflex_radio"])
 def test_forward_intermediates_give_the_remaining_tokens_and_full_maps(family, x):
     dense = tiny(family)
     model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS)
@@ -287,7 +289,8 @@ def _meta(name, **kw):
     ("vit_base_patch16_rope_reg1_gap_256", {}, "no class token"),
     ("cait_xxs24_224", {}, "only in its last class-attention blocks"),
     ("xcit_nano_12_p16_224", {}, "only in its last class-attention blocks"),
-    ("crossvit_tiny_240", {}, "is a ViT with a class token, but its two-branch cross attention"),
+    ("naflexvit_base_patch16_map", {}, "no class token (it pools by attention pool (MAP))"),
+    ("naflexvit_base_patch16_radio_v3", {"rope_type": "axial"}, "is a ViT with a class token, but its RoPE in a NaFlexVit"),
     ("tnt_s_patch16_224", {}, "is a ViT with a class token, but its pixel-level inner transformer"),
     ("resnet18", {}, "is not a supported Vision Transformer"),
 ])
@@ -328,3 +331,173 @@ def test_a_users_subclass_of_a_family_converts(x):
         ref = model(x)
         evit_cli.convert(model, keep_rate=1.0, layers=LAYERS)
         assert isinstance(model, MyViT) and (model(x) - ref).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------ NaFlexViT
+
+
+def test_naflex_counts_are_predicted_and_patch_dictionaries_are_refused(x):
+    model = evit_cli.convert(tiny("naflex_radio"), keep_rate=0.5, layers=LAYERS)
+    _, seen = _lengths(model, x)
+    assert evit_cli.tokens_after_layers(model) == [seen[1], seen[2]] == [8 + 33, 8 + 18]
+    patches = {"patches": torch.randn(2, 64, 48), "patch_coord": torch.zeros(2, 64, 2, dtype=torch.long),
+               "patch_valid": torch.ones(2, 64, dtype=torch.bool)}
+    for call in (lambda: model(patches), lambda: model.forward_intermediates(patches)):
+        with pytest.raises(evit_cli.EvitError, match="fixed-size mode only") as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------ CrossViT
+# Two branches (8 x 8 and 4 x 4 patches here), each with its own class token; layer L is the
+# L-th multi-scale stage, where the first block of each branch reorganizes its own tokens.
+
+CROSSVIT = dict(img_size=32, img_scale=(1.0, 1.0), patch_size=[4, 8], embed_dim=[48, 96], num_heads=[3, 3],
+                depth=[[1, 2, 0]] * 3, mlp_ratio=[2, 2, 1], num_classes=10)
+BRANCH_PATCHES = (64, 16)
+
+
+def tiny_crossvit(**overrides):
+    return randomize(timm.create_model("crossvit_tiny_240", pretrained=False, **{**CROSSVIT, **overrides}))
+
+
+def _branch_blocks(model):
+    """Every transformer block, as (stage, branch, index in the branch's stage, block)."""
+    return [(s, b, j, blk) for s, stage in enumerate(model.blocks) for b, seq in enumerate(stage.blocks)
+            for j, blk in enumerate(seq)]
+
+
+def _crossvit_lengths(model, x):
+    seen = {}
+    hooks = [blk.register_forward_hook(lambda m, i, o, k=(s, b, j): seen.__setitem__(k, o.shape[1]))
+             for s, b, j, blk in _branch_blocks(model)]
+    with torch.no_grad():
+        out = model(x)
+    for h in hooks:
+        h.remove()
+    return out, seen
+
+
+def test_crossvit_keep_rate_1_is_the_original_model(x):
+    model = tiny_crossvit()
+    with torch.no_grad():
+        ref = model(x)
+        evit = evit_cli.convert(copy.deepcopy(model), keep_rate=1.0, layers=(1, 2, 3))
+        assert (evit(x) - ref).abs().max() < 1e-5
+        for blk in evit_cli.adapters._all_evit_blocks(evit):  # the EViT path itself, forced to run at keep 1.0
+            blk.evit_rank = lambda *a: None
+        assert len(evit_cli.adapters._all_evit_blocks(evit)) == 6 and (evit(x) - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_crossvit_token_counts_of_both_branches_at_keep_05(fuse, x):
+    from evit_cli.bench import measure_tokens
+
+    model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS, fuse=fuse)
+    out, seen = _crossvit_lengths(model, x)
+    for b, patches in enumerate(BRANCH_PATCHES):
+        m = patches
+        for s in range(3):
+            if s + 1 in LAYERS:
+                m = math.ceil(m / 2) + (1 if fuse else 0)
+            stage = [n for (s_, b_, _), n in seen.items() if (s_, b_) == (s, b)]  # branch 0: 1 block a stage, branch 1: 2
+            assert stage == [1 + m] * (1 + b), (s, b)
+    assert out.shape == (2, 10)
+    # the single-sequence interface reports branch 0: 65 -> 34 -> 19 with fusion
+    branch0 = [seen[(s - 1, 0, 0)] for s in LAYERS]
+    assert evit_cli.tokens_after_layers(model) == measure_tokens(model, 32) == branch0
+    assert model.evit_config.layers == LAYERS and len(evit_cli.adapters.evit_blocks(model)) == 2
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_crossvit_each_block_keeps_the_dense_blocks_outputs(fuse, x):
+    """Every transformer block of both branches against the dense block on the same input: EViT blocks
+    give the dense rows of their class token and kept tokens, each branch ranking by its own class
+    token's attention (the row timm's own attention forms); the other blocks and the cross-attention
+    fusion, fed the shorter sequences, are timm's own."""
+    dense = tiny_crossvit()
+    model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS, fuse=fuse)
+    calls, rows = {}, {}
+    for s, b, j, blk in _branch_blocks(model):
+        blk.register_forward_hook(lambda m, a, o, k=(s, b, j): calls.__setitem__(k, (a[0], o)))
+        if hasattr(blk, "evit_keep_rate"):
+            blk.evit_rank = lambda blk_, x_, row, k=(s, b, j): rows.__setitem__(k, row)
+    fusions = {}
+    for s, stage in enumerate(model.blocks):
+        for b, f in enumerate(stage.fusion):
+            f.register_forward_hook(lambda m, a, o, k=(s, b): fusions.__setitem__(k, (a[0], o)))
+    record_kept(model)
+    with torch.no_grad():
+        model(x)
+    dense_blocks = {(s, b, j): blk for s, b, j, blk in _branch_blocks(dense)}
+    checked = 0
+    for key, (inp, out) in calls.items():
+        with torch.no_grad():
+            ref = dense_blocks[key](inp)
+        evit_blk = model.blocks[key[0]].blocks[key[1]][key[2]]
+        kept = getattr(evit_blk, "evit_kept", None)
+        if kept is None:
+            assert out.shape == inp.shape and (out - ref).abs().max() < 1e-4, key
+            continue
+        checked += 1
+        assert (rows[key] - _dense_class_row(copy.deepcopy(dense_blocks[key]), inp, {})).abs().max() < 1e-5, key
+        k = kept.shape[1]
+        assert out.shape[1] == 1 + k + (1 if fuse else 0)
+        assert (out[:, :1] - ref[:, :1]).abs().max() < 1e-4, key
+        assert (out[:, 1:1 + k] - torch.stack([ref[i, 1 + kept[i]] for i in range(2)])).abs().max() < 1e-4, key
+        if fuse:  # the fused token: the inattentive tokens (after attention) weighted by their class attention
+            pre = torch.stack([inp[i] + dense_blocks[key].attn(dense_blocks[key].norm1(inp[i:i + 1]))[0] for i in range(2)])
+            weights = rows[key][:, 1:].scatter(1, kept, 0.0)
+            fused_pre = (weights.unsqueeze(-1) * pre[:, 1:]).sum(1)
+            blk = dense_blocks[key]
+            expected = fused_pre + blk.mlp(blk.norm2(fused_pre))
+            assert (out[:, -1] - expected).abs().max() < 1e-4, key
+    assert checked == 2 * len(LAYERS)
+    for key, (inp, out) in fusions.items():  # one class token out, from the other branch's remaining tokens
+        with torch.no_grad():
+            assert out.shape[1] == 1 and (dense.blocks[key[0]].fusion[key[1]](inp) - out).abs().max() < 1e-5
+
+
+def test_crossvit_forward_backward_revert_and_schedules(x):
+    dense = tiny_crossvit()
+    model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS).train()
+    model(x).logsumexp(-1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    evit_cli.adapters.set_keep_rates(model.eval(), [1.0, 0.25])  # per layer, in both branches
+    assert [b.evit_keep_rate for b in evit_cli.adapters._all_evit_blocks(model)] == [1.0, 1.0, 0.25, 0.25]
+    _, seen = _crossvit_lengths(model, x)
+    assert (seen[(2, 0, 0)], seen[(2, 1, 0)]) == (1 + 16 + 1, 1 + 4 + 1)
+    evit_cli.revert(model)
+    assert type(model) is type(dense) and not evit_cli.adapters._all_evit_blocks(model)
+    assert all(type(a[3]) is type(b[3]) for a, b in zip(_branch_blocks(model), _branch_blocks(dense)))
+    with torch.no_grad():
+        assert (model(x) - dense(x)).abs().max() < 1e-5
+
+
+def test_crossvit_intermediates_oracle_and_resizing_answer_in_one_line(x):
+    from evit_cli.oracle import Oracle
+
+    model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS)
+    with torch.no_grad():
+        nlc = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True, indices=[0, 1, 2, 3, 4, 5])
+    assert [t.shape[1] for t in nlc] == [64, 33, 18, 16, 9, 6]  # branch 0's stages, then branch 1's
+    calls = [lambda: model.forward_intermediates(x), lambda: Oracle(model, tiny_crossvit()),
+             lambda: evit_cli.adapters.get_adapter(model).set_img_size(model, 64)]
+    for call, words in zip(calls, ["output_fmt='NLC'", "a CrossViT's two branches", "no set_input_size"]):
+        with pytest.raises(evit_cli.EvitError, match=words) as e:
+            call()
+        assert "\n" not in str(e.value)
+
+
+def test_crossvit_layers_are_its_stages():
+    with pytest.raises(evit_cli.EvitError, match="layer 4 is out of range: the model has 3 blocks"):
+        evit_cli.convert(tiny_crossvit(), keep_rate=0.7, layers=(4,))
+
+
+def test_crossvit_torchscript_export_matches_pytorch(tmp_path):
+    """ONNX works too (``evit export --format onnx``, checked by hand) but costs ~15 s of CPU here."""
+    from evit_cli.export import export
+
+    model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS)
+    r = export(model, "torchscript", tmp_path / "m.pt", check_batches=(1, 3))  # runs the file and compares it with PyTorch
+    assert r["tokens_after_layers"] == [34, 19] and max(r["max_abs_diff"].values()) < 1e-4

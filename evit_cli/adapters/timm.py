@@ -21,15 +21,13 @@ from .timm_families import family_of
 
 name = "timm"
 
-_EXTRA_ATTRS = ("evit_state", "evit_index", "evit_prefix")
+_EXTRA_ATTRS = ("evit_state", "evit_index", "evit_prefix", "evit_sequence")
 _CLASSES: dict[tuple[type, type], type] = {}
 
 # timm ViT-like classes EViT cannot serve, and why (class name -> what is not supported)
 _LATE_CLASS_ATTENTION = {"Cait", "Xcit", "VOLO"}
 _NOT_YET = {
-    "NaFlexVit": "variable-resolution patch embedding (NaFlex)",
     "TNT": "pixel-level inner transformer",
-    "CrossVit": "two-branch cross attention (one class token per branch)",
     "PoolingVisionTransformer": "pooling stages between blocks",
     "VisionTransformerSAM": "windowed attention",
 }
@@ -54,20 +52,26 @@ def matches(model: nn.Module) -> bool:
 
 
 def depth(model: nn.Module) -> int:
-    return len(model.blocks)
+    """Number of EViT layers a user can choose from (blocks; CrossViT: multi-scale stages)."""
+    return len(family_of(model).layers(model))
+
+
+def sequences(model: nn.Module):
+    """Every token sequence of the model (one, or one per CrossViT branch), the reported one first."""
+    return family_of(model).sequences(model)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    return int(model.num_prefix_tokens)
+    return sequences(model)[0].num_prefix
 
 
 def img_size(model: nn.Module) -> int:
-    return int(model.patch_embed.img_size[0])
+    return family_of(model).img_size(model)
 
 
 def num_tokens(model: nn.Module) -> int:
-    """Sequence length entering the first block."""
-    return int(model.patch_embed.num_patches) + num_prefix_tokens(model)
+    """Sequence length entering the first block (of the reported sequence)."""
+    return sequences(model)[0].num_tokens
 
 
 def data_config(model: nn.Module) -> dict:
@@ -115,13 +119,17 @@ def _refusal(model: nn.Module) -> str | None:
             return _no_class_token(model, label) if not has_cls else \
                 f"{label} is a ViT with a class token, but its {_NOT_YET[cls]} is not supported yet"
         return (f"{label} is not a supported Vision Transformer: EViT needs a ViT with a class token "
-                "(timm VisionTransformer, Eva, Beit or VisionTransformerRelPos)")
+                "(timm VisionTransformer, Eva, Beit, VisionTransformerRelPos, NaFlexVit or CrossVit)")
     if not has_cls:
         return _no_class_token(model, label)
-    for i, blk in enumerate(model.blocks):
-        why = _block_refusal(fam, blk)
-        if why:
-            return f"{label} is a ViT with a class token, but its {why} (block {i + 1}) is not supported yet"
+    why = fam.refusal(model) if fam.refusal is not None else None
+    if why:
+        return f"{label} is a ViT with a class token, but its {why} is not supported yet"
+    for i, group in enumerate(fam.layers(model)):
+        for blk in group:
+            why = _block_refusal(fam, blk)
+            if why:
+                return f"{label} is a ViT with a class token, but its {why} (block {i + 1}) is not supported yet"
     return None
 
 
@@ -150,25 +158,26 @@ def apply(model: nn.Module, cfg: EViTConfig) -> None:
     remove(model)
     fam = family_of(model)
     state = PositionState()
-    prefix = num_prefix_tokens(model)
+    prefixes = [seq.num_prefix for seq in sequences(model)]
     model.__class__ = _evit_class(type(model), EViTModelMixin, {"evit_family": fam})
     model.evit_state = state
     rates = dict(zip(cfg.indices, cfg.keep_rates))
     first = min(cfg.indices)
-    for i, blk in enumerate(model.blocks):
+    for i, group in enumerate(fam.layers(model)):
         if i not in rates and (fam.position is None or i < first):
             continue
-        spec = fam.block_spec(type(blk))
-        blk.__class__ = _evit_class(type(blk), EViTBlockMixin, {"evit_spec": spec, "evit_family": fam})
-        blk.evit_state, blk.evit_index, blk.evit_prefix = state, i, prefix
-        if i in rates:
-            setup_block(blk, rates[i], prefix, cfg.fuse)
+        for seq, blk in enumerate(group):  # one block per token sequence (CrossViT: per branch)
+            spec = fam.block_spec(type(blk))
+            blk.__class__ = _evit_class(type(blk), EViTBlockMixin, {"evit_spec": spec, "evit_family": fam})
+            blk.evit_state, blk.evit_index, blk.evit_prefix, blk.evit_sequence = state, i, prefixes[seq], seq
+            if i in rates:
+                setup_block(blk, rates[i], prefixes[seq], cfg.fuse)
 
 
 def remove(model: nn.Module) -> None:
     model.__class__ = _original(type(model))
     model.__dict__.pop("evit_state", None)
-    for blk in getattr(model, "blocks", []):
+    for blk in model.modules():
         if isinstance(blk, EViTBlockMixin):
             blk.__class__ = _original(type(blk))
             clear_block(blk)
@@ -207,6 +216,8 @@ def set_img_size(model: nn.Module, size: int) -> None:
     import logging
 
     logging.getLogger("timm.layers.pos_embed").setLevel(logging.WARNING)
+    if not hasattr(model, "set_input_size"):
+        raise EvitError(f"{_label(model)} cannot be resized by timm (it has no set_input_size): keep its {img_size(model)} px")
     model.set_input_size(img_size=(size, size))
     src = getattr(model, "evit_source", None)
     if src is not None:

@@ -232,7 +232,8 @@ class EViTBlockMixin:
         if terms.masked:
             raise EvitError("EViT blocks take no attention mask: call the model without attn_mask/is_causal")
         x, kept = self.evit_spec.layout(self, self.evit_spec, x, _follow(terms, pos, self.evit_prefix), active)
-        if kept is not None and state is not None:
+        if kept is not None and state is not None and not self.__dict__.get("evit_sequence"):
+            # positions follow the reported sequence; the families with several (CrossViT) have no position terms
             state.pos = follow_positions(pos, kept, m, self.evit_fuse)
             state.after[self.evit_index] = state.pos
         return x
@@ -274,13 +275,18 @@ class EViTModelMixin:
     """
 
     def forward_features(self, *args, **kwargs):
+        self._evit_check_call(args, kwargs)
         with self._evit_run():
             return super().forward_features(*args, **kwargs)
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
+        self._evit_check_call((x, *args), kwargs)
         bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
         bound.apply_defaults()
         fmt = bound.arguments.get("output_fmt", "NCHW")
+        if fmt != "NLC" and self.evit_family.feat_size is None:
+            raise EvitError(f"{type(self).__mro__[2].__name__} after EViT gives its intermediates as the tokens that "
+                            "remain only: call forward_intermediates with output_fmt='NLC'")
         bound.arguments["output_fmt"] = "NLC"
         with self._evit_run() as state:
             out = super().forward_intermediates(*bound.args, **bound.kwargs)
@@ -288,7 +294,7 @@ class EViTModelMixin:
                 return out
             take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
             positions = self._evit_positions(sorted(take), state)
-        hw = self.patch_embed.dynamic_feat_size(tuple(x.shape[-2:]))
+        hw = self.evit_family.feat_size(self, tuple(x.shape[-2:]))
         if isinstance(out, dict):
             return {**out, "image_intermediates": _maps(out["image_intermediates"], positions, hw)}
         if bound.arguments.get("intermediates_only"):
@@ -303,6 +309,11 @@ class EViTModelMixin:
             if i in take:
                 result.append(pos)
         return result
+
+    def _evit_check_call(self, args: tuple, kwargs: dict) -> None:
+        why = self.evit_family.call_refusal(args, kwargs) if self.evit_family.call_refusal is not None else None
+        if why:
+            raise EvitError(why)
 
     def _evit_run(self):
         if self.evit_family.position is not None and getattr(self, "grad_checkpointing", False) and self.training:
