@@ -95,16 +95,24 @@ def dense_self_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> 
     return distilled(ctx["base"][1.0], ctx["train"], ctx["work"] / f"dense_e{epochs:g}", epochs, {**extra, "keep_rate": 1.0})
 
 
-VARIANTS = {"off the shelf": off_the_shelf, "distilled": evit_distilled, "dense distilled (control)": dense_self_distilled}
+def oracle_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> Path:
+    """The same fine-tune, the tokens chosen by the dense model's class attention (--oracle)."""
+    return distilled(ctx["base"][keep], ctx["train"], ctx["work"] / f"oracle_k{keep:g}_e{epochs:g}", epochs,
+                     {**extra, "oracle": True})
 
 
-def plan(keeps: list[float], epochs: list[float], control: bool = True) -> list[tuple[str, float, float]]:
+VARIANTS = {"off the shelf": off_the_shelf, "distilled": evit_distilled, "distilled, oracle selection": oracle_distilled,
+            "dense distilled (control)": dense_self_distilled}
+
+
+def plan(keeps: list[float], epochs: list[float], control: bool = True, oracle: bool = False) -> list[tuple[str, float, float]]:
     rows = [("dense", 1.0, 0)]
     for e in epochs if control else []:
         rows.append(("dense distilled (control)", 1.0, e))
     for k in keeps:
         rows.append(("off the shelf", k, 0))
         rows += [("distilled", k, e) for e in epochs]
+        rows += [("distilled, oracle selection", k, e) for e in epochs] if oracle else []
     return rows
 
 
@@ -140,6 +148,7 @@ def main(argv=None) -> None:
     ap.add_argument("--subset", type=int, default=None, help="Use only the first N training and N test photos (a smoke run).")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-control", action="store_true", help="Skip the dense model distilled from itself.")
+    ap.add_argument("--oracle", action="store_true", help="Also fine-tune with oracle token selection (finetune --oracle).")
     ap.add_argument("--extra", default="{}", help="JSON of extra TrainConfig fields for every fine-tune.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="Folder for recover_real.{json,md}.")
     args = ap.parse_args(argv)
@@ -159,7 +168,7 @@ def main(argv=None) -> None:
                   "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                   "torch": torch.__version__, "command": "python benchmarks/recover_real.py " + " ".join(argv or sys.argv[1:]),
                   "rows": []}
-        for variant, keep, e in plan(keeps, epochs, not args.no_control):
+        for variant, keep, e in plan(keeps, epochs, not args.no_control, args.oracle):
             t0 = time.perf_counter()
             folder = ctx["base"][1.0] if variant == "dense" else VARIANTS[variant](ctx, keep, e, extra)
             train_s = time.perf_counter() - t0

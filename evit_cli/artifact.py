@@ -131,6 +131,8 @@ def training_summary(meta: dict) -> str:
     if not t:
         return "none (converted, not fine-tuned)"
     dist = f", distilled from {t['distillation']['teacher']}" if t.get("distillation") else ""
+    if t.get("token_selection", "own class attention") != "own class attention":
+        dist += f", tokens chosen by the {t['token_selection']}"
     return (f"{t['steps']} steps on {t['dataset']} ({'with' if t['labels'] else 'without'} labels{dist}); "
             f"head {t['head']}; metrics on {t['metrics_split']}")
 
@@ -150,6 +152,9 @@ def training_lines(meta: dict) -> list[str]:
         f"- head: {t['head']}",
         f"- steps: {t['steps']} ({t['epochs']:g} epochs at batch {t['global_batch']}, peak lr {t['lr']:g})",
     ]
+    if t.get("token_selection", "own class attention") != "own class attention":
+        lines.append(f"- token selection while training: {t['token_selection']} (the paper's oracle); "
+                     "at inference the model chooses by its own class attention")
     if t.get("distillation"):
         dd = t["distillation"]
         lines.append(f"- distillation: teacher {dd['teacher']}, weight {dd['alpha']:g}, temperature {dd['tau']:g}")

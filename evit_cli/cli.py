@@ -231,6 +231,7 @@ def finetune(
     shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", callback=_train("shrink_epochs"), help="Epochs of cosine from 1.0 to the target. [default: 0]"),
     distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model before conversion (KL to its distribution). [default: whenever its classes fit; always without labels]", show_default=False),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
+    oracle: Optional[bool] = typer.Option(None, "--oracle/--no-oracle", help="While training, keep the tokens the teacher's class attention ranks highest (the paper's oracle; the teacher: --teacher, or the dense model before conversion). At inference the model chooses by its own attention. [default: no-oracle]", show_default=False),
     distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the KL term against the label term (without labels the KL is the whole loss). [default: 0.5]"),
     distill_tau: Optional[float] = typer.Option(None, "--distill-tau", callback=_train("distill_tau"), help="Temperature. [default: 1.0]"),
     save_every: Optional[int] = typer.Option(None, "--save-every", callback=_train("save_every"), help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),

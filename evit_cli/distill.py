@@ -27,7 +27,11 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        out = adapters.get_adapter(self.model).logits(self.model, self.model(images)).float()
+        return self.from_output(self.model(images))
+
+    def from_output(self, output) -> torch.Tensor:
+        """The logits over the student's classes from an output of the teacher's forward."""
+        out = adapters.get_adapter(self.model).logits(self.model, output).float()
         return out if self.mapping is None else out[:, self.mapping]
 
 

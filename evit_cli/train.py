@@ -93,6 +93,7 @@ class TrainConfig:
     teacher: str | None = None
     distill_alpha: float = 0.5  # weight of the KL term when there are labels
     distill_tau: float = 1.0
+    oracle: bool = False  # the teacher's class attention chooses the kept tokens while training
     # bookkeeping
     save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: end of epoch only
     checkpoint_dir: str | None = None  # None: OUTPUT.train beside the output
@@ -227,6 +228,8 @@ class Setup:
     teacher: object  # distill.Teacher or None
     loss: str  # what the loss is, in words
     previous: dict | None  # the model's own training record, when it was fine-tuned before
+    oracle: object = None  # oracle.Oracle while training with --oracle
+    oracle_source: str | None = None
 
 
 def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
@@ -265,7 +268,32 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
     previous = getattr(model, "evit_training", None)
     convert_keeping(model, cfg.keep_rate, cfg.layers, cfg.fuse)
     model.to(device)
-    return Setup(model, adapter, data, head, mapping, teacher, loss, previous)
+    setup = Setup(model, adapter, data, head, mapping, teacher, loss, previous)
+    if cfg.oracle:
+        setup.oracle, setup.oracle_source = _oracle(setup, dense, device)
+    return setup
+
+
+def _oracle(s: Setup, dense: nn.Module, device: torch.device):
+    """The oracle that chooses the student's tokens: the teacher when there is one (one forward
+    serves both), else the dense model before conversion."""
+    from .oracle import Oracle
+
+    if s.teacher is not None:
+        return Oracle(s.model, s.teacher.model), s.teacher.source
+    o_adapter = adapters.get_adapter(dense)
+    if o_adapter.img_size(dense) != s.adapter.img_size(s.model):
+        o_adapter.set_img_size(dense, s.adapter.img_size(s.model))
+    return Oracle(s.model, dense.to(device)), "the dense model before conversion"
+
+
+def _teacher_logits(teacher, oracle, oracle_out, images):
+    """The teacher's logits for this batch; when the teacher is the oracle, from the forward it already ran."""
+    if teacher is None:
+        return None
+    if oracle is not None and oracle.teacher is teacher.model:
+        return teacher.from_output(oracle_out)
+    return teacher.logits(images)
 
 
 def head_note(s: Setup) -> str:
@@ -449,9 +477,10 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                     images, target = mixup_fn(images, target if labelled else torch.zeros_like(target))
                 sync = (micro + 1) % cfg.accum_steps == 0
                 ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
-                with ctx, _autocast(device, cfg.amp):
+                guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
+                with ctx, _autocast(device, cfg.amp), guide as oracle_out:
                     logits = adapter.logits(model, net(images)).float()
-                    t_logits = teacher.logits(images) if teacher is not None else None
+                    t_logits = _teacher_logits(teacher, s.oracle, oracle_out, images)
                     loss = training_loss(logits, target, t_logits, labelled=labelled, alpha=cfg.distill_alpha,
                                          tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
                 scaler.scale(loss).backward()
@@ -492,6 +521,8 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                     console.print(f"epoch {epoch + 1}/{num_epochs}: {describe_metrics(metrics)}", highlight=False)
     adapters.set_keep_rates(model, evit_cfg.keep_rates)
     final = history[-1] if history else json.loads((out / METRICS_LOG).read_text().splitlines()[-1])
+    if s.oracle is not None:
+        s.oracle.detach()  # the exported model chooses by its own attention, as always
     final = {**final, "head": head_note(s), "loss": s.loss, "notes": notes[2:], "checkpoint_dir": str(train_dir)}
     if d.main:
         record = training_record(cfg, s, final, total_steps=total_steps, global_batch=global_batch, lr=base_lr,
@@ -544,6 +575,7 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
         "from": {"model": cfg.model, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
+        "token_selection": f"oracle: {s.oracle_source}" if s.oracle_source else "own class attention",
         "distillation": None if t is None else {
             "teacher": t.source, "alpha": cfg.distill_alpha if s.data.labelled else 1.0, "tau": cfg.distill_tau},
         "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,

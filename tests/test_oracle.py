@@ -113,3 +113,28 @@ def test_oracle_refuses_a_teacher_with_another_patch_grid():
     student = evit_cli.convert(tiny_timm(), keep_rate=0.5, layers=(2,))
     with pytest.raises(evit_cli.EvitError, match="patches"):
         Oracle(student, tiny_timm(img_size=48))
+
+
+def test_finetune_with_the_oracle_trains_and_the_folder_says_so(tmp_path):
+    """--oracle without labels (distillation; one teacher forward serves both) and with labels
+    and --no-distill (the dense model is the oracle only)."""
+    import json
+
+    from evit_cli.train import TrainConfig, finetune
+    from test_fidelity import write_flat_folder
+    from test_train import write_colour_folder
+
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2, 4)), tmp_path / "m")
+    flat = write_flat_folder(tmp_path / "flat", 24)
+    final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(tmp_path / "a"), epochs=1,
+                                 batch_size=8, workers=0, bench=False, oracle=True))
+    t = json.loads((tmp_path / "a" / "evit.json").read_text())["training"]
+    assert t["token_selection"] == "oracle: the dense model before conversion" and final["loss"].startswith("distillation")
+    assert "oracle" in (tmp_path / "a" / "README.md").read_text()
+    saved = evit_cli.load(tmp_path / "a")  # chooses by its own attention: no hook travels with it
+    assert not any(hasattr(b, "evit_rank") for b in adapters.evit_blocks(saved))
+    colours = write_colour_folder(tmp_path / "colours", 6)
+    finetune(TrainConfig(model=str(start), dataset=str(colours), output=str(tmp_path / "b"), epochs=1, batch_size=6,
+                         workers=0, bench=False, oracle=True, distill=False, head="new"))
+    t = json.loads((tmp_path / "b" / "evit.json").read_text())["training"]
+    assert t["token_selection"] == "oracle: the dense model before conversion" and t["distillation"] is None
