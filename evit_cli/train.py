@@ -543,7 +543,8 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
     """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
     t = s.teacher
     return {
-        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained},
+        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint,  # pretrained None: a folder's own weights
+                 "pretrained": None if Path(cfg.model).is_dir() and not cfg.checkpoint else cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
         "distillation": None if t is None else {
