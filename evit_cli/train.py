@@ -301,12 +301,16 @@ def _start_folders(cfg: TrainConfig, out: Path, train_dir: Path, d) -> bool:
     busy = [p for p in (out, train_dir) if p.exists() and any(p.iterdir())]
     if busy and not cfg.overwrite:
         raise EvitError(f"{busy[0]} already exists: choose another -o, pass --resume to continue it, or --overwrite")
-    if d.main:
-        for p in busy:
-            shutil.rmtree(p)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", asdict(cfg))
     return False
+
+
+def _create_folders(cfg: TrainConfig, out: Path, train_dir: Path) -> None:
+    """A new run: clear what --overwrite replaces, then the output folder with the run's settings."""
+    for p in (out, train_dir):
+        if p.exists() and any(p.iterdir()):
+            shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_config.json", asdict(cfg))
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -357,7 +361,9 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
     out, train_dir = _folders(cfg)
     resuming = _start_folders(cfg, out, train_dir, d)
     ckpt.seed_all(cfg.seed + d.rank)
-    s = prepare(cfg, device)
+    s = prepare(cfg, device)  # user mistakes in the model, data, head or teacher stop here, before any file
+    if not resuming and d.main:
+        _create_folders(cfg, out, train_dir)
     model, adapter, teacher, labelled = s.model, s.adapter, s.teacher, s.data.labelled
     evit_cfg = get_config(model)
     train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d)
