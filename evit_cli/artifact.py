@@ -121,7 +121,8 @@ def weights_of(meta: dict) -> str:
 
 
 def describe_start(start: dict) -> str:
-    w = start.get("checkpoint") or ("pretrained weights" if start.get("pretrained") else "random weights")
+    pretrained = start.get("pretrained")
+    w = start.get("checkpoint") or {True: "pretrained weights", False: "random weights", None: "its weights"}[pretrained]
     return f"{start.get('model')} ({w})"
 
 

@@ -330,12 +330,16 @@ def _start_folders(cfg: TrainConfig, out: Path, train_dir: Path, d) -> bool:
     busy = [p for p in (out, train_dir) if p.exists() and any(p.iterdir())]
     if busy and not cfg.overwrite:
         raise EvitError(f"{busy[0]} already exists: choose another -o, pass --resume to continue it, or --overwrite")
-    if d.main:
-        for p in busy:
-            shutil.rmtree(p)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "train_config.json", asdict(cfg))
     return False
+
+
+def _create_folders(cfg: TrainConfig, out: Path, train_dir: Path) -> None:
+    """A new run: clear what --overwrite replaces, then the output folder with the run's settings."""
+    for p in (out, train_dir):
+        if p.exists() and any(p.iterdir()):
+            shutil.rmtree(p)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "train_config.json", asdict(cfg))
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -386,7 +390,9 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
     out, train_dir = run_folders(cfg)
     resuming = _start_folders(cfg, out, train_dir, d)
     ckpt.seed_all(cfg.seed + d.rank)
-    s = prepare(cfg, device)
+    s = prepare(cfg, device)  # user mistakes in the model, data, head or teacher stop here, before any file
+    if not resuming and d.main:
+        _create_folders(cfg, out, train_dir)
     model, adapter, teacher, labelled = s.model, s.adapter, s.teacher, s.data.labelled
     evit_cfg = get_config(model)
     train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d)
@@ -572,7 +578,8 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
     """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
     t = s.teacher
     return {
-        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint, "pretrained": cfg.pretrained},
+        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint,  # pretrained None: a folder's own weights
+                 "pretrained": None if Path(cfg.model).is_dir() and not cfg.checkpoint else cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
         "token_selection": f"oracle: {s.oracle_source}" if s.oracle_source else "own class attention",

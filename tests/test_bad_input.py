@@ -107,7 +107,6 @@ CASES = [
     ("cuda without CUDA", ["bench", M, "--device", "cuda"], "no CUDA"),
     ("eval batch 0", ["eval", M, "--dataset", "colours", "--batch", "0"], "at least 1"),
     ("eval cuda without CUDA", ["eval", M, "--dataset", "colours", "--device", "cuda"], "no CUDA"),
-    ("new head without labels", ["finetune", M, "--dataset", "nolabel", "--head", "new", "-o", "ft", "--workers", "0"], "--head new needs labels"),
     ("data set without image column", ["eval", M, "--dataset", "noimage", "--workers", "0"], "no image column"),
     ("missing data set folder", ["eval", M, "--dataset", "./nodata"], "does not exist"),
     ("sweep keep rate 0", ["sweep", M, "--keep-rates", "0,0.5", "-o", "sw"], "outside (0, 1]"),
