@@ -116,6 +116,7 @@ CASES = [
     ("unreadable image", ["visualize", M, "bad.jpg", "-o", "v.png"], "cannot read image"),
     # finetune
     ("finetune without data set", ["finetune", M, "-o", "ft"], "no data set"),
+    ("new head without labels", ["finetune", M, "--dataset", "nolabel", "--head", "new", "-o", "ft", "--workers", "0"], "--head new needs labels"),
     ("finetune batch 0", ["finetune", M, "--dataset", "colours", "-b", "0", "-o", "ft", "--workers", "0"], "at least 1"),
     ("unknown recipe key", ["finetune", M, "--recipe", "bad.yaml", "--dataset", "colours", "-o", "ft"], "unknown recipe keys"),
     ("recipe not YAML", ["finetune", M, "--recipe", "notyaml.yaml", "--dataset", "colours", "-o", "ft"], "not valid YAML"),
