@@ -84,25 +84,29 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def _interleaved(names: list[str], run, *, warmup: int, reps: int, device: torch.device, advance=None) -> dict[str, list[float]]:
+    """Seconds of ``run(name)`` for each name, interleaved rep by rep (order reversed every other
+    rep) so that drift hits all alike; the first ``warmup`` reps are not kept."""
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + reps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            _sync(device)
+            t0 = time.perf_counter()
+            run(name)
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+            if advance:
+                advance()
+    return times
+
+
 def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int, reps: int, amp: bool,
                       advance=None) -> dict[str, list[float]]:
-    """Seconds per forward pass for each model, interleaved rep by rep so that drift hits all alike."""
-    device = x.device
-    times: dict[str, list[float]] = {name: [] for name in models}
-    names = list(models)
-    with torch.inference_mode(), _autocast(device, amp):
-        for i in range(warmup + reps):
-            order = names if i % 2 == 0 else names[::-1]
-            for name in order:
-                _sync(device)
-                t0 = time.perf_counter()
-                models[name](x)
-                _sync(device)
-                if i >= warmup:
-                    times[name].append(time.perf_counter() - t0)
-                if advance:
-                    advance()
-    return times
+    """Seconds per forward pass for each model, interleaved rep by rep."""
+    with torch.inference_mode(), _autocast(x.device, amp):
+        return _interleaved(list(models), lambda name: models[name](x), warmup=warmup, reps=reps, device=x.device,
+                            advance=advance)
 
 
 def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False,
@@ -175,26 +179,17 @@ def time_training(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int,
     """Seconds per training step (forward, backward, AdamW step) of copies of ``models``, interleaved."""
     import copy
 
-    device = x.device
     copies = {name: copy.deepcopy(m).train() for name, m in models.items()}
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-9) for name, m in copies.items()}
-    times: dict[str, list[float]] = {name: [] for name in copies}
-    names = list(copies)
-    for i in range(warmup + reps):
-        for name in names if i % 2 == 0 else names[::-1]:
-            _sync(device)
-            t0 = time.perf_counter()
-            with _autocast(device, amp):
-                loss = _training_loss(copies[name](x))
-            loss.backward()
-            optims[name].step()
-            optims[name].zero_grad(set_to_none=True)
-            _sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - t0)
-            if advance:
-                advance()
-    return times
+
+    def step(name: str) -> None:
+        with _autocast(x.device, amp):
+            loss = _training_loss(copies[name](x))
+        loss.backward()
+        optims[name].step()
+        optims[name].zero_grad(set_to_none=True)
+
+    return _interleaved(list(copies), step, warmup=warmup, reps=reps, device=x.device, advance=advance)
 
 
 def describe_device(device: torch.device) -> str:
