@@ -101,7 +101,7 @@ def _without(args: list[str], option: str) -> list[str]:
 def _shortened(args: list[str]) -> list[str]:
     if args[0] in TIMED:
         args = _without(args, "--batch") + TIMED[args[0]] + ["--batch", "4"]
-    if args[0] in ("eval", "sweep") and "--dataset" in args:
+    if args[0] in ("eval", "sweep", "search") and "--dataset" in args:
         args = _without(args, "--limit") + ["--limit", "16"]
     return args
 
