@@ -107,7 +107,7 @@ def convert(
     keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     fuse: Optional[bool] = typer.Option(None, "--fuse/--no-fuse", help="Fuse the inattentive tokens into one token, or drop them. [default: fuse, or an exported folder's own]", show_default=False),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="Download pretrained weights, or start from random ones (not for an exported folder). [default: pretrained]", show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights (.safetensors, .pth, .pt, .bin) for MODEL (not for an exported folder)."),
     num_classes: Optional[int] = typer.Option(None, "--num-classes", callback=POSITIVE_INT, help="Classifier size (not for an exported folder). [default: the model's or the checkpoint's]"),
     img_size: Optional[int] = typer.Option(None, "--img-size", callback=POSITIVE_INT, help="Run at this resolution, a multiple of the patch size (position embeddings interpolated)."),
@@ -130,7 +130,8 @@ def convert(
     if match_macs is not None and keep_rate is not None:
         raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
-    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint, attn_implementation=attn_implementation, **kwargs)
+    m = loading.load_model(model, pretrained=_pretrained(model, pretrained), checkpoint=checkpoint,
+                           attn_implementation=attn_implementation, **kwargs)
     if img_size is not None:
         validate.image_size("--img-size", m, img_size)
         adapters.get_adapter(m).set_img_size(m, img_size)
@@ -181,7 +182,7 @@ def bench_cmd(
         check_report_dir(report)
     resolve_device(device)
     mode = compile_mode_of(compile_mode or compile_)
-    m = _load_converted(model, keep_rate, layers, pretrained=False)
+    m = _load_converted(model, keep_rate, layers, pretrained=None if (Path(model) / META_FILE).is_file() else False)
     result = bench(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup, reps=reps,
                    progress=True)
     if report is not None:
@@ -262,6 +263,7 @@ def finetune(
     validate.train_config(cfg)
     if not cfg.model:
         raise EvitError("no model: give MODEL or a --recipe that names one")
+    _pretrained(cfg.model, pretrained)
     if not cfg.dataset:
         raise EvitError("no data set: give --dataset (a hub name, an image folder, a save_to_disk folder or parquet)")
     if not cfg.output:
@@ -305,11 +307,21 @@ def _removing_if_unresumable(cfg, work):
         raise
 
 
-def _load_converted(model: str, keep_rate, layers, fuse=None, pretrained: bool = True, checkpoint=None):
+def _pretrained(model: str, value: Optional[bool]) -> bool:
+    """--pretrained/--no-pretrained as given; refused for an exported folder, whose weights are its own."""
+    from .artifact import META_FILE
+
+    if value is not None and (Path(model) / META_FILE).is_file():
+        flag = "--pretrained" if value else "--no-pretrained"
+        raise EvitError(f"{model} is an exported folder, which holds its own weights: drop {flag}, or give the original model name")
+    return True if value is None else value
+
+
+def _load_converted(model: str, keep_rate, layers, fuse=None, pretrained: Optional[bool] = None, checkpoint=None):
     """An EViT model from a folder (its own settings unless given) or a name (converted with them)."""
     from . import core, loading
 
-    m = loading.load_model(model, pretrained=pretrained, checkpoint=checkpoint)
+    m = loading.load_model(model, pretrained=_pretrained(model, pretrained), checkpoint=checkpoint)
     return core.convert_keeping(m, keep_rate, layers, fuse)
 
 
@@ -327,7 +339,7 @@ def eval_cmd(
     split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
     keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="For a model name (not for an exported folder). [default: pretrained]", show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch size for evaluation and throughput."),
     limit: Optional[int] = typer.Option(None, "--limit", callback=POSITIVE_INT, help="Evaluate on a seeded sample of N images. [default: all]"),
@@ -384,7 +396,7 @@ def sweep(
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Also measure accuracy on this data set."),
     split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
     limit: Optional[int] = typer.Option(None, "--limit", callback=POSITIVE_INT, help="Evaluate on a seeded sample of N images. [default: all]"),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="For a model name (not for an exported folder). [default: pretrained]", show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch size for timing and evaluation."),
     reps: int = typer.Option(5, "--reps", callback=POSITIVE_INT, help="Timed passes per model."),
@@ -434,7 +446,7 @@ def search(
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", callback=PERCENT, help="Fastest setting that agrees with the dense model's top-1 on at least this % of images (no labels needed)."),
     limit: int = typer.Option(256, "--limit", callback=POSITIVE_INT, help="Calibration sample: this many images (seeded)."),
     workers: int = typer.Option(2, "--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="For a model name (not for an exported folder). [default: pretrained]", show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     batch: int = typer.Option(64, "--batch", "-b", callback=POSITIVE_INT, help="Batch for timing."),
     reps: int = typer.Option(3, "--reps", callback=POSITIVE_INT, help="Timed passes per model and candidate."),
@@ -481,7 +493,7 @@ def search(
     rates = result.get("keep_rates") or [result["keep_rate"]]
     parts = ["evit convert", shlex.quote(model), "--keep-rate " + ",".join(f"{r:g}" for r in rates),
              "--layers " + ",".join(map(str, result["layers"]))]
-    if not pretrained:
+    if pretrained is False:
         parts.append("--no-pretrained")
     if checkpoint:
         parts.append(f"--checkpoint {shlex.quote(str(checkpoint))}")
@@ -501,7 +513,7 @@ def visualize(
     output: Path = typer.Option(Path("evit_tokens.png"), "--output", "-o", help="PNG to write."),
     keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="For a model name."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="For a model name (not for an exported folder). [default: pretrained]", show_default=False),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="Local weights for MODEL (not for an exported folder)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):

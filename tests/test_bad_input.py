@@ -158,6 +158,9 @@ NEW_CASES = [
     ("num-classes with exported folder", ["convert", M, "--num-classes", "4", "-o", "o"], "drop --num-classes"),
     ("checkpoint with exported folder", ["convert", M, "-c", "tiny.safetensors", "-o", "o"], "drop --checkpoint"),
     ("checkpoint with exported folder, eval", ["eval", M, "-d", "colours", "-c", "tiny.safetensors"], "drop --checkpoint"),
+    ("no-pretrained with exported folder", ["convert", M, "--no-pretrained", "-o", "o"], "drop --no-pretrained"),
+    ("pretrained with exported folder, sweep", ["sweep", M, "--pretrained", "-o", "sw"], "drop --pretrained"),
+    ("no-pretrained with exported folder, finetune", ["finetune", M, "--dataset", "colours", "--no-pretrained", "-o", "ft"], "drop --no-pretrained"),
     # convert: keep rates and layers
     ("empty keep-rate entry", ["convert", M, "-k", "0.7,,0.5", "-o", "o"], "has an empty entry"),
     ("leading comma in keep rates", ["convert", M, "-k", ",0.7", "-o", "o"], "has an empty entry"),
