@@ -216,23 +216,26 @@ TRANSFORMERS_CLASSES = (
     "ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel",
     "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
     "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
-    "BeitModel", "BeitForImageClassification",
+    "BeitModel", "BeitForImageClassification", "Data2VecVisionModel", "Data2VecVisionForImageClassification",
 )
 # model_type -> the class built when config.json names no supported architecture
 _DEFAULT_CLASS = {
     "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
     "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
     "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
+    "data2vec-vision": "Data2VecVisionModel",
 }
 
 
 def _transformers_class(config: dict, where: str):
     import transformers
 
-    from .adapters.transformers.families import MASKED_IMAGE_MODELING, NO_CLASS_TOKEN, reason, supported
+    from .adapters.transformers.families import (DENSE_PREDICTION, MASKED_IMAGE_MODELING, NO_CLASS_TOKEN, reason,
+                                                 supported)
 
     arch = (config.get("architectures") or [None])[0]
-    if arch in MASKED_IMAGE_MODELING or any(str(arch).startswith(p) for p in NO_CLASS_TOKEN):
+    if (arch in MASKED_IMAGE_MODELING or str(arch).endswith(DENSE_PREDICTION)
+            or any(str(arch).startswith(p) for p in NO_CLASS_TOKEN)):
         raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))

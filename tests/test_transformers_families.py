@@ -41,6 +41,10 @@ def _build(name: str, attn: str):
                                                     **kw)), 1),
         "beit": lambda: (tf.BeitForImageClassification(tf.BeitConfig(**BEIT, use_relative_position_bias=True, **kw)), 1),
         "beit_shared": lambda: (tf.BeitModel(tf.BeitConfig(**BEIT, use_shared_relative_position_bias=True, **kw)), 1),
+        "data2vec": lambda: (tf.Data2VecVisionForImageClassification(tf.Data2VecVisionConfig(
+            **BEIT, use_relative_position_bias=True, **kw)), 1),
+        "data2vec_shared": lambda: (tf.Data2VecVisionModel(tf.Data2VecVisionConfig(
+            **BEIT, use_shared_relative_position_bias=True, **kw)), 1),
     }
     torch.manual_seed(0)
     model, prefix = builders[name]()
@@ -48,7 +52,8 @@ def _build(name: str, attn: str):
 
 
 FAMILIES = ["vit", "deit_teacher", "vit_msn", "vit_mae", "dinov2", "dinov2_cls", "dinov2_reg", "dinov2_reg_cls",
-            "clip_vision", "clip_projection", "clip", "beit", "beit_shared"]
+            "clip_vision", "clip_projection", "clip", "beit", "beit_shared", "data2vec", "data2vec_shared"]
+RELPOS = ("beit", "data2vec")  # relative position bias: per-layer tables ("beit", "data2vec") or a shared one
 
 
 def _out(model, x, original_mae=False):
@@ -102,12 +107,18 @@ def _independent_counts(n: int, prefix: int, rates) -> list[int]:
     return counts
 
 
-def _cls_row_naive(attn_mod, h, bias, spec_scale):
+def _projections(attn_mod):
+    """The (query, key) linear layers of the attention module, in either transformers layout."""
+    inner = getattr(attn_mod, "attention", None)  # the older nested layout (Data2Vec-vision)
+    return (inner.query, inner.key) if inner is not None else (attn_mod.q_proj, attn_mod.k_proj)
+
+
+def _cls_row_naive(attn_mod, h, bias, spec_scale, heads):
     """Mean over heads of the class token's softmax row, one head at a time, from the module's own projections."""
     b, n, _ = h.shape
-    heads = attn_mod.config.num_attention_heads
     d = h.shape[-1] // heads
-    q, k = attn_mod.q_proj(h).view(b, n, heads, d), attn_mod.k_proj(h).view(b, n, heads, d)
+    wq, wk = _projections(attn_mod)
+    q, k = wq(h).view(b, n, heads, d), wk(h).view(b, n, heads, d)
     rows = []
     for hd in range(heads):
         logits = torch.einsum("bd,bnd->bn", q[:, 0, hd], k[:, :, hd])
@@ -119,7 +130,8 @@ def _cls_row_naive(attn_mod, h, bias, spec_scale):
 def _naive_bias(dense_model, positions, n0):
     """(B, H, N, N) bias at ``positions`` (original indices; n0 = the fused token: zero), one entry at a time."""
     root = dense_model.base_model
-    full = root.shared_position_bias((8, 8), False, dim_size=n0)[0]
+    table = getattr(root, "shared_position_bias", None) or root.encoder.relative_position_bias
+    full = table((8, 8), False, dim_size=n0)[0]
     b, n = positions.shape
     out = torch.zeros(b, full.shape[0], n, n)
     for i in range(b):
@@ -140,7 +152,8 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
     record_kept(model)
     seen = {}
     hooks = [_layers(model)[i - 1].register_forward_hook(
-        lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, (args[0], kwargs, out)), with_kwargs=True)
+        lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, (args[0], kwargs, out[0] if isinstance(out, tuple) else out)),
+        with_kwargs=True)
         for i in layers_1b]
     with torch.no_grad():
         _out(model, images)
@@ -149,7 +162,7 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
     counts = _independent_counts(64 + prefix, prefix, rates)
     assert evit_cli.tokens_after_layers(model) == counts
     assert [seen[i][2].shape[1] for i in layers_1b] == counts
-    beit_per_layer = name == "beit"
+    relpos, per_layer = name.startswith(RELPOS), name in RELPOS
     positions = None
     for j, i in enumerate(layers_1b):
         inp, kwargs, out = seen[i]
@@ -157,24 +170,22 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
         kept = layer.evit_kept
         kw = {k: v for k, v in kwargs.items() if k in ("resolution", "interpolate_pos_encoding")}
         bias = None
-        if name.startswith("beit"):
-            if beit_per_layer and j > 0:
+        if relpos:
+            if per_layer and j > 0:
                 break  # a per-layer table: checked at its first EViT layer (the shared table covers the gather)
             if positions is None:
                 positions = torch.arange(65).expand(inp.shape[0], -1)
-            bias = (_naive_bias(dense, positions, 65) if not beit_per_layer else
-                    ref_layer.relative_position_bias((8, 8), False, dim_size=65))
-            if beit_per_layer:
-                bias = bias.expand(inp.shape[0], -1, -1, -1)
-        with torch.no_grad():
-            if name.startswith("beit") and not beit_per_layer:
-                ref = ref_layer(inp, attention_mask=bias, **kw)
+            if per_layer:
+                table = getattr(ref_layer, "relative_position_bias", None) or ref_layer.attention.attention.relative_position_bias
+                bias = table((8, 8), False, dim_size=65).expand(inp.shape[0], -1, -1, -1)
             else:
-                ref = ref_layer(inp, None, **kw)
+                bias = _naive_bias(dense, positions, 65)
+        with torch.no_grad():
+            ref = _reference_layer(name, ref_layer, inp, None if per_layer else bias, kw)
             ref_attn = getattr(ref_layer, "attention", None) or ref_layer.self_attn
             norm1 = getattr(ref_layer, "layernorm_before", None) or getattr(ref_layer, "norm1", None) or ref_layer.layer_norm1
-            scale = getattr(ref_attn, "scaling", None) or ref_attn.scale
-            row = _cls_row_naive(ref_attn, norm1(inp), bias, scale)[:, prefix:]
+            scale = getattr(ref_attn, "scaling", None) or getattr(ref_attn, "scale", None) or (48 // 3) ** -0.5
+            row = _cls_row_naive(ref_attn, norm1(inp), bias, scale, 3)[:, prefix:]
         k = kept.shape[1]
         assert torch.equal(kept.sort(1).values, row.topk(k, dim=1).indices.sort(1).values)
         idx = kept.unsqueeze(-1).expand(-1, -1, ref.shape[-1])
@@ -185,19 +196,28 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
                                    torch.full((positions.shape[0], 1), 65)], 1)
 
 
-@pytest.mark.parametrize("name", ["vit", "dinov2_reg_cls", "clip", "beit"])
+def _reference_layer(name, layer, inp, shared_bias, kw):
+    """transformers' own layer on ``inp``, given the shared bias the model would pass it (None: none)."""
+    if name.startswith("data2vec"):  # the older layout: the shared bias as an argument, a tuple back
+        return layer(inp, relative_position_bias=shared_bias, **kw)[0]
+    return layer(inp, attention_mask=shared_bias, **kw)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2_reg_cls", "clip", "beit", "data2vec"])
 def test_forward_and_backward_run(name, images):
     model, _ = _build(name, "sdpa")
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
     model.train()
     _out(model, images).square().mean().backward()
-    grads = [p.grad for n, p in model.named_parameters() if "q_proj" in n and ("vision" in n or "text" not in n)]
+    grads = [p.grad for n, p in model.named_parameters()
+             if ("q_proj" in n or "attention.query" in n) and ("vision" in n or "text" not in n)]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert any(g.abs().sum() > 0 for g in grads)
 
 
-def test_output_attentions_and_hidden_states_follow_the_tokens(images):
-    model, _ = _build("vit", "eager")
+@pytest.mark.parametrize("name", ["vit", "data2vec"])  # attentions recorded by hooks / returned by the older layers
+def test_output_attentions_and_hidden_states_follow_the_tokens(name, images):
+    model, _ = _build(name, "eager")
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
     with torch.no_grad():
         out = model(images, output_attentions=True, output_hidden_states=True)
@@ -229,7 +249,7 @@ def test_vit_mae_masking_is_off_and_every_patch_in_order(images):
     (tf.DeiTForMaskedImageModeling, tf.DeiTConfig(**VIT), "masked-image-modeling"),
     (tf.SiglipVisionModel, tf.SiglipVisionConfig(**CLIP_VISION), "no class token.*attention-pooling"),
     (tf.YolosModel, tf.YolosConfig(**dict(VIT, image_size=[32, 32])), "YolosModel is a ViT with a class token, but .* not supported yet"),
-    (tf.Data2VecVisionModel, tf.Data2VecVisionConfig(**VIT), "Data2VecVisionModel is a ViT with a class token, but"),
+    (tf.Data2VecVisionForSemanticSegmentation, tf.Data2VecVisionConfig(**VIT), "Data2VecVisionForSemanticSegmentation"),
     (tf.ConvNextModel, tf.ConvNextConfig(), "ConvNextModel is not a Vision Transformer family"),
 ])
 def test_other_transformers_models_are_refused_truthfully(cls, cfg, match):

@@ -28,7 +28,7 @@ from ...errors import EvitError
 from ..block import clear_block, setup_block
 from . import layer as hf_layer
 from . import preprocess, relpos
-from .families import MASKED_IMAGE_MODELING, Family, refusal
+from .families import DENSE_PREDICTION, MASKED_IMAGE_MODELING, Family, refusal, resolve
 
 name = "transformers"
 
@@ -89,13 +89,15 @@ def matches(model: nn.Module) -> bool:
 def check(model: nn.Module) -> None:
     if _is_timm_wrapper(model):
         return _timm(model).check(model.timm_model)
-    if type(model).__name__ in MASKED_IMAGE_MODELING or family(model) is None:
+    name = type(model).__name__
+    if name in MASKED_IMAGE_MODELING or name.endswith(DENSE_PREDICTION) or family(model) is None:
         raise EvitError(refusal(model))
-    attn = getattr(_layers(model)[0], family(model).attention)
-    for attr in ("q_proj", "k_proj", "v_proj", "head_dim"):
-        if not hasattr(attn, attr):
+    spec = family(model)
+    attn = getattr(_layers(model)[0], spec.attention)
+    for path in (spec.q, spec.k, spec.v, spec.head_dim):
+        if resolve(attn, path) is None:
             raise EvitError(
-                f"this transformers version lays out {type(attn).__name__} without {attr!r}: "
+                f"this transformers version lays out {type(attn).__name__} without {path!r}: "
                 "install transformers>=5 (pip install -U transformers)"
             )
 
@@ -164,7 +166,7 @@ def apply(model: nn.Module, cfg: EViTConfig) -> None:
     for idx, rate in zip(cfg.indices, cfg.keep_rates):
         setup_block(layers[idx], rate, prefix, cfg.fuse)
     if spec.relative_position_bias:
-        relpos.install(layers, getattr(root, "shared_position_bias", None))
+        relpos.install(layers, spec, root)
     if type(vision_root(model)).__name__ == "ViTMAEModel":
         _masking_off(root)
     if hf_layer.refuse_attention_mask not in root._forward_pre_hooks.values():

@@ -4,13 +4,23 @@ A new family is one :class:`Family` entry: the layer class, where its norms,
 attention (``q_proj``/``k_proj``/``v_proj`` + output projection), MLP, dropout,
 layer scale and drop path live, how many prefix tokens its embeddings put
 first, and whether its attention carries a relative position bias.
+
+Names are attribute paths (``"attention.query"``); a tuple of paths is a chain
+of modules applied in order (``("intermediate", "output")``). ``legacy``
+families use transformers' older nested layer layout (Data2Vec-vision): the
+layer takes ``output_attentions`` and returns a tuple, and its attention module
+has no attention interface, so EViT computes the attention itself (eager or
+sdpa, as the model's ``attn_implementation`` says).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import reduce
 
 from torch import nn
+
+Path = str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -19,16 +29,24 @@ class Family:
     norm1: str = "layernorm_before"          # layer attributes, in forward order
     attention: str = "attention"
     norm2: str = "layernorm_after"
-    mlp: str = "mlp"
-    out_proj: str = "o_proj"                 # attention attributes
-    scaling: str = "scaling"
-    attn_dropout: str = "attention_dropout"
+    mlp: Path = "mlp"
+    q: str = "q_proj"                        # attention attributes
+    k: str = "k_proj"
+    v: str = "v_proj"
+    head_dim: str = "head_dim"
+    config: str = "config"
+    out_proj: Path = "o_proj"
+    scaling: str | None = "scaling"          # None: head_dim ** -0.5
+    attn_dropout: str = "attention_dropout"  # a probability
     dropout: str | None = "dropout"          # applied to each branch's output
     layer_scale: tuple[str, str] | None = None  # modules, parameters or floats multiplying each branch
     drop_path: str | None = None
     prefix: int = 1                          # class token (+ distillation token)
     prefix_config: str | None = None         # config attribute adding prefix tokens (registers)
     relative_position_bias: bool = False     # per-layer and/or shared bias tables (BEiT)
+    layer_bias: str = "relative_position_bias"   # the per-layer table, from the layer
+    shared_bias: str = "shared_position_bias"    # the shared table, from the vision model
+    legacy: bool = False                     # the older nested layout (see the module docstring)
     any_input_size: bool = False             # embeddings interpolate positions to any input size
     processor: str = "ViTImageProcessor"     # transformers' default image processor of the family
 
@@ -51,11 +69,41 @@ FAMILIES: dict[str, Family] = {
                                processor="CLIPImageProcessor"),
     "BeitLayer": Family("BEiT", layer_scale=("lambda_1", "lambda_2"), drop_path="drop_path",
                         relative_position_bias=True, processor="BeitImageProcessor"),
+    "Data2VecVisionLayer": Family("Data2Vec-vision", mlp=("intermediate", "output"), dropout=None,
+                                  q="attention.query", k="attention.key", v="attention.value",
+                                  head_dim="attention.attention_head_size", config="attention.config",
+                                  out_proj=("output.dense", "output.dropout"), scaling=None,
+                                  attn_dropout="attention.dropout.p", layer_scale=("lambda_1", "lambda_2"),
+                                  drop_path="drop_path", relative_position_bias=True,
+                                  layer_bias="attention.attention.relative_position_bias",
+                                  shared_bias="encoder.relative_position_bias", legacy=True,
+                                  processor="BeitImageProcessor"),
 }
+
+
+def resolve(obj, path: str):
+    """``obj``'s attribute at a dotted path; ``None`` where any step is missing."""
+    return reduce(lambda o, name: getattr(o, name, None) if o is not None else None, path.split("."), obj)
+
+
+def module_chain(obj, path: Path):
+    """The callable at ``path``: one module, or for a tuple the modules applied in order."""
+    if isinstance(path, str):
+        return resolve(obj, path)
+    mods = [resolve(obj, p) for p in path]
+
+    def chain(x):
+        for m in mods:
+            x = m(x)
+        return x
+
+    return chain
 
 # models whose head needs every patch: converting them would give a wrong shape
 MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "BeitForMaskedImageModeling",
                          "ViTMAEForPreTraining", "Data2VecVisionForMaskedImageModeling")
+# models whose head reads a map of every patch (segmentation, backbone feature maps)
+DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
 NO_CLASS_TOKEN = {
     "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
     "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
@@ -73,6 +121,9 @@ def reason(name: str, has_cls: bool) -> str:
     if name in MASKED_IMAGE_MODELING:
         return (f"{name} is a masked-image-modeling model: its head reconstructs every patch, so EViT cannot "
                 "remove tokens; convert the encoder alone (e.g. ViTModel, BeitModel)")
+    if name.endswith(DENSE_PREDICTION):
+        return (f"{name} predicts from a map of every patch (segmentation or backbone features), so EViT cannot "
+                "remove tokens; convert the encoder alone (e.g. BeitModel, Data2VecVisionModel)")
     for prefix, why in NO_CLASS_TOKEN.items():
         if name.startswith(prefix):
             return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import sys
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import EvitError
 from ...reorg import class_attention
 from ..block import reorganize_tokens, runs_dense
 from . import relpos
-from .families import FAMILIES, Family
+from .families import FAMILIES, Family, module_chain, resolve
 
 _CLASSES: dict[tuple[type, type], type] = {}
 
@@ -59,24 +60,42 @@ class EViTAttentionMixin:
     """
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, evit_cls: bool = False, **kwargs):
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
         spec: Family = self.evit_family
-        shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-        scale = getattr(self, spec.scaling)
-        eager = sys.modules[type(self).__mro__[2].__module__].eager_attention_forward
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-        dropout = getattr(self, spec.attn_dropout) if self.training else 0.0
-        out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=scale, **kwargs)
-        out = getattr(self, spec.out_proj)(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+        head_dim = int(resolve(self, spec.head_dim))
+        shape = (*hidden_states.shape[:-1], -1, head_dim)
+        q, k, v = (resolve(self, p)(hidden_states).view(shape).transpose(1, 2) for p in (spec.q, spec.k, spec.v))
+        scale = getattr(self, spec.scaling) if spec.scaling else head_dim ** -0.5
+        dropout = float(resolve(self, spec.attn_dropout)) if self.training else 0.0
+        out, weights = _attend(self, spec, q, k, v, attention_mask, dropout, scale, **kwargs)
+        out = module_chain(self, spec.out_proj)(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
         if not evit_cls:
             return out, weights
         if weights is not None:  # eager formed the matrix: its class row is the same numbers
             return out, weights, weights[:, :, 0].float().mean(dim=1)
         return out, weights, _cls_row(q, k, scale, attention_mask)
+
+
+def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, scale: float, **kwargs):
+    """(B, N, H, D) output and the weights (eager only), through the model's own attention implementation."""
+    impl = resolve(attn, spec.config)._attn_implementation
+    if spec.legacy:
+        return _legacy_attention(q, k, v, mask, dropout, scale, eager=impl == "eager")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(attn).__mro__[2].__module__].eager_attention_forward
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    return interface(attn, q, k, v, mask, dropout=dropout, scaling=scale, **kwargs)
+
+
+def _legacy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, dropout: float, scale: float, eager: bool):
+    """What the older layouts compute: the explicit softmax (eager, weights returned) or SDPA (no weights)."""
+    if not eager:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scale)
+        return out.transpose(1, 2), None
+    logits = (q @ k.transpose(-2, -1)) * scale
+    weights = (logits + bias if bias is not None else logits).softmax(dim=-1)
+    out = F.dropout(weights, dropout) @ v
+    return out.transpose(1, 2), weights
 
 
 def _branch(layer: nn.Module, spec: Family, y: Tensor, which: int) -> Tensor:
@@ -100,24 +119,30 @@ class EViTLayerMixin:
 
     def forward(self, hidden_states: Tensor, attention_mask=None, *args, **kwargs) -> Tensor:
         spec: Family = family_of(self)
+        want_weights = bool(kwargs.pop("output_attentions", False)) if spec.legacy else False
+        if spec.legacy:  # the shared table's full bias: recomputed below for the tokens that remain
+            kwargs.pop("relative_position_bias", None)
         bias = relpos.bias_for(self, hidden_states, kwargs) if spec.relative_position_bias else None
         rate = self.__dict__.get("evit_keep_rate")
         # int(...) sizes are constants when traced; an evit_rank hook makes it run at keep 1.0 too
         reduce = rate is not None and not runs_dense(self, int(hidden_states.shape[1]))
         if rate is not None:
             self.evit_kept = None
-        if not reduce and not spec.relative_position_bias:
+        if not reduce and not spec.relative_position_bias and not spec.legacy:
             return super().forward(hidden_states, None, *args, **kwargs)
         x = hidden_states
         attn = getattr(self, spec.attention)
         h = getattr(self, spec.norm1)(x)
-        a, _, cls_attn = attn(h, bias, evit_cls=True, **kwargs) if reduce else (*attn(h, bias, **kwargs), None)
+        a, weights, cls_attn = attn(h, bias, evit_cls=True, **kwargs) if reduce else (*attn(h, bias, **kwargs), None)
         x = x + _branch(self, spec, a, 0)
         if reduce:
             x, kept = reorganize_tokens(self, x, cls_attn)
             if spec.relative_position_bias:
                 relpos.follow(self, kept, self.evit_num_prefix, self.evit_fuse, x.shape[0], x.device)
-        return x + _branch(self, spec, getattr(self, spec.mlp)(getattr(self, spec.norm2)(x)), 1)
+        x = x + _branch(self, spec, module_chain(self, spec.mlp)(getattr(self, spec.norm2)(x)), 1)
+        if spec.legacy:  # the older layouts return a tuple, with the weights when asked
+            return (x, weights) if want_weights else (x,)
+        return x
 
 
 def refuse_attention_mask(module: nn.Module, args, kwargs):

@@ -1,4 +1,4 @@
-"""Relative position bias that follows the kept tokens (BEiT).
+"""Relative position bias that follows the kept tokens (BEiT, Data2Vec-vision).
 
 The bias tables give one (H, N0, N0) bias for the full sequence of ``N0``
 tokens (class token + patches). Once an EViT layer has reorganized the tokens,
@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .families import Family, resolve
+
 
 class Positions:
     """Original positions (B, N) of the current tokens; ``None`` while no token was removed."""
@@ -29,28 +31,34 @@ class Positions:
         self.n0 = 0
 
 
-def install(layers: nn.ModuleList, shared_bias: nn.Module | None) -> None:
+_ATTRS = ("evit_positions", "evit_layer_index", "evit_shared_bias", "evit_layer_bias", "evit_patch_size")
+
+
+def install(layers: nn.ModuleList, spec: Family, root: nn.Module) -> None:
+    """Give every layer the shared positions state and where its family keeps the bias tables."""
     state = Positions()
+    shared = resolve(root, spec.shared_bias)
+    patch = root.config.patch_size
     for i, layer in enumerate(layers):
-        # __dict__: a plain reference, not a registered submodule (state-dict keys stay those of transformers)
-        layer.__dict__["evit_positions"] = state
-        layer.__dict__["evit_layer_index"] = i
-        layer.__dict__["evit_shared_bias"] = shared_bias
+        # __dict__: plain references, not registered submodules (state-dict keys stay those of transformers)
+        layer.__dict__.update(evit_positions=state, evit_layer_index=i, evit_shared_bias=shared,
+                              evit_layer_bias=resolve(layer, spec.layer_bias),
+                              evit_patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch))
 
 
 def uninstall(layer: nn.Module) -> None:
-    for attr in ("evit_positions", "evit_layer_index", "evit_shared_bias"):
+    for attr in _ATTRS:
         layer.__dict__.pop(attr, None)
 
 
 def _window(layer: nn.Module, resolution) -> tuple[int, int]:
     height, width = resolution
-    return int(height) // layer.patch_size, int(width) // layer.patch_size
+    return int(height) // layer.evit_patch_size, int(width) // layer.evit_patch_size
 
 
 def _full_bias(layer: nn.Module, window, n0: int, interpolate: bool) -> Tensor | None:
     """The layer's (1, H, N0, N0) bias for the full sequence, as the original layer and model compute it."""
-    parts = [m(window, interpolate, dim_size=n0) for m in (layer.evit_shared_bias, layer.relative_position_bias) if m is not None]
+    parts = [m(window, interpolate, dim_size=n0) for m in (layer.evit_shared_bias, layer.evit_layer_bias) if m is not None]
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else parts[0] + parts[1]
