@@ -59,7 +59,11 @@ def count_params(model: nn.Module) -> int:
 def measure_tokens(model: nn.Module, img_size: int, device="cpu") -> list[int]:
     """Sequence length coming out of each EViT block, measured in a forward pass."""
     seen: list[int] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(int(o.shape[1]))) for b in adapters.evit_blocks(model)]
+
+    def record(module, args, out):  # some layouts return (hidden_states, ...) from a layer
+        seen.append(int((out[0] if isinstance(out, tuple) else out).shape[1]))
+
+    hooks = [b.register_forward_hook(record) for b in adapters.evit_blocks(model)]
     try:
         with torch.no_grad():
             model(torch.randn(1, 3, img_size, img_size, device=device))

@@ -11,8 +11,10 @@ import time
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, ViTConfig,
-                          ViTForImageClassification, ViTModel)
+from functools import partial
+
+from transformers import (Data2VecVisionConfig, Data2VecVisionForImageClassification, DeiTConfig,
+                          DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification, ViTModel)
 
 import evit_cli
 from conftest import randomize, tiny_timm
@@ -77,7 +79,9 @@ def test_same_weights_in_timm_and_transformers_give_same_evit_output(kind, attn,
 
 @pytest.mark.parametrize("cls, cfg_cls", [(ViTForImageClassification, ViTConfig),
                                           (DeiTForImageClassificationWithTeacher, DeiTConfig),
-                                          (ViTModel, ViTConfig)])
+                                          (ViTModel, ViTConfig),
+                                          (Data2VecVisionForImageClassification,  # the older layout, per-layer bias
+                                           partial(Data2VecVisionConfig, use_relative_position_bias=True))])
 def test_save_pretrained_folder_converts_and_exports(cls, cfg_cls, tmp_path, images):
     torch.manual_seed(0)
     model = randomize(cls(cfg_cls(**HF_TINY, num_labels=10)))
