@@ -30,7 +30,7 @@ def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwa
 
 
 def _attention_mapping() -> dict:
-    """Count the fused-attention kernels the installed FlopCounterMode leaves out."""
+    """Count the fused-attention kernels the installed FlopCounterMode leaves out (it looks ops up by packet)."""
     from torch.utils.flop_counter import flop_registry
 
     aten = torch.ops.aten
@@ -39,7 +39,7 @@ def _attention_mapping() -> dict:
                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
         op = getattr(aten, name, None)
         if op is not None and op.default not in flop_registry and op not in flop_registry:
-            mapping[op.default] = lambda q, k, v, *a, out_shape=None, **kw: _sdpa_flop(q, k, v)
+            mapping[op] = lambda q, k, v, *a, out_shape=None, **kw: _sdpa_flop(q, k, v)
     return mapping
 
 
