@@ -64,3 +64,55 @@ def test_real_deit_tiny_hub_folder_predicts_like_the_timm_path_and_exports(tmp_p
     r = export(hf, "onnx", tmp_path / "deit-tiny.onnx", check_batches=(1,))
     assert r["tokens_after_layers"] == [140, 100, 72]
     assert (_onnx_run(tmp_path / "deit-tiny.onnx", x[:4]) - hf_logits[:4]).abs().max() < 1e-3
+
+
+def timm_to_data2vec(sd: dict) -> dict:
+    """A timm ViT state dict in transformers' older nested Data2Vec-vision layout (absolute positions, no layer
+    scale, class-token pooling), independently of evit_cli. Data2Vec's keys have no bias: dropping timm's key bias
+    changes no attention weight (q . b_k is the same for every key of a query, and softmax ignores it)."""
+    p = "data2vec_vision"
+    out = {f"{p}.embeddings.cls_token": sd["cls_token"], f"{p}.embeddings.position_embeddings": sd["pos_embed"],
+           f"{p}.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
+           f"{p}.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
+           f"{p}.layernorm.weight": sd["norm.weight"], f"{p}.layernorm.bias": sd["norm.bias"],
+           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        b, h = f"blocks.{i}", f"{p}.encoder.layer.{i}"
+        for t, n in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.output.dense"),
+                     ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
+            out[f"{h}.{n}.weight"], out[f"{h}.{n}.bias"] = sd[f"{b}.{t}.weight"], sd[f"{b}.{t}.bias"]
+        weights, biases = sd[f"{b}.attn.qkv.weight"].chunk(3), sd[f"{b}.attn.qkv.bias"].chunk(3)
+        for part, w, bias in zip(("query", "key", "value"), weights, biases):
+            out[f"{h}.attention.attention.{part}.weight"] = w
+            if part != "key":
+                out[f"{h}.attention.attention.{part}.bias"] = bias
+        i += 1
+    return out
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_real_deit_tiny_weights_in_the_data2vec_layout_keep_what_timm_keeps(attn):
+    from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
+
+    from evit_cli.adapters import record_kept
+
+    cfg = Data2VecVisionConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                               image_size=224, patch_size=16, layer_norm_eps=1e-6, num_labels=1000,
+                               use_absolute_position_embeddings=True, use_relative_position_bias=False,
+                               use_mean_pooling=False, layer_scale_init_value=0.0, attn_implementation=attn)
+    hf = Data2VecVisionForImageClassification(cfg).eval()
+    hf.load_state_dict(timm_to_data2vec(load_state_dict(WEIGHTS)), strict=True)
+    tm = evit_cli.convert("deit_tiny_patch16_224", checkpoint=WEIGHTS, keep_rate=0.7, layers=(4, 7, 10))
+    x = batch(tm, photos(16))  # the same pixels into both
+    with torch.no_grad():
+        dense = hf(x).logits
+        evit_cli.convert(hf, keep_rate=0.7, layers=(4, 7, 10))
+        record_kept(hf), record_kept(tm)
+        hf_logits, timm_logits = hf(x).logits, tm(x)
+    assert evit_cli.tokens_after_layers(hf) == [140, 100, 72]
+    for a, b in zip(adapters.evit_blocks(hf), adapters.evit_blocks(tm)):
+        assert torch.equal(a.evit_kept.sort(1).values, b.evit_kept.sort(1).values)  # the same tokens kept
+    assert torch.equal(hf_logits.argmax(1), timm_logits.argmax(1))
+    assert (hf_logits - timm_logits).abs().max() < 1e-3
+    assert (hf_logits - dense).abs().max() > 1e-3  # EViT did change the computation
