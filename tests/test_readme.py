@@ -44,6 +44,8 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "--compile": "torch.compile builds C++ kernels for minutes on a CPU",
     "benchmarks/speed_table.py": "times DeiT-S and DeiT-B for most of an hour",
     "benchmarks/coverage.py": "builds all 373 ViT-like timm models: minutes",
+    "benchmarks/layouts_real.py": "runs the real DeiT-Tiny in three layouts on 3925 photos: about 20 minutes "
+                                  "(tests/test_transformers_real.py runs the same check on 16)",
     "benchmarks/recover_real.py": "fine-tunes the real DeiT-Tiny on 2943 photos for most of an hour",
     "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/test_fidelity.py trains the same way on tiny models)",
     "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/test_oracle.py trains the same way on tiny models)",
