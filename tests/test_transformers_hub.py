@@ -85,6 +85,10 @@ def test_hub_folder_converts_with_the_preprocessing_transformers_uses(repo, cls,
      "image_processor_type": "BitImageProcessor", "resample": 2},
     {"size": 36, "crop_size": 32, "do_center_crop": True, "feature_extractor_type": "CLIPFeatureExtractor"},
     {"size": 36, "crop_size": 32, "do_center_crop": True, "feature_extractor_type": "DeiTFeatureExtractor"},
+    # the legacy BEiT / Data2Vec-vision form (microsoft/beit-*, facebook/data2vec-vision-*): no crop, reduce_labels
+    {"crop_size": 32, "do_center_crop": False, "do_normalize": True, "do_resize": True,
+     "feature_extractor_type": "BeitFeatureExtractor", "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+     "reduce_labels": False, "resample": 2, "size": 32},
 ])
 def test_every_preprocessor_form_matches_the_image_processor(proc, tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
