@@ -25,24 +25,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
-from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification  # noqa: E402
 
 import evit_cli  # noqa: E402
 from evit_cli.core import dense_copy  # noqa: E402
-from evit_cli.loading import load_state_dict  # noqa: E402
-from test_transformers_real import WEIGHTS, batch, hub_folder, photos, timm_to_data2vec  # noqa: E402
+from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 LAYERS, KEEP = (4, 7, 10), 0.7
-
-
-def data2vec(attn: str):
-    cfg = Data2VecVisionConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                               image_size=224, patch_size=16, layer_norm_eps=1e-6, num_labels=1000,
-                               use_absolute_position_embeddings=True, use_relative_position_bias=False,
-                               use_mean_pooling=False, layer_scale_init_value=0.0, attn_implementation=attn)
-    model = Data2VecVisionForImageClassification(cfg).eval()  # its weights, then EViT
-    model.load_state_dict(timm_to_data2vec(load_state_dict(WEIGHTS)), strict=True)
-    return evit_cli.convert(model, keep_rate=KEEP, layers=LAYERS)
 
 
 def compare(models: dict, timm_evit, files, batch_size: int) -> list[dict]:
@@ -76,7 +64,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = {"transformers ViT (facebook/deit-tiny-patch16-224 hub layout)":
                   evit_cli.convert(hub_folder(Path(tmp) / "deit-tiny"), keep_rate=KEEP, layers=LAYERS)}
-    models.update({f"transformers Data2Vec-vision, {attn}": data2vec(attn) for attn in ("sdpa", "eager")})
+    for attn in ("sdpa", "eager"):
+        models[f"transformers Data2Vec-vision, {attn}"] = evit_cli.convert(data2vec_deit_tiny(attn), keep_rate=KEEP,
+                                                                           layers=LAYERS)
     rows = compare(models, timm_evit, files, args.batch)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     result = {"keep_rate": KEEP, "layers": list(LAYERS), "machine": machine, "rows": rows}

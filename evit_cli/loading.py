@@ -230,12 +230,10 @@ _DEFAULT_CLASS = {
 def _transformers_class(config: dict, where: str):
     import transformers
 
-    from .adapters.transformers.families import (DENSE_PREDICTION, MASKED_IMAGE_MODELING, NO_CLASS_TOKEN, reason,
-                                                 supported)
+    from .adapters.transformers.families import reason, refused_class, supported
 
     arch = (config.get("architectures") or [None])[0]
-    if (arch in MASKED_IMAGE_MODELING or str(arch).endswith(DENSE_PREDICTION)
-            or any(str(arch).startswith(p) for p in NO_CLASS_TOKEN)):
+    if refused_class(str(arch)):
         raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))

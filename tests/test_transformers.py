@@ -23,9 +23,9 @@ HF_TINY = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=6,
                intermediate_size=192, layer_norm_eps=1e-6, hidden_act="gelu")
 
 
-def timm_to_hf(sd: dict, prefix: str, distilled: bool) -> dict:
-    """Map a timm ViT/DeiT state dict onto transformers' keys, independently of evit_cli."""
-    out = {
+def map_timm_embeddings(sd: dict, prefix: str) -> dict:
+    """timm's class token, positions, patch embedding and final norm under transformers' ``prefix`` keys."""
+    return {
         f"{prefix}.embeddings.cls_token": sd["cls_token"],
         f"{prefix}.embeddings.position_embeddings": sd["pos_embed"],
         f"{prefix}.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
@@ -33,15 +33,30 @@ def timm_to_hf(sd: dict, prefix: str, distilled: bool) -> dict:
         f"{prefix}.layernorm.weight": sd["norm.weight"],
         f"{prefix}.layernorm.bias": sd["norm.bias"],
     }
-    i = 0
+
+
+def map_timm_blocks(sd: dict, layers: str, names, qkv: tuple[str, str, str], key_bias: bool = True) -> dict:
+    """timm's blocks under ``layers.{i}``: ``names`` maps timm modules to theirs, ``qkv`` names the split
+    projections (without ``key_bias`` the key gets no bias)."""
+    out, i = {}, 0
     while f"blocks.{i}.norm1.weight" in sd:
-        b, h = f"blocks.{i}", f"{prefix}.layers.{i}"
-        for t, n in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
-                     ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+        b, h = f"blocks.{i}", f"{layers}.{i}"
+        for t, n in names:
             out[f"{h}.{n}.weight"], out[f"{h}.{n}.bias"] = sd[f"{b}.{t}.weight"], sd[f"{b}.{t}.bias"]
-        for part, w, bias in zip(("q", "k", "v"), sd[f"{b}.attn.qkv.weight"].chunk(3), sd[f"{b}.attn.qkv.bias"].chunk(3)):
-            out[f"{h}.attention.{part}_proj.weight"], out[f"{h}.attention.{part}_proj.bias"] = w, bias
+        for part, w, bias in zip(qkv, sd[f"{b}.attn.qkv.weight"].chunk(3), sd[f"{b}.attn.qkv.bias"].chunk(3)):
+            out[f"{h}.{part}.weight"] = w
+            if key_bias or part != qkv[1]:
+                out[f"{h}.{part}.bias"] = bias
         i += 1
+    return out
+
+
+def timm_to_hf(sd: dict, prefix: str, distilled: bool) -> dict:
+    """Map a timm ViT/DeiT state dict onto transformers' keys, independently of evit_cli."""
+    names = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.o_proj"),
+             ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+    qkv = ("attention.q_proj", "attention.k_proj", "attention.v_proj")
+    out = {**map_timm_embeddings(sd, prefix), **map_timm_blocks(sd, f"{prefix}.layers", names, qkv)}
     if distilled:
         out[f"{prefix}.embeddings.distillation_token"] = sd["dist_token"]
         out["cls_classifier.weight"], out["cls_classifier.bias"] = sd["head.weight"], sd["head.bias"]

@@ -184,8 +184,10 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
             ref = _reference_layer(name, ref_layer, inp, None if per_layer else bias, kw)
             ref_attn = getattr(ref_layer, "attention", None) or ref_layer.self_attn
             norm1 = getattr(ref_layer, "layernorm_before", None) or getattr(ref_layer, "norm1", None) or ref_layer.layer_norm1
-            scale = getattr(ref_attn, "scaling", None) or getattr(ref_attn, "scale", None) or (48 // 3) ** -0.5
-            row = _cls_row_naive(ref_attn, norm1(inp), bias, scale, 3)[:, prefix:]
+            heads = SIZE["num_attention_heads"]
+            scale = (getattr(ref_attn, "scaling", None) or getattr(ref_attn, "scale", None)
+                     or (SIZE["hidden_size"] // heads) ** -0.5)  # the older layout divides by sqrt(head_dim)
+            row = _cls_row_naive(ref_attn, norm1(inp), bias, scale, heads)[:, prefix:]
         k = kept.shape[1]
         assert torch.equal(kept.sort(1).values, row.topk(k, dim=1).indices.sort(1).values)
         idx = kept.unsqueeze(-1).expand(-1, -1, ref.shape[-1])

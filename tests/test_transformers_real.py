@@ -16,7 +16,7 @@ from evit_cli.data import transforms
 from evit_cli.export import export
 from evit_cli.loading import load_state_dict
 from test_export import _onnx_run
-from test_transformers import timm_to_hf
+from test_transformers import map_timm_blocks, map_timm_embeddings, timm_to_hf
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 WEIGHTS = REAL / "deit_tiny_patch16_224.safetensors"
@@ -71,38 +71,31 @@ def timm_to_data2vec(sd: dict) -> dict:
     scale, class-token pooling), independently of evit_cli. Data2Vec's keys have no bias: dropping timm's key bias
     changes no attention weight (q . b_k is the same for every key of a query, and softmax ignores it)."""
     p = "data2vec_vision"
-    out = {f"{p}.embeddings.cls_token": sd["cls_token"], f"{p}.embeddings.position_embeddings": sd["pos_embed"],
-           f"{p}.embeddings.patch_embeddings.projection.weight": sd["patch_embed.proj.weight"],
-           f"{p}.embeddings.patch_embeddings.projection.bias": sd["patch_embed.proj.bias"],
-           f"{p}.layernorm.weight": sd["norm.weight"], f"{p}.layernorm.bias": sd["norm.bias"],
-           "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
-    i = 0
-    while f"blocks.{i}.norm1.weight" in sd:
-        b, h = f"blocks.{i}", f"{p}.encoder.layer.{i}"
-        for t, n in (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.output.dense"),
-                     ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")):
-            out[f"{h}.{n}.weight"], out[f"{h}.{n}.bias"] = sd[f"{b}.{t}.weight"], sd[f"{b}.{t}.bias"]
-        weights, biases = sd[f"{b}.attn.qkv.weight"].chunk(3), sd[f"{b}.attn.qkv.bias"].chunk(3)
-        for part, w, bias in zip(("query", "key", "value"), weights, biases):
-            out[f"{h}.attention.attention.{part}.weight"] = w
-            if part != "key":
-                out[f"{h}.attention.attention.{part}.bias"] = bias
-        i += 1
-    return out
+    names = (("norm1", "layernorm_before"), ("norm2", "layernorm_after"), ("attn.proj", "attention.output.dense"),
+             ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense"))
+    qkv = ("attention.attention.query", "attention.attention.key", "attention.attention.value")
+    return {**map_timm_embeddings(sd, p), **map_timm_blocks(sd, f"{p}.encoder.layer", names, qkv, key_bias=False),
+            "classifier.weight": sd["head.weight"], "classifier.bias": sd["head.bias"]}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_real_deit_tiny_weights_in_the_data2vec_layout_keep_what_timm_keeps(attn):
+def data2vec_deit_tiny(attn: str):
+    """The real DeiT-Tiny as a dense transformers Data2VecVisionForImageClassification (``attn``: eager or sdpa)."""
     from transformers import Data2VecVisionConfig, Data2VecVisionForImageClassification
-
-    from evit_cli.adapters import record_kept
 
     cfg = Data2VecVisionConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
                                image_size=224, patch_size=16, layer_norm_eps=1e-6, num_labels=1000,
                                use_absolute_position_embeddings=True, use_relative_position_bias=False,
                                use_mean_pooling=False, layer_scale_init_value=0.0, attn_implementation=attn)
-    hf = Data2VecVisionForImageClassification(cfg).eval()
-    hf.load_state_dict(timm_to_data2vec(load_state_dict(WEIGHTS)), strict=True)
+    model = Data2VecVisionForImageClassification(cfg).eval()
+    model.load_state_dict(timm_to_data2vec(load_state_dict(WEIGHTS)), strict=True)
+    return model
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_real_deit_tiny_weights_in_the_data2vec_layout_keep_what_timm_keeps(attn):
+    from evit_cli.adapters import record_kept
+
+    hf = data2vec_deit_tiny(attn)
     tm = evit_cli.convert("deit_tiny_patch16_224", checkpoint=WEIGHTS, keep_rate=0.7, layers=(4, 7, 10))
     x = batch(tm, photos(16))  # the same pixels into both
     with torch.no_grad():

@@ -28,7 +28,7 @@ from ...errors import EvitError
 from ..block import clear_block, setup_block
 from . import layer as hf_layer
 from . import preprocess, relpos
-from .families import DENSE_PREDICTION, MASKED_IMAGE_MODELING, Family, refusal, resolve
+from .families import Family, refusal, refused_class, resolve
 
 name = "transformers"
 
@@ -89,8 +89,7 @@ def matches(model: nn.Module) -> bool:
 def check(model: nn.Module) -> None:
     if _is_timm_wrapper(model):
         return _timm(model).check(model.timm_model)
-    name = type(model).__name__
-    if name in MASKED_IMAGE_MODELING or name.endswith(DENSE_PREDICTION) or family(model) is None:
+    if refused_class(type(model).__name__) or family(model) is None:
         raise EvitError(refusal(model))
     spec = family(model)
     attn = getattr(_layers(model)[0], spec.attention)
@@ -166,7 +165,7 @@ def apply(model: nn.Module, cfg: EViTConfig) -> None:
     for idx, rate in zip(cfg.indices, cfg.keep_rates):
         setup_block(layers[idx], rate, prefix, cfg.fuse)
     if spec.relative_position_bias:
-        relpos.install(layers, spec, root)
+        relpos.install(layers, spec, root, _patch(model))
     if type(vision_root(model)).__name__ == "ViTMAEModel":
         _masking_off(root)
     if hf_layer.refuse_attention_mask not in root._forward_pre_hooks.values():

@@ -116,6 +116,12 @@ def refusal(model: nn.Module) -> str:
     return reason(type(model).__name__, has_cls)
 
 
+def refused_class(name: str) -> bool:
+    """True for the transformers classes refused by name alone (their head, or no class token)."""
+    return (name in MASKED_IMAGE_MODELING or name.endswith(DENSE_PREDICTION)
+            or any(name.startswith(p) for p in NO_CLASS_TOKEN))
+
+
 def reason(name: str, has_cls: bool) -> str:
     """Why the transformers class ``name`` cannot be converted."""
     if name in MASKED_IMAGE_MODELING:

@@ -119,8 +119,9 @@ class EViTLayerMixin:
 
     def forward(self, hidden_states: Tensor, attention_mask=None, *args, **kwargs) -> Tensor:
         spec: Family = family_of(self)
-        want_weights = bool(kwargs.pop("output_attentions", False)) if spec.legacy else False
-        if spec.legacy:  # the shared table's full bias: recomputed below for the tokens that remain
+        want_weights = False
+        if spec.legacy:  # the older call; the shared table's full bias is recomputed below for the tokens that remain
+            want_weights = bool(kwargs.pop("output_attentions", False))
             kwargs.pop("relative_position_bias", None)
         bias = relpos.bias_for(self, hidden_states, kwargs) if spec.relative_position_bias else None
         rate = self.__dict__.get("evit_keep_rate")

@@ -34,16 +34,15 @@ class Positions:
 _ATTRS = ("evit_positions", "evit_layer_index", "evit_shared_bias", "evit_layer_bias", "evit_patch_size")
 
 
-def install(layers: nn.ModuleList, spec: Family, root: nn.Module) -> None:
-    """Give every layer the shared positions state and where its family keeps the bias tables."""
+def install(layers: nn.ModuleList, spec: Family, root: nn.Module, patch: int) -> None:
+    """Give every layer the shared positions state, its patch size and where its family keeps the bias tables."""
     state = Positions()
     shared = resolve(root, spec.shared_bias)
-    patch = root.config.patch_size
     for i, layer in enumerate(layers):
         # __dict__: plain references, not registered submodules (state-dict keys stay those of transformers)
         layer.__dict__.update(evit_positions=state, evit_layer_index=i, evit_shared_bias=shared,
                               evit_layer_bias=resolve(layer, spec.layer_bias),
-                              evit_patch_size=int(patch[0] if isinstance(patch, (list, tuple)) else patch))
+                              evit_patch_size=patch)
 
 
 def uninstall(layer: nn.Module) -> None:
