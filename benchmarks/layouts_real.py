@@ -52,10 +52,16 @@ def compare(models: dict, timm_evit, files, batch_size: int) -> list[dict]:
             for name in models]
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--limit", type=int, default=None, help="photos, spread over the classes (default: all)")
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--limit", type=_positive, default=None, help="photos, spread over the classes (default: all)")
+    ap.add_argument("--batch", type=_positive, default=128, help="photos per forward pass (default: 128)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -82,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the results are written only at the end: nothing half-written is left
+        sys.exit("interrupted")
