@@ -35,7 +35,7 @@ import torch  # noqa: E402
 import evit_cli  # noqa: E402
 from evit_cli.core import dense_copy  # noqa: E402
 from evit_cli.data import IMAGE_SUFFIXES, load_image_data  # noqa: E402
-from evit_cli.explore import evaluate_models  # noqa: E402
+from evit_cli.evaluate import evaluate_models  # noqa: E402
 from evit_cli.train import TrainConfig, finetune  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "real"

@@ -7,17 +7,16 @@
     report = evit_cli.bench(model, batch=64)
 """
 
-__version__ = "0.1.0"
-
-from .artifact import load, save  # noqa: E402
-from .bench import bench  # noqa: E402
-from .config import EViTConfig  # noqa: E402
-from .core import convert, dense_copy, revert, tokens_after_layers  # noqa: E402
-from .errors import EvitError  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .schedule import keep_rate_at  # noqa: E402
+from ._version import __version__
+from .artifact import load, save
+from .bench import bench
+from .config import EViTConfig
+from .core import dense_copy, revert, tokens_after_layers
+from .errors import EvitError
+from .loading import convert, load_model
+from .schedule import keep_rate_at
 
 __all__ = [
-    "EViTConfig", "EvitError", "bench", "convert", "dense_copy", "keep_rate_at", "load", "load_model",
+    "__version__", "EViTConfig", "EvitError", "bench", "convert", "dense_copy", "keep_rate_at", "load", "load_model",
     "revert", "save", "tokens_after_layers",
 ]

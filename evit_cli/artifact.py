@@ -17,11 +17,14 @@ from pathlib import Path
 
 from torch import nn
 
-from . import __version__, adapters
+from . import adapters
+from ._version import __version__
 from .config import EViTConfig
 from .core import convert, get_config, tokens_after_layers
-from .errors import EvitError
+from .errors import EvitError, first_line
 from .fsutil import atomic_dir, write_json, write_text
+from .hub import hub_reachable
+from .models import create_timm, create_transformers, load_state_dict, load_weights
 
 META_FILE = "evit.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -208,8 +211,6 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 def load(folder: str | os.PathLike) -> nn.Module:
     """Rebuild the EViT model of an exported folder, from the folder alone."""
-    from .loading import create_timm, create_transformers, load_state_dict, load_weights
-
     folder = Path(folder)
     meta = read_meta(folder)
     src = meta["source"]
@@ -234,8 +235,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) 
     """Upload an exported folder to the Hugging Face hub; returns the repo URL."""
     from huggingface_hub import HfApi
 
-    from .loading import _first_line, hub_reachable
-
     if not hub_reachable():
         raise EvitError(
             f"cannot push to {repo_id}: the Hugging Face hub cannot be reached. The export in {folder} is "
@@ -247,7 +246,7 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) 
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload EViT model (evit)")
     except Exception as e:  # noqa: BLE001 - auth, permissions, network: all one message
         raise EvitError(
-            f"pushing {folder} to {repo_id} failed ({_first_line(e)}); the local export is complete: "
+            f"pushing {folder} to {repo_id} failed ({first_line(e)}); the local export is complete: "
             "log in with `hf auth login` and retry"
         ) from None
     from huggingface_hub import constants

@@ -2,54 +2,23 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import FlopCounterMode
 
-from . import __version__, adapters
+from . import adapters
+from ._version import __version__
 from .core import dense_copy, get_config
+from .device import autocast, describe_device, resolve_device, synchronize
 from .errors import EvitError
+from .macs import count_macs
 
 
 # --------------------------------------------------------------------------- counting
-
-
-def _sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of one SDPA call: QK^T and AV, 2 FLOPs per MAC."""
-    b, h, s_q, d = query_shape
-    s_k, d_v = key_shape[-2], value_shape[-1]
-    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
-
-
-def _attention_mapping() -> dict:
-    """Count the fused-attention kernels the installed FlopCounterMode leaves out (it looks ops up by packet)."""
-    from torch.utils.flop_counter import flop_registry
-
-    aten = torch.ops.aten
-    mapping = {}
-    for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-                 "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"):
-        op = getattr(aten, name, None)
-        if op is not None and op.default not in flop_registry and op not in flop_registry:
-            mapping[op] = lambda q, k, v, *a, out_shape=None, **kw: _sdpa_flop(q, k, v)
-    return mapping
-
-
-def count_macs(model: nn.Module, img_size: int, device: str | torch.device = "cpu") -> int:
-    """Multiply-accumulates of one forward pass on one image (FLOPs / 2), attention included."""
-    x = torch.randn(1, 3, img_size, img_size, device=device)
-    counter = FlopCounterMode(display=False, custom_mapping=_attention_mapping())
-    with counter, torch.no_grad():
-        model(x)
-    return counter.get_total_flops() // 2
 
 
 def count_params(model: nn.Module) -> int:
@@ -76,28 +45,16 @@ def measure_tokens(model: nn.Module, img_size: int, device="cpu") -> list[int]:
 # --------------------------------------------------------------------------- timing
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _autocast(device: torch.device, amp: bool):
-    if not amp:
-        return contextlib.nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _interleaved(names: list[str], run, *, warmup: int, reps: int, device: torch.device, advance=None) -> dict[str, list[float]]:
     """Seconds of ``run(name)`` for each name, interleaved rep by rep (order reversed every other
     rep) so that drift hits all alike; the first ``warmup`` reps are not kept."""
     times: dict[str, list[float]] = {name: [] for name in names}
     for i in range(warmup + reps):
         for name in names if i % 2 == 0 else names[::-1]:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             run(name)
-            _sync(device)
+            synchronize(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
             if advance:
@@ -108,7 +65,7 @@ def _interleaved(names: list[str], run, *, warmup: int, reps: int, device: torch
 def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int, reps: int, amp: bool,
                       advance=None) -> dict[str, list[float]]:
     """Seconds per forward pass for each model, interleaved rep by rep."""
-    with torch.inference_mode(), _autocast(x.device, amp):
+    with torch.inference_mode(), autocast(x.device, amp):
         return _interleaved(list(models), lambda name: models[name](x), warmup=warmup, reps=reps, device=x.device,
                             advance=advance)
 
@@ -161,7 +118,7 @@ class _AttentionOps(TorchDispatchMode):
 def attention_kernels(model: nn.Module, x: torch.Tensor, amp: bool = False) -> dict[str, int]:
     """Which attention kernels one forward pass on ``x`` ran, with how many calls each."""
     mode = _AttentionOps()
-    with torch.no_grad(), _autocast(x.device, amp), mode:  # inference_mode would hide the backend op
+    with torch.no_grad(), autocast(x.device, amp), mode:  # inference_mode would hide the backend op
         model(x)
     return mode.counts
 
@@ -187,34 +144,13 @@ def time_training(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int,
     optims = {name: torch.optim.AdamW(m.parameters(), lr=1e-9) for name, m in copies.items()}
 
     def step(name: str) -> None:
-        with _autocast(x.device, amp):
+        with autocast(x.device, amp):
             loss = _training_loss(copies[name](x))
         loss.backward()
         optims[name].step()
         optims[name].zero_grad(set_to_none=True)
 
     return _interleaved(list(copies), step, warmup=warmup, reps=reps, device=x.device, advance=advance)
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return f"{cpu}, {torch.get_num_threads()} threads"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise EvitError("--device cuda was asked for but PyTorch sees no CUDA GPU here: use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise EvitError(f"unknown device {name!r}: use cpu or cuda") from None
 
 
 def bench(

@@ -17,7 +17,8 @@ try:  # typer >= 0.25 carries its own copy of click
 except ImportError:  # pragma: no cover - older typer runs on click itself
     from click import exceptions as clickx
 
-from . import __version__, validate
+from . import validate
+from ._version import __version__
 from .config import parse_keep_rates, parse_layers
 from .errors import EvitError, user_message
 
@@ -122,7 +123,7 @@ def convert(
     from . import adapters, artifact, core, fsutil, loading
     from .bench import model_summary
     from .config import DEFAULT_LAYERS
-    from .explore import match_macs as match_macs_fn
+    from .macs import match_macs as match_macs_fn
     from .report import kv_table
 
     output = output or Path(f"{Path(model).name}_evit")
@@ -172,7 +173,8 @@ def bench_cmd(
     A model name is built with random weights: weights do not change the speed.
     """
     from .artifact import META_FILE
-    from .bench import bench, compile_mode_of, resolve_device
+    from .bench import bench, compile_mode_of
+    from .device import resolve_device
     from .fsutil import check_report_dir
     from .report import bench_table, write_bench
 
@@ -356,10 +358,11 @@ def eval_cmd(
 
     A flat folder of images has no labels. ImageNet synset folder names (n01440764, ...) map to a 1000-class model's classes. A headless model reports the cosine similarity of the embeddings.
     """
-    from .bench import bench, resolve_device
+    from .bench import bench
+    from .device import resolve_device
     from .core import dense_copy
     from .data import BAD_IMAGES, sample_size
-    from .explore import evaluate_models
+    from .evaluate import evaluate_models
     from .fsutil import check_report_dir, write_json
     from .progress import Progress
     from .report import eval_table
@@ -407,9 +410,9 @@ def sweep(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table, JSON, PNG plot."""
-    from .bench import resolve_device
+    from .device import resolve_device
     from .data import BAD_IMAGES
-    from .explore import plot_sweep, sweep as run
+    from .sweep import plot_sweep, sweep as run
     from .fsutil import check_report_dir, write_json, write_text
     from .progress import Progress
     from .report import sweep_markdown, sweep_table
@@ -458,8 +461,8 @@ def search(
     --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy constraint.
     """
     from . import adapters
-    from .bench import resolve_device
-    from .explore import candidate_layer_sets, search as run, search_fidelity
+    from .device import resolve_device
+    from .search import candidate_layer_sets, search as run, search_fidelity
     from .progress import Progress
     from .report import kv_table
 
@@ -478,7 +481,7 @@ def search(
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
     data = _data(dataset, split, None, None) if dataset else None
     if max_drop is not None or min_agreement is not None:
-        from .accuracy_search import search_by_accuracy
+        from .search import search_by_accuracy
 
         result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, limit=limit,
                                     search_layers=search_layers, batch=batch, device=device, workers=workers)
@@ -521,7 +524,7 @@ def visualize(
 
     A panel blanks every patch that no longer has a token of its own after that layer.
     """
-    from .explore import visualize as run
+    from .visualize import visualize as run
     from .fsutil import check_output_file
     from .report import kv_table
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
 
 from torch import nn
 
@@ -13,25 +12,12 @@ from .errors import EvitError
 from .reorg import num_kept, token_counts
 
 
-def convert(
-    model: nn.Module | str | os.PathLike,
-    keep_rate=0.7,
-    layers=DEFAULT_LAYERS,
-    fuse: bool = True,
-    **load_kwargs,
-) -> nn.Module:
-    """Inject EViT reorganization into ``model`` (in place) and return it.
+def convert(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True) -> nn.Module:
+    """Inject EViT reorganization into the module ``model`` (in place) and return it.
 
-    ``model`` is a module or anything :func:`evit_cli.load_model` takes (a timm
-    name, an exported folder); ``load_kwargs`` (``pretrained``, ``checkpoint``,
-    ``num_classes``, ...) go to the loader. ``keep_rate`` is one rate or one per
-    layer; ``layers`` are 1-based block numbers; ``fuse=False`` drops the
-    inattentive tokens instead of fusing them.
+    ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
+    drops the inattentive tokens instead of fusing them. (``evit_cli.convert`` also takes names.)
     """
-    if not isinstance(model, nn.Module):
-        from .loading import load_model
-
-        model = load_model(model, **load_kwargs)
     adapter = adapters.get_adapter(model)
     adapter.check(model)
     cfg = make_config(layers, keep_rate, adapter.depth(model), fuse)

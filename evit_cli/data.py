@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from .errors import EvitError
+from .errors import EvitError, first_line
+from .hub import go_offline_if_unreachable
 
 VAL_SPLITS = ("validation", "valid", "val", "test")
 
@@ -42,7 +43,6 @@ class ImageData:
 def _load(source: str, streaming: bool):
     import datasets
 
-    from .loading import _first_line, go_offline_if_unreachable
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
@@ -67,7 +67,7 @@ def _load(source: str, streaming: bool):
     except EvitError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types for one cause
-        raise EvitError(f"cannot load data set {source} ({_first_line(e)}): check the name or the folder") from None
+        raise EvitError(f"cannot load data set {source} ({first_line(e)}): check the name or the folder") from None
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}

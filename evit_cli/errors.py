@@ -51,3 +51,9 @@ def user_message(e: BaseException) -> str | None:
     if isinstance(e, OSError):
         return _os_message(e)
     return None
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's text (at most 200 characters), for one-line messages."""
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

@@ -31,6 +31,7 @@ from torch import nn
 
 from . import adapters, checkpoint as ckpt
 from .core import convert_keeping, dense_copy, get_config
+from .device import autocast, resolve_device
 from .errors import EvitError
 from .fsutil import write_json
 from .schedule import keep_rate_at
@@ -180,19 +181,7 @@ def keep_rates_at(step: int, targets, steps_per_epoch: int, cfg: TrainConfig) ->
 # --------------------------------------------------------------------------- the run
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled:
-        return torch.autocast(device.type, enabled=False)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.float16)
-    return torch.autocast(device.type, dtype=torch.bfloat16)
-
-
 def _resolve_device(name: str | None, d: Dist) -> torch.device:
-    from .bench import resolve_device
-
-    if name is None:
-        name = "cuda" if torch.cuda.is_available() else "cpu"
     dev = resolve_device(name)
     if dev.type == "cuda" and d.world > 1:
         dev = torch.device("cuda", d.local_rank)
@@ -484,7 +473,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                 sync = (micro + 1) % cfg.accum_steps == 0
                 ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
                 guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
-                with ctx, _autocast(device, cfg.amp), guide as oracle_out:
+                with ctx, autocast(device, cfg.amp), guide as oracle_out:
                     logits = adapter.logits(model, net(images)).float()
                     t_logits = _teacher_logits(teacher, s.oracle, oracle_out, images)
                     loss = training_loss(logits, target, t_logits, labelled=labelled, alpha=cfg.distill_alpha,
@@ -562,7 +551,7 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
     tally = Tally()
     for images, target in loader:
         images, target = images.to(device), target.to(device)
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             logits = adapter.logits(model, net(images)).float()
             ref = teacher.logits(images) if teacher is not None else None
         tally.add(logits, ref, target)

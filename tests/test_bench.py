@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 import evit_cli
-from evit_cli.bench import count_macs, measure_tokens
-from evit_cli.loading import create_timm
+from evit_cli.bench import measure_tokens
+from evit_cli.macs import count_macs
+from evit_cli.models import create_timm
 from conftest import tiny_timm
 
 

@@ -311,7 +311,7 @@ def test_an_unsupported_block_in_a_supported_family_is_named():
 
 @pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
 def test_save_and_load_round_trip(name, tmp_path, x):
-    from evit_cli.loading import create_timm
+    from evit_cli.models import create_timm
 
     model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **TINY)), keep_rate=0.5, layers=LAYERS)
     loaded = evit_cli.load(evit_cli.save(model, tmp_path / "m"))

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import evit_cli
-from evit_cli.loading import create_timm, load_state_dict
+from evit_cli.models import create_timm, load_state_dict
 from conftest import TINY, tiny_timm
 
 

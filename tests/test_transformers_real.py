@@ -14,7 +14,7 @@ import evit_cli
 from evit_cli import adapters
 from evit_cli.data import transforms
 from evit_cli.export import export
-from evit_cli.loading import load_state_dict
+from evit_cli.models import load_state_dict
 from test_export import _onnx_run
 from test_transformers import map_timm_blocks, map_timm_embeddings, timm_to_hf
 

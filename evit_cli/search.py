@@ -1,4 +1,8 @@
-"""Search by accuracy: the cheapest layer set and per-layer keep rates within a fidelity constraint.
+"""Searching for the cheapest EViT configuration.
+
+By cost (:func:`search`): for each candidate layer set, the keep rate that meets a GMACs or
+speed-up target. By accuracy (:func:`search_by_accuracy`): the cheapest layer set and per-layer keep
+rates within a fidelity constraint.
 
 On a calibration sample (images decoded once, the dense model's outputs computed once), a greedy
 coordinate descent lowers one layer's keep rate by one step of a grid at a time: of the moves that
@@ -17,18 +21,120 @@ import torch
 from torch import nn
 
 from . import adapters
-from .bench import count_macs
+from .bench import median_times
+from .classes import eval_class_map
 from .core import convert, dense_copy, get_config
+from .data import make_loader, transforms, with_transform
 from .errors import EvitError
-from .explore import largest_keep_rate_under
+from .evaluate import evaluate_models
+from .macs import count_macs, largest_keep_rate_under
+from .progress import Progress
+from .validate import optional, positive
+
+
+def candidate_layer_sets(depth: int) -> list[tuple[int, ...]]:
+    """Sensible EViT layer sets for a model of ``depth`` blocks: the paper's 4,7,10 scaled to the
+    depth, and evenly spaced sets of 2 to 4 layers that leave the first block alone."""
+    sets = {tuple(sorted({max(2, min(depth, round(x * depth / 12))) for x in (4, 7, 10)}))}
+    for n in (2, 3, 4):
+        for start in (2, 3, 4):
+            step = max(1, (depth - start) // n)
+            s = tuple(start + i * step for i in range(n))
+            if s[-1] <= depth:
+                sets.add(s)
+    return sorted(sets)
+
+
+def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedup: float | None = None,
+           layer_sets: list[tuple[int, ...]] | None = None, batch: int = 64, reps: int = 3, device: str = "cpu",
+           progress=None) -> dict:
+    """The largest keep rate (and layer set) that meets a GMACs or a measured-speedup target.
+
+    ``progress``: an :class:`evit_cli.progress.Progress` to show the candidates tried on."""
+
+    if (target_gmacs is None) == (target_speedup is None):
+        raise EvitError("give one target: --target-gmacs or --target-speedup")
+    optional(positive)("--target-gmacs", target_gmacs)
+    optional(positive)("--target-speedup", target_speedup)
+    cfg = get_config(model)
+    searched = bool(layer_sets)
+    layer_sets = layer_sets or [cfg.layers]
+    adapter = adapters.get_adapter(model)
+    best = None
+    for layers in (progress or Progress(enabled=False)).track(layer_sets, "search", unit="layer sets"):
+        m = copy.deepcopy(model)
+        convert(m, keep_rate=1.0, layers=layers, fuse=cfg.fuse)
+        if target_gmacs is not None:
+            try:
+                rate = largest_keep_rate_under(m, target_gmacs * 1e9, step=0.01)
+            except EvitError:
+                continue
+        else:
+            rate = _search_speedup(m, target_speedup, batch=batch, reps=reps, device=device)
+            if rate is None:
+                continue
+        if best is None or rate > best[0]:
+            best = (rate, layers)
+    if best is None:
+        where = "at any of the layer sets tried" if searched else "at these layers"
+        if target_gmacs is not None:
+            advice = "raise the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+            raise EvitError(f"no keep rate reaches {target_gmacs:g} GMACs {where}: {advice}")
+        advice = "lower the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+        raise EvitError(f"no keep rate reaches a {target_speedup:g}x speedup {where}: {advice}")
+    rate, layers = best
+    convert(model, keep_rate=rate, layers=layers, fuse=cfg.fuse)
+    img = adapter.img_size(model)
+    dense = dense_copy(model).to(device).eval()
+    model.to(device).eval()
+    x = torch.randn(batch, 3, img, img, device=device)
+    med = median_times({"dense": dense, "evit": model}, x, reps=reps)
+    return {
+        "keep_rate": rate, "layers": list(layers), "fuse": cfg.fuse, "img_size": img,
+        "gmacs": count_macs(model, img, device) / 1e9, "gmacs_dense": count_macs(dense, img, device) / 1e9,
+        "speedup": med["dense"] / med["evit"], "images_per_s": batch / med["evit"], "batch": batch,
+        "target_gmacs": target_gmacs, "target_speedup": target_speedup,
+    }
+
+
+def search_fidelity(model: nn.Module, data, *, limit: int, batch: int, workers: int, device) -> dict:
+    """Agreement and KL with the dense model (and top-1 with labels) of a found setting, on ``limit`` images."""
+    r = evaluate_models({"dense": dense_copy(model).to(device).eval(), "evit": model.to(device).eval()}, data,
+                        batch_size=batch, workers=workers, limit=limit, device=device)
+    return {**r["evit"], **({"top1_dense": r["dense"]["top1"]} if "top1" in r["dense"] else {})}
+
+
+def _search_speedup(model, target: float, *, batch: int, reps: int, device: str) -> float | None:
+    """Bisection over keep rates 0.05-1.0 (steps of 0.05) on the measured speedup."""
+    img = adapters.get_adapter(model).img_size(model)
+    dense = dense_copy(model).to(device).eval()
+    model.to(device).eval()
+    x = torch.randn(batch, 3, img, img, device=device)
+    cfg = get_config(model)
+
+    def speedup(rate: float) -> float:
+        adapters.set_keep_rates(model, [rate] * len(cfg.layers))
+        med = median_times({"dense": dense, "evit": model}, x, reps=reps)
+        return med["dense"] / med["evit"]
+
+    lo, hi = 1, 20  # in units of 0.05
+    if speedup(lo * 0.05) < target:
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if speedup(mid * 0.05) >= target:
+            lo = mid
+        else:
+            hi = mid
+    return round(lo * 0.05, 2)
+
+
 
 GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the paper's range, and a little below
 
 
 def calibration_sample(model: nn.Module, data, limit: int, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A seeded sample of ``limit`` images (eval transform) and their labels in the model's classes."""
-    from .classes import eval_class_map
-    from .data import make_loader, transforms, with_transform
 
     adapter = adapters.get_adapter(model)
     mapping = eval_class_map(data.class_names, model) if data.labelled else None

@@ -1,0 +1,322 @@
+"""Building models from timm names, hub ids and local files, with safe checkpoint loading.
+
+Every model this module builds carries ``model.evit_source``: what it was
+built from and how to build it again (the exported folder stores it).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import pickle
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import EvitError, first_line
+from .hub import go_offline_if_unreachable
+
+_WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a weights file without executing code.
+
+    ``.safetensors`` through safetensors; anything else through
+    ``torch.load(weights_only=True)``, which refuses pickles that would run code.
+    Training checkpoints that wrap the weights (``{"model": ...}``) are unwrapped
+    and a DDP ``module.`` prefix is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvitError(f"checkpoint {path} does not exist: give the path of a .safetensors, .pth, .pt or .bin file")
+    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise EvitError(f"{path} is not a readable safetensors file ({first_line(e)}): is it truncated? download it again") from None
+    else:
+        try:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise EvitError(
+                f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
+                f"({first_line(e)}); convert it to .safetensors from a trusted environment"
+            ) from None
+        except Exception as e:  # noqa: BLE001 - a file that is not a checkpoint fails torch.load in many ways
+            raise EvitError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}): is it truncated?") from None
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise EvitError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file whatever its name: an 8-byte header length, then a JSON header."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 2 <= int.from_bytes(head[:8], "little") <= min(path.stat().st_size - 8, 100_000_000)
+
+
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load that reports missing and unexpected keys in one line."""
+    own = model.state_dict()
+    wrong_type = [k for k in own if k in sd and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if wrong_type:
+        raise EvitError(f"{what} holds integer tensors where weights should be float ({_few(wrong_type)}): "
+                        "is it a quantized or corrupted file? give float weights")
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {_few(unexpected)}")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"shape of {k} is {tuple(sd[k].shape)}, the model wants {tuple(own[k].shape)}")
+        raise EvitError(f"{what} does not fit the architecture: {'; '.join(parts)}. Is it the right model name?")
+    model.load_state_dict(sd, strict=True)
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    more = f" and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def create_timm(
+    name: str,
+    *,
+    pretrained: bool = True,
+    checkpoint: str | os.PathLike | None = None,
+    **kwargs,
+) -> nn.Module:
+    """A timm model by name, with pretrained weights, a local checkpoint, or random weights.
+
+    ``kwargs`` go to ``timm.create_model`` (``num_classes``, ``img_size``, ...)
+    and are recorded so that the exported folder can rebuild the model.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, _timm_names(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else " See `timm.list_models('*vit*')`."
+        raise EvitError(f"unknown model {name!r}: not a timm model name, local folder or file.{hint}")
+    sd = None
+    if checkpoint is not None:
+        sd = load_state_dict(checkpoint)
+        head = sd.get("head.weight")
+        if head is not None and "num_classes" not in kwargs:
+            kwargs["num_classes"] = int(head.shape[0])
+        pretrained = False
+    offline = False
+    try:
+        if pretrained:
+            offline = go_offline_if_unreachable()
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except EvitError:
+        raise
+    except Exception as e:  # timm surfaces hub failures as many exception types
+        if not pretrained:
+            raise EvitError(f"cannot build {name} with {kwargs}: {first_line(e)}") from None
+        why = "the hub cannot be reached and they are not in the local cache" if offline else first_line(e)
+        raise EvitError(
+            f"could not get pretrained weights for {name} from the Hugging Face hub ({why}): "
+            "check the network, or use --no-pretrained for random weights, or --checkpoint FILE"
+        ) from None
+    if sd is not None:
+        load_weights(model, sd, f"checkpoint {checkpoint}")
+    model.evit_source = {
+        "family": "timm",
+        "model": name,
+        "kwargs": kwargs,
+        "pretrained": bool(pretrained),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- transformers
+
+TRANSFORMERS_CLASSES = (
+    "ViTForImageClassification", "ViTModel",
+    "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
+    "ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel",
+    "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+    "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
+    "BeitModel", "BeitForImageClassification", "Data2VecVisionModel", "Data2VecVisionForImageClassification",
+)
+# model_type -> the class built when config.json names no supported architecture
+_DEFAULT_CLASS = {
+    "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
+    "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
+    "data2vec-vision": "Data2VecVisionModel",
+}
+
+
+def _transformers_class(config: dict, where: str):
+    import transformers
+
+    from .adapters.transformers.families import reason, refused_class, supported
+
+    arch = (config.get("architectures") or [None])[0]
+    if refused_class(str(arch)):
+        raise EvitError(f"{where}: " + reason(arch, has_cls=False))
+    if arch not in TRANSFORMERS_CLASSES:
+        arch = _DEFAULT_CLASS.get(config.get("model_type"))
+    if arch == "CLIPModel":  # a CLIP checkpoint: its image tower and projection, which take images alone
+        arch = "CLIPVisionModelWithProjection"
+    if arch is None:
+        what = (config.get("architectures") or [config.get("model_type")])[0]
+        raise EvitError(f"{where} is a transformers {what!r} model, which evit does not support yet ({supported()})")
+    return getattr(transformers, arch)
+
+
+def _vision_config(cls, cfg):
+    """CLIP's vision-only classes are built from the vision part of a full CLIP config."""
+    if cls.__name__.startswith("CLIPVision") and hasattr(cfg, "vision_config"):
+        return cfg.vision_config
+    return cfg
+
+
+def create_transformers(
+    spec: str, *, folder: Path, pretrained: bool = True, checkpoint=None, offline: bool = False,
+    attn_implementation: str | None = None, **kwargs
+) -> nn.Module:
+    """A transformers ViT from a local folder or a hub id whose files lie in ``folder``.
+
+    ``attn_implementation`` (``eager`` or ``sdpa``) chooses transformers' attention; default: its own choice.
+    """
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    config = json.loads((folder / "config.json").read_text())
+    if attn_implementation is None and (folder / "evit.json").is_file():  # an exported folder keeps its choice
+        attn_implementation = json.loads((folder / "evit.json").read_text()).get("source", {}).get("attn_implementation")
+    cls = _transformers_class(config, spec)
+    config_kwargs = {}
+    if "num_classes" in kwargs:
+        n = kwargs.pop("num_classes")
+        config_kwargs = {"num_labels": n, "id2label": {i: f"LABEL_{i}" for i in range(n)}, "label2id": None}
+    if kwargs:
+        raise EvitError(f"{', '.join(kwargs)} cannot be set for a transformers model")
+    try:
+        if pretrained and checkpoint is None:
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
+                                        **config_kwargs, **extra)
+        else:
+            from transformers import AutoConfig
+
+            cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            model = cls._from_config(_vision_config(cls, cfg), **extra)
+    except (OSError, ValueError) as e:
+        raise EvitError(f"cannot load {spec} with transformers ({first_line(e)}): is the folder complete?") from None
+    if checkpoint is not None:
+        load_weights(model, load_state_dict(checkpoint), f"checkpoint {checkpoint}")
+    model.evit_source = {
+        "family": "transformers",
+        "model": str(spec),
+        "class": cls.__name__,
+        "attn_implementation": model.config._attn_implementation,
+        "pretrained": bool(pretrained and checkpoint is None),
+        "checkpoint": str(checkpoint) if checkpoint is not None else None,
+    }
+    proc = folder / "preprocessor_config.json"
+    if proc.is_file():
+        model.evit_preprocessor = json.loads(proc.read_text())
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- hub ids and folders
+
+
+def _timm_hub_config(config: dict) -> tuple[str, dict]:
+    """timm's hub layout (config.json with ``architecture``) -> model name and kwargs."""
+    kwargs = dict(config.get("model_args") or {})
+    if "num_classes" in config:
+        kwargs.setdefault("num_classes", config["num_classes"])
+    return config["architecture"], kwargs
+
+
+def _weights_in(folder: Path) -> Path | None:
+    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_folder(folder: Path, *, pretrained: bool = True, checkpoint=None, **kwargs) -> nn.Module:
+    """A local folder in the hub's layout: ``save_pretrained`` (transformers) or timm's ``config.json``."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvitError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    if "architecture" in config:
+        arch, model_kwargs = _timm_hub_config(config)
+        weights = checkpoint or (_weights_in(folder) if pretrained else None)
+        model = create_timm(arch, pretrained=False, checkpoint=weights, **{**model_kwargs, **kwargs})
+        model.pretrained_cfg = {**model.pretrained_cfg, **(config.get("pretrained_cfg") or {})}
+        return model
+    if "model_type" in config:
+        return create_transformers(str(folder), folder=folder, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+    raise EvitError(f"{folder / 'config.json'} is neither a transformers nor a timm config")
+
+
+def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs) -> nn.Module:
+    """A hub id (``org/name``, or timm's ``hf-hub:org/name``), from the hub or, offline, the local cache."""
+    from huggingface_hub import hf_hub_download
+
+    repo = repo_id[len("hf-hub:"):] if repo_id.startswith("hf-hub:") else repo_id
+    offline = go_offline_if_unreachable()
+    try:
+        config_path = Path(hf_hub_download(repo, "config.json", local_files_only=offline))
+    except Exception as e:  # noqa: BLE001 - huggingface-hub raises many types for one cause
+        if offline:
+            raise EvitError(
+                f"{repo} is not in the local Hugging Face cache and the hub cannot be reached: connect to "
+                "the network once, or download it elsewhere and pass the folder (or --checkpoint FILE)"
+            ) from None
+        raise EvitError(f"cannot get {repo} from the Hugging Face hub ({first_line(e)}): check the id") from None
+    config = json.loads(config_path.read_text())
+    if "architecture" in config:  # a timm model on the hub
+        arch, model_kwargs = _timm_hub_config(config)
+        if pretrained and checkpoint is None:
+            try:
+                checkpoint = hf_hub_download(repo, "model.safetensors", local_files_only=offline)
+            except Exception as e:  # noqa: BLE001
+                raise EvitError(f"cannot get the weights of {repo} ({first_line(e)}): use --no-pretrained or --checkpoint FILE") from None
+        model = create_timm(arch, pretrained=False, checkpoint=checkpoint, **{**model_kwargs, **kwargs})
+        model.evit_source["hub_id"] = repo
+        return model
+    return create_transformers(repo, folder=config_path.parent, pretrained=pretrained, checkpoint=checkpoint,
+                               offline=offline, **kwargs)
