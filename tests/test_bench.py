@@ -92,23 +92,25 @@ def test_bench_compiled_figures_beside_eager(monkeypatch):
         evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="fastest")
 
 
-def test_cuda_paths_choose_fp16_and_synchronise(monkeypatch):
-    """The CUDA branches of the timing code, exercised on the CPU: AMP dtype and synchronisation."""
+def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch):
+    """The CUDA branches of the device policy, exercised on the CPU: one AMP dtype for benchmarking and
+    training (bfloat16 where the GPU has it, float16 on older GPUs), and synchronisation."""
     import torch
-    import importlib
 
-    bench_mod = importlib.import_module("evit_cli.bench")
+    from evit_cli import device as dev
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
-    bench_mod._sync(torch.device("cuda", 0))
-    bench_mod._sync(torch.device("cpu"))
+    dev.synchronize(torch.device("cuda", 0))
+    dev.synchronize(torch.device("cpu"))
     assert calls == [torch.device("cuda", 0)]
-    seen = {}
-    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.setdefault(device_type, dtype))
-    bench_mod._autocast(torch.device("cuda"), True)
-    bench_mod._autocast(torch.device("cpu"), True)
-    assert seen == {"cuda": torch.float16, "cpu": torch.bfloat16}
+    seen = []
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True: seen.append((device_type, dtype)))
+    for bf16 in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
+        dev.autocast(torch.device("cuda"), True)
+    dev.autocast(torch.device("cpu"), True)
+    assert seen == [("cuda", torch.bfloat16), ("cuda", torch.float16), ("cpu", torch.bfloat16)]
 
 
 def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
