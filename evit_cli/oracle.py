@@ -69,7 +69,7 @@ class Oracle:
         """Run the oracle dense on ``images``; keep its class attention; return its output."""
         self._attn = []
         with torch.no_grad():
-            return self.teacher(images)
+            return adapters.get_adapter(self.teacher).run(self.teacher, images)
 
     @contextmanager
     def guiding(self, images: Tensor):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -120,6 +121,22 @@ def test_a_block_class_shared_by_two_families_runs_each_familys_spec(monkeypatch
     assert len(calls) == 1  # the tagged model's own spec ran its EViT block
 
 
+def test_a_crossvit_converted_after_a_vit_runs_the_crossvit_spec():
+    """The real case of the test above: ``Block`` in a ViT, then in a CrossViT; each model's blocks carry
+    its own spec, and the CrossViT keeps the token counts of each of its branches."""
+    from test_families_timm import tiny_crossvit
+
+    evit_cli.convert(randomize(VisionTransformer(**TIMM)), keep_rate=0.5, layers=(2,))
+    model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=(2,))
+    assert {b.evit.family.name for b in adapters.all_evit_blocks(model)} == {"CrossViT"}
+    seen = []
+    for blk in adapters.all_evit_blocks(model):
+        blk.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[1], o.shape[1])))
+    with torch.no_grad():
+        model(torch.randn(2, 3, *model.img_size))
+    assert [(n, 1 + math.ceil(0.5 * (n - 1)) + 1) for n, _ in seen] == seen and len(seen) == 2
+
+
 # ----------------------------------------------------------------- ranking before attention dropout
 
 
@@ -155,3 +172,20 @@ def test_attention_dropout_does_not_change_which_tokens_are_kept(family, attn, x
     expected = _kept_at_first_layer(copy.deepcopy(model), x, train=False)
     for seed in range(3):
         assert torch.equal(_kept_at_first_layer(model, x, train=True, seed=seed), expected)
+
+
+# ----------------------------------------------------------------- one support check per conversion
+
+
+@pytest.mark.parametrize("kind", ["timm", "transformers"])
+def test_convert_checks_support_once(kind, monkeypatch):
+    if kind == "timm":
+        model = randomize(timm.create_model("vit_tiny_patch16_224", pretrained=False, **TIMM))
+    else:
+        model = _hf("vit_classifier")
+    adapter = adapters.get_adapter(model)
+    calls = []
+    check = type(adapter).check
+    monkeypatch.setattr(type(adapter), "check", lambda self, m: (calls.append(m), check(self, m))[1])
+    evit_cli.convert(model, keep_rate=0.5, layers=(2, 3))
+    assert calls == [model]

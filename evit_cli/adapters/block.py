@@ -53,7 +53,7 @@ class BlockState:
     index: int  # the block's layer, 0-based
     num_prefix: int  # class (+ distillation, register) tokens first in its sequence
     family: Any = None  # the adapter's spec of the model's family
-    layout: Any = None  # timm: the spec of the block's class
+    block_spec: Any = None  # timm: the spec of the block's class (where EViT goes in it)
     sequence: int = 0  # which token sequence (a CrossViT branch); 0: the reported one
     positions: PositionState | None = None  # shared by the model's blocks when positions are followed
     keep_rate: float | None = None  # None: the block only follows positions

@@ -176,9 +176,9 @@ class TimmAdapter(Adapter):
             if i not in rates and (fam.position is None or i < first):
                 continue
             for seq, blk in enumerate(group):  # one block per token sequence (CrossViT: per branch)
-                layout = fam.block_spec(original(type(blk)))
+                spec = fam.block_spec(original(type(blk)))
                 swap_in(blk, EViTBlockMixin)
-                blk.evit = BlockState(index=i, num_prefix=prefixes[seq], family=fam, layout=layout, sequence=seq,
+                blk.evit = BlockState(index=i, num_prefix=prefixes[seq], family=fam, block_spec=spec, sequence=seq,
                                       positions=positions, keep_rate=rates.get(i), fuse=cfg.fuse)
 
     def remove(self, model: nn.Module) -> None:

@@ -207,5 +207,5 @@ class EViTBlockMixin(EViTBlock):
         terms = st.family.terms(self, *args, **kwargs)
         if terms.masked:
             raise EvitError("EViT blocks take no attention mask: call the model without attn_mask/is_causal")
-        x, _ = st.layout.layout(self, st.layout, x, _follow(terms, pos, st.num_prefix), active)
+        x, _ = st.block_spec.layout(self, st.block_spec, x, _follow(terms, pos, st.num_prefix), active)
         return x

@@ -27,12 +27,14 @@ from ..swap import original, swap_in as swap_class, swap_out as restore_class
 from . import relpos
 from .families import FAMILIES, Family, module_chain, resolve
 
+
 def family_of(layer: nn.Module) -> Family | None:
     return FAMILIES.get(original(type(layer)).__name__)
 
 
 class EViTAttentionMixin:
-    """The family's attention; with ``evit_cls=True`` it also returns the class-token row.
+    """The family's attention; with ``evit_cls=True`` it also returns the class-token row (its
+    layer's :class:`..block.BlockState`, shared in ``self.evit``, gives the family's spec).
 
     ``(out, weights)`` as the original, or ``(out, weights, cls_attn)``. It is
     called through the module, so transformers' ``output_attentions`` hooks
