@@ -27,11 +27,11 @@ class Teacher:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.from_output(self.model(images))
+        return self.from_output(adapters.get_adapter(self.model).run(self.model, images))
 
     def from_output(self, output) -> torch.Tensor:
         """The logits over the student's classes from an output of the teacher's forward."""
-        out = adapters.get_adapter(self.model).logits(self.model, output).float()
+        out = adapters.get_adapter(self.model).output(self.model, output).float()
         return out if self.mapping is None else out[:, self.mapping]
 
 

@@ -23,19 +23,16 @@ TOLERANCE = 1e-3
 
 
 class _Logits(nn.Module):
-    """The model with one plain tensor as its output (transformers returns an output object): the
-    logits, or for a headless model its image embedding (CLIP's projection, else the pooled/class token)."""
+    """The model with one plain tensor as its output (transformers returns an output object): its
+    adapter's output, the logits or for a headless model the embedding its users take."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
         self.adapter = adapters.get_adapter(model)
-        self.headless = hasattr(self.adapter, "features") and self.adapter.num_classes(model) == 0
 
     def forward(self, x):
-        run = getattr(self.adapter, "run", None)
-        out = run(self.model, x) if run is not None else self.model(x)
-        return self.adapter.features(self.model, out) if self.headless else self.adapter.logits(self.model, out)
+        return self.adapter.outputs(self.model, x)
 
 
 def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:

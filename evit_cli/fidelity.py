@@ -15,15 +15,9 @@ from . import adapters
 
 
 def outputs(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Logits, or for a model without a classification head its embedding (B, D)."""
-    adapter = adapters.get_adapter(model)
-    out = model(images)
-    if adapter.num_classes(model) > 0:
-        return adapter.logits(model, out).float()
-    if isinstance(out, torch.Tensor):
-        return out.float()
-    pooled = getattr(out, "pooler_output", None)
-    return (pooled if pooled is not None else out.last_hidden_state[:, 0]).float()
+    """The model's output as its adapter defines it: logits, or for a model without a classification
+    head the embedding its users take (B, D)."""
+    return adapters.get_adapter(model).outputs(model, images).float()
 
 
 class Tally:

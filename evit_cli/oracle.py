@@ -51,10 +51,9 @@ class Oracle:
         self._attn: list[Tensor] | None = None  # per EViT layer: (B, patches), while guiding
         self._assign: Tensor | None = None  # (B, M, patches): which original patches each token holds
         for blk in adapters.evit_blocks(teacher):
-            blk.evit_rank = self._capture
+            blk.evit.rank = self._capture
         for blk in self.student_blocks:
-            blk.evit_rank = self._rank
-            blk.evit_record = True
+            blk.evit.rank, blk.evit.record = self._rank, True
 
     @staticmethod
     def _check_compatible(student: nn.Module, teacher: nn.Module, last_layer: int) -> None:
@@ -70,7 +69,7 @@ class Oracle:
         """Run the oracle dense on ``images``; keep its class attention; return its output."""
         self._attn = []
         with torch.no_grad():
-            return self.teacher(images)
+            return adapters.get_adapter(self.teacher).run(self.teacher, images)
 
     @contextmanager
     def guiding(self, images: Tensor):
@@ -85,8 +84,7 @@ class Oracle:
     def detach(self) -> None:
         """Remove the hooks from the student: it chooses by its own attention again."""
         for blk in self.student_blocks:
-            for attr in ("evit_rank", "evit_record", "evit_kept"):
-                blk.__dict__.pop(attr, None)
+            blk.evit.rank, blk.evit.record, blk.evit.kept = None, False, None
         self._attn, self._assign = None, None
 
     # ------------------------------------------------------------------ hooks
@@ -100,13 +98,13 @@ class Oracle:
         if self._attn is None:
             return None
         j = self._index[id(blk)]
-        prefix = blk.evit_num_prefix
+        prefix = blk.evit.num_prefix
         if j == 0:
             b, m = x.shape[0], x.shape[1] - prefix
             self._assign = torch.eye(m, device=x.device).expand(b, m, m)
         else:
             prev = self.student_blocks[j - 1]
-            self._assign = follow(self._assign, prev.evit_kept, prev.evit_fuse)
+            self._assign = follow(self._assign, prev.evit.kept, prev.evit.fuse)
         if self._assign.shape[:2] != (x.shape[0], x.shape[1] - prefix):
             raise RuntimeError("oracle: the student's tokens do not match the images the oracle saw")
         scores = self._assign @ self._attn[j].unsqueeze(-1)  # (B, M, 1)

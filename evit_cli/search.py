@@ -157,7 +157,7 @@ class Scorer:
 
     @torch.no_grad()
     def _logits(self, m: nn.Module) -> torch.Tensor:
-        return torch.cat([self.adapter.logits(m, m(self.images[i:i + self.batch].to(self.device))).float().cpu()
+        return torch.cat([self.adapter.outputs(m, self.images[i:i + self.batch].to(self.device)).float().cpu()
                           for i in range(0, len(self.images), self.batch)])
 
     def top1(self, logits: torch.Tensor) -> float | None:

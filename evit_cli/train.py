@@ -474,7 +474,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
                 ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
                 guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
                 with ctx, autocast(device, cfg.amp), guide as oracle_out:
-                    logits = adapter.logits(model, net(images)).float()
+                    logits = adapter.output(model, net(images)).float()
                     t_logits = _teacher_logits(teacher, s.oracle, oracle_out, images)
                     loss = training_loss(logits, target, t_logits, labelled=labelled, alpha=cfg.distill_alpha,
                                          tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
@@ -552,7 +552,7 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
     for images, target in loader:
         images, target = images.to(device), target.to(device)
         with autocast(device, cfg.amp):
-            logits = adapter.logits(model, net(images)).float()
+            logits = adapter.output(model, net(images)).float()
             ref = teacher.logits(images) if teacher is not None else None
         tally.add(logits, ref, target)
     keys = list(tally.sums)

@@ -25,7 +25,7 @@ def patch_fates(model: nn.Module, x: torch.Tensor) -> list[list[set[int]]]:
     try:
         with torch.no_grad():
             model(x)
-        kept = [b.evit_kept for b in adapters.evit_blocks(model)]
+        kept = [b.evit.kept for b in adapters.evit_blocks(model)]
     finally:
         adapters.record_kept(model, False)
     fuse = get_config(model).fuse

@@ -19,6 +19,7 @@ from timm.models.vision_transformer import ResPostBlock
 
 import evit_cli
 from evit_cli.adapters import record_kept
+from evit_cli.adapters.block import state_of
 from conftest import randomize
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
@@ -45,6 +46,12 @@ FAMILIES = {
     # C-RADIO: class token + 7 registers; NaFlexVit keeps no img_size, its size is the pretrained config's
     "naflex_radio": ("naflexvit_base_patch16_radio_v3", {"pretrained_cfg_overlay": {"input_size": (3, 32, 32)}}),
 }
+
+
+def _kept(blk):
+    """The kept indices a block recorded (None: it removed nothing, or it is no EViT block)."""
+    st = state_of(blk)
+    return st.kept if st is not None else None
 
 
 def tiny(family: str, **overrides):
@@ -165,7 +172,7 @@ def test_each_evit_block_keeps_the_dense_blocks_outputs(family, fuse, x):
         blk, dargs, dkwargs = _dense_call(family, dense.blocks[i], args[1:], kwargs, pos, p)
         with torch.no_grad():
             ref = blk(args[0], *dargs, **dkwargs)
-        kept = getattr(model.blocks[i], "evit_kept", None)
+        kept = _kept(model.blocks[i])
         if kept is None:
             assert (out - ref).abs().max() < 1e-4, f"block {i + 1}"
             continue
@@ -204,12 +211,12 @@ def test_the_ranking_row_is_the_blocks_own_attention(family, x):
     p = model.num_prefix_tokens
     rows, calls = {}, {}
     for i in (1, 2):
-        model.blocks[i].evit_rank = lambda blk, x_, row, i=i: rows.__setitem__(i, row)  # None: rank by the row
+        model.blocks[i].evit.rank = lambda blk, x_, row, i=i: rows.__setitem__(i, row)  # None: rank by the row
         model.blocks[i].register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw)), with_kwargs=True)
     record_kept(model)
     with torch.no_grad():
         model(x)
-    kept = model.blocks[1].evit_kept
+    kept = model.blocks[1].evit.kept
     pos = torch.cat([kept, torch.full((2, 1), -1)], dim=1)  # the tokens entering block 3: kept + fused
     for i, at in ((1, None), (2, pos)):
         args, kwargs = calls[i]
@@ -250,7 +257,7 @@ def test_forward_intermediates_give_the_remaining_tokens_and_full_maps(family, x
     with torch.no_grad():
         nlc = model.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NLC", intermediates_only=True)
         assert [t.shape[1] for t in nlc] == [64, 33, 18, 18]  # non-prefix tokens after each block (EViT in 2 and 3)
-        kept2 = model.blocks[1].evit_kept
+        kept2 = model.blocks[1].evit.kept
         final, maps = model.forward_intermediates(x, indices=[0, 1, 2, 3])
         dense_maps = dense.forward_intermediates(x, indices=[0, 1, 2, 3], intermediates_only=True)
     assert all(m.shape == (2, 48, 8, 8) for m in maps)
@@ -384,9 +391,9 @@ def test_crossvit_keep_rate_1_is_the_original_model(x):
         ref = model(x)
         evit = evit_cli.convert(copy.deepcopy(model), keep_rate=1.0, layers=(1, 2, 3))
         assert (evit(x) - ref).abs().max() < 1e-5
-        for blk in evit_cli.adapters._all_evit_blocks(evit):  # the EViT path itself, forced to run at keep 1.0
-            blk.evit_rank = lambda *a: None
-        assert len(evit_cli.adapters._all_evit_blocks(evit)) == 6 and (evit(x) - ref).abs().max() < 1e-5
+        for blk in evit_cli.adapters.all_evit_blocks(evit):  # the EViT path itself, forced to run at keep 1.0
+            blk.evit.rank = lambda *a: None
+        assert len(evit_cli.adapters.all_evit_blocks(evit)) == 6 and (evit(x) - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -420,8 +427,8 @@ def test_crossvit_each_block_keeps_the_dense_blocks_outputs(fuse, x):
     calls, rows = {}, {}
     for s, b, j, blk in _branch_blocks(model):
         blk.register_forward_hook(lambda m, a, o, k=(s, b, j): calls.__setitem__(k, (a[0], o)))
-        if hasattr(blk, "evit_keep_rate"):
-            blk.evit_rank = lambda blk_, x_, row, k=(s, b, j): rows.__setitem__(k, row)
+        if state_of(blk) is not None and blk.evit.reorganizes:
+            blk.evit.rank = lambda blk_, x_, row, k=(s, b, j): rows.__setitem__(k, row)
     fusions = {}
     for s, stage in enumerate(model.blocks):
         for b, f in enumerate(stage.fusion):
@@ -435,7 +442,7 @@ def test_crossvit_each_block_keeps_the_dense_blocks_outputs(fuse, x):
         with torch.no_grad():
             ref = dense_blocks[key](inp)
         evit_blk = model.blocks[key[0]].blocks[key[1]][key[2]]
-        kept = getattr(evit_blk, "evit_kept", None)
+        kept = _kept(evit_blk)
         if kept is None:
             assert out.shape == inp.shape and (out - ref).abs().max() < 1e-4, key
             continue
@@ -464,11 +471,11 @@ def test_crossvit_forward_backward_revert_and_schedules(x):
     model(x).logsumexp(-1).sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     evit_cli.adapters.set_keep_rates(model.eval(), [1.0, 0.25])  # per layer, in both branches
-    assert [b.evit_keep_rate for b in evit_cli.adapters._all_evit_blocks(model)] == [1.0, 1.0, 0.25, 0.25]
+    assert [b.evit.keep_rate for b in evit_cli.adapters.all_evit_blocks(model)] == [1.0, 1.0, 0.25, 0.25]
     _, seen = _crossvit_lengths(model, x)
     assert (seen[(2, 0, 0)], seen[(2, 1, 0)]) == (1 + 16 + 1, 1 + 4 + 1)
     evit_cli.revert(model)
-    assert type(model) is type(dense) and not evit_cli.adapters._all_evit_blocks(model)
+    assert type(model) is type(dense) and not evit_cli.adapters.all_evit_blocks(model)
     assert all(type(a[3]) is type(b[3]) for a, b in zip(_branch_blocks(model), _branch_blocks(dense)))
     with torch.no_grad():
         assert (model(x) - dense(x)).abs().max() < 1e-5

@@ -15,7 +15,7 @@ from reference import _attention
 
 
 def _kept(model):
-    return [b.evit_kept for b in adapters.evit_blocks(model)]
+    return [b.evit.kept for b in adapters.evit_blocks(model)]
 
 
 def test_oracle_identical_to_the_student_selects_what_the_student_selects(images):
@@ -102,7 +102,7 @@ def test_training_step_with_the_oracle_and_the_hooks_removed_after(images):
     oracle.detach()
     student.eval()
     copied = copy.deepcopy(student)  # no hook left that would drag the teacher along
-    assert not any(hasattr(b, "evit_rank") for b in adapters.evit_blocks(copied))
+    assert not any(b.evit.rank is not None for b in adapters.evit_blocks(copied))
     with torch.no_grad():
         assert torch.equal(copied(images), student(images))
 
@@ -132,7 +132,7 @@ def test_finetune_with_the_oracle_trains_and_the_folder_says_so(tmp_path):
     assert t["token_selection"] == "oracle: the dense model before conversion" and final["loss"].startswith("distillation")
     assert "oracle" in (tmp_path / "a" / "README.md").read_text()
     saved = evit_cli.load(tmp_path / "a")  # chooses by its own attention: no hook travels with it
-    assert not any(hasattr(b, "evit_rank") for b in adapters.evit_blocks(saved))
+    assert not any(b.evit.rank is not None for b in adapters.evit_blocks(saved))
     colours = write_colour_folder(tmp_path / "colours", 6)
     finetune(TrainConfig(model=str(start), dataset=str(colours), output=str(tmp_path / "b"), epochs=1, batch_size=6,
                          workers=0, bench=False, oracle=True, distill=False, head="new"))

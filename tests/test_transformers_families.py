@@ -167,7 +167,7 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
     for j, i in enumerate(layers_1b):
         inp, kwargs, out = seen[i]
         layer, ref_layer = _layers(model)[i - 1], _layers(dense)[i - 1]
-        kept = layer.evit_kept
+        kept = layer.evit.kept
         kw = {k: v for k, v in kwargs.items() if k in ("resolution", "interpolate_pos_encoding")}
         bias = None
         if relpos:

@@ -105,7 +105,7 @@ def test_real_deit_tiny_weights_in_the_data2vec_layout_keep_what_timm_keeps(attn
         hf_logits, timm_logits = hf(x).logits, tm(x)
     assert evit_cli.tokens_after_layers(hf) == [140, 100, 72]
     for a, b in zip(adapters.evit_blocks(hf), adapters.evit_blocks(tm)):
-        assert torch.equal(a.evit_kept.sort(1).values, b.evit_kept.sort(1).values)  # the same tokens kept
+        assert torch.equal(a.evit.kept.sort(1).values, b.evit.kept.sort(1).values)  # the same tokens kept
     assert torch.equal(hf_logits.argmax(1), timm_logits.argmax(1))
     assert (hf_logits - timm_logits).abs().max() < 1e-3
     assert (hf_logits - dense).abs().max() > 1e-3  # EViT did change the computation

@@ -1,50 +1,111 @@
-"""What every adapter's EViT block shares: its attributes and the reorganization step.
+"""What every adapter's EViT block shares: its state and the reorganization step.
 
 An adapter's block computes its attention and the class-attention row its own
 way, then calls :func:`reorganize_tokens`; nothing else about EViT lives in
-the adapters.
+the adapters. Everything EViT keeps on a block is one :class:`BlockState`,
+``blk.evit``; the blocks of a model that follow token positions share one
+:class:`PositionState`.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
 from torch import Tensor, nn
 
-from ..reorg import num_kept, reorganize
-
-# attributes an EViT block carries; ``remove`` pops them all
-EVIT_ATTRS = ("evit_keep_rate", "evit_num_prefix", "evit_fuse", "evit_record", "evit_kept", "evit_rank")
+from ..reorg import follow_positions, num_kept, reorganize
 
 
-def setup_block(blk: nn.Module, keep_rate: float, num_prefix: int, fuse: bool) -> None:
-    blk.evit_keep_rate = float(keep_rate)
-    blk.evit_num_prefix = int(num_prefix)
-    blk.evit_fuse = bool(fuse)
+class PositionState:
+    """Per-forward positions of a model's tokens, shared by its blocks (like ToMe's ``_tome_info``).
+
+    ``pos`` (B, M) holds, per image, the original patch index of each non-prefix token, -1 for
+    the fused token (``None`` while no token was removed); see ``reorg.follow_positions``.
+    """
+
+    def __init__(self):
+        self.pos: Tensor | None = None
+        self.after: dict[int, Tensor] = {}  # block index -> positions after that block
+
+    def reset(self) -> None:
+        self.pos, self.after = None, {}
+
+    @contextmanager
+    def run(self):
+        self.reset()
+        try:
+            yield self
+        finally:
+            self.reset()
+
+    def follow(self, index: int, kept: Tensor, m: int, fuse: bool) -> None:
+        """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates."""
+        self.pos = follow_positions(self.pos, kept, m, fuse)
+        self.after[index] = self.pos
+
+
+@dataclass(eq=False)
+class BlockState:
+    """Everything EViT keeps on one block (``blk.evit``); removing it is one ``del``."""
+
+    index: int  # the block's layer, 0-based
+    num_prefix: int  # class (+ distillation, register) tokens first in its sequence
+    family: Any = None  # the adapter's spec of the model's family
+    block_spec: Any = None  # timm: the spec of the block's class (where EViT goes in it)
+    sequence: int = 0  # which token sequence (a CrossViT branch); 0: the reported one
+    positions: PositionState | None = None  # shared by the model's blocks when positions are followed
+    keep_rate: float | None = None  # None: the block only follows positions
+    fuse: bool = True
+    record: bool = False  # keep the indices of the kept tokens in ``kept``
+    kept: Tensor | None = None
+    rank: Callable | None = None  # (blk, x, cls_attn) -> (B, N) scores or None: chooses instead (an oracle)
+    bias_tables: tuple = field(default_factory=tuple)  # transformers: the (shared, per-layer) bias modules
+    patch_size: int = 0  # transformers relative-position families: pixels per patch
+
+    @property
+    def reorganizes(self) -> bool:
+        return self.keep_rate is not None
+
+
+class EViTBlock:
+    """Base of every adapter's EViT block mixin: a block whose state is ``self.evit``."""
+
+    evit: BlockState
+
+
+def state_of(module: nn.Module) -> BlockState | None:
+    """The EViT state of a block (``None`` for any other module)."""
+    return module.__dict__.get("evit") if isinstance(module, EViTBlock) else None
 
 
 def clear_block(blk: nn.Module) -> None:
-    for attr in EVIT_ATTRS:
-        blk.__dict__.pop(attr, None)
+    blk.__dict__.pop("evit", None)
 
 
-def runs_dense(blk: nn.Module, num_tokens: int) -> bool:
+def runs_dense(state: BlockState, num_tokens: int) -> bool:
     """True when the block would remove no token and nobody watches its ranking: it may take
-    its family's own dense forward. With an ``evit_rank`` hook (an oracle, or a model used as
-    one) the EViT path runs at every keep rate, so the hook sees each batch's class attention."""
-    m = int(num_tokens) - blk.evit_num_prefix
-    return num_kept(m, blk.evit_keep_rate) >= m and getattr(blk, "evit_rank", None) is None
+    its family's own dense forward. With a ``rank`` hook (an oracle, or a model used as one)
+    the EViT path runs at every keep rate, so the hook sees each batch's class attention."""
+    m = int(num_tokens) - state.num_prefix
+    return num_kept(m, state.keep_rate) >= m and state.rank is None
 
 
 def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tensor, Tensor | None]:
-    """The EViT step of one block: rank, keep, fuse, record the kept indices.
+    """The EViT step of one block: rank, keep, fuse, record the kept indices, follow the positions.
 
-    ``blk.evit_rank``, when set, is a callable ``(blk, x, cls_attn) -> (B, N)
-    scores or None`` that chooses the kept tokens instead of the block's own
-    class attention (training with an oracle). Returns the new sequence and the
-    kept indices among the non-prefix tokens (``None`` when nothing was removed).
+    ``blk.evit.rank``, when set, chooses the kept tokens instead of the block's
+    own class attention (training with an oracle). Returns the new sequence and
+    the kept indices among the non-prefix tokens (``None`` when nothing was removed).
     """
-    hook = getattr(blk, "evit_rank", None)
-    rank = hook(blk, x, cls_attn) if hook is not None else None
-    x, kept = reorganize(x, cls_attn, blk.evit_num_prefix, blk.evit_keep_rate, blk.evit_fuse, rank=rank)
-    if getattr(blk, "evit_record", False):
-        blk.evit_kept = kept
+    st: BlockState = blk.evit
+    rank = st.rank(blk, x, cls_attn) if st.rank is not None else None
+    m = int(x.shape[1]) - st.num_prefix  # a constant when traced: counts depend on the input size only
+    x, kept = reorganize(x, cls_attn, st.num_prefix, st.keep_rate, st.fuse, rank=rank)
+    if st.record:
+        st.kept = kept
+    # positions follow the reported sequence; the families with several (CrossViT) have no position terms
+    if kept is not None and st.positions is not None and st.sequence == 0:
+        st.positions.follow(st.index, kept, m, st.fuse)
     return x, kept

@@ -9,7 +9,7 @@ parallel branches, parallel scaling) place the shared EViT step
 (:func:`.block.reorganize_tokens`) in the block.
 
 Position terms follow the tokens: the model's blocks share one
-:class:`PositionState` (like ToMe's ``_tome_info``), reset at every model
+:class:`.block.PositionState` (like ToMe's ``_tome_info``), reset at every model
 entry point; a reorganizing block records there, per image, the original patch
 index of every token it keeps (-1 for the fused token), and each later block
 gathers its RoPE rows or bias rows/columns with it (``reorg.gather_rope``,
@@ -21,19 +21,16 @@ tokens keep their own terms.
 
 from __future__ import annotations
 
-import inspect
-from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
-from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 
 from ..errors import EvitError
-from ..reorg import class_attention, follow_positions, gather_bias, gather_rope
-from .block import reorganize_tokens, runs_dense
+from ..reorg import class_attention, gather_bias, gather_rope
+from .block import BlockState, EViTBlock, reorganize_tokens, runs_dense
 
 
 class Terms(NamedTuple):
@@ -42,22 +39,6 @@ class Terms(NamedTuple):
     rope: Tensor | None = None  # (N, D) or (..., N, D): sin and cos of the N patches
     bias: Tensor | None = None  # (b, H, P + N, P + N) additive attention bias
     masked: bool = False
-
-
-class PositionState:
-    """Per-forward positions of a model's tokens, shared by its blocks."""
-
-    def __init__(self):
-        self.pos: Tensor | None = None  # (B, M): original patch index per non-prefix token, -1 fused
-        self.after: dict[int, Tensor] = {}  # block index -> positions after that block
-
-    @contextmanager
-    def run(self):
-        self.pos, self.after = None, {}
-        try:
-            yield self
-        finally:
-            self.pos, self.after = None, {}
 
 
 # ----------------------------------------------------------------- q/k/v readers
@@ -144,7 +125,7 @@ def _maybe_reorganize(blk: nn.Module, x: Tensor, cls_attn: Tensor, active: bool)
 
 def pre_norm(blk, spec, x, terms, active):
     """``x + Attn(LN1 x)``, reorganize, ``x + FFN(LN2 x)`` (ViT ``Block``, ``EvaBlock``, BEiT ``Block``)."""
-    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), blk.norm1(x), terms, blk.evit_prefix)
+    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), blk.norm1(x), terms, blk.evit.num_prefix)
     x = x + blk.drop_path1(_scale(blk, spec.layer_scale[0], a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(_scale(blk, spec.layer_scale[1], blk.mlp(blk.norm2(x)))), kept
@@ -152,7 +133,7 @@ def pre_norm(blk, spec, x, terms, active):
 
 def post_norm(blk, spec, x, terms, active):
     """``x + LN1(Attn x)``, reorganize, ``x + LN2(FFN x)`` (``ResPostBlock``, ``EvaBlockPostNorm``)."""
-    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit_prefix)
+    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit.num_prefix)
     x = x + blk.drop_path1(blk.norm1(a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(blk.norm2(blk.mlp(x))), kept
@@ -163,7 +144,7 @@ def parallel_branches(blk, spec, x, terms, active):
     EViT sits between the two sums, ranking by the class row averaged over every head of every branch."""
     outs, rows = [], []
     for br in blk.attns:
-        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit_prefix)
+        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit.num_prefix)
         outs.append(br.drop_path(br.ls(a)))
         rows.append(row)
     x = x + torch.stack(outs).sum(dim=0)
@@ -204,118 +185,27 @@ def _follow(terms: Terms, pos: Tensor | None, num_prefix: int) -> Terms:
     return Terms(rope, bias, terms.masked)
 
 
-class EViTBlockMixin:
-    """Forward of any spec'd timm block, as an EViT block or as a follower.
+class EViTBlockMixin(EViTBlock):
+    """Forward of any spec'd timm block, as an EViT block or as a follower (its :class:`.block.BlockState`
+    in ``self.evit`` says which, and the family's spec).
 
-    An EViT block (``evit_keep_rate`` set) reorganizes its tokens where its
-    layout says. A follower (a later block of a family with position terms)
-    only gathers its position terms for the tokens that remain. Whenever there
-    is nothing to do, the block's own forward runs, unchanged.
+    An EViT block (a keep rate set) reorganizes its tokens where its layout
+    says. A follower (a later block of a family with position terms) only
+    gathers its position terms for the tokens that remain. Whenever there is
+    nothing to do, the block's own forward runs, unchanged.
     """
-
-    evit_spec = None  # the BlockSpec, set on each generated class
-    evit_family = None  # the ModelSpec
-    evit_record: bool = False
-    evit_kept: Tensor | None = None
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        state: PositionState | None = self.__dict__.get("evit_state")
-        pos = state.pos if state is not None else None
-        reorg = hasattr(self, "evit_keep_rate")
-        m = int(x.shape[1]) - self.evit_prefix  # a constant when traced: counts depend on the input size only
-        active = reorg and not runs_dense(self, int(x.shape[1]))  # an evit_rank hook makes it run at keep 1.0 too
-        if reorg:
-            self.evit_kept = None
-        if not active and (pos is None or self.evit_family.position is None):
+        st: BlockState = self.evit
+        pos = st.positions.pos if st.positions is not None else None
+        # a rank hook makes it run at keep 1.0 too
+        active = st.reorganizes and not runs_dense(st, int(x.shape[1]))
+        if st.reorganizes:
+            st.kept = None
+        if not active and (pos is None or st.family.position is None):
             return super().forward(x, *args, **kwargs)
-        terms = self.evit_family.terms(self, *args, **kwargs)
+        terms = st.family.terms(self, *args, **kwargs)
         if terms.masked:
             raise EvitError("EViT blocks take no attention mask: call the model without attn_mask/is_causal")
-        x, kept = self.evit_spec.layout(self, self.evit_spec, x, _follow(terms, pos, self.evit_prefix), active)
-        if kept is not None and state is not None and not self.__dict__.get("evit_sequence"):
-            # positions follow the reported sequence; the families with several (CrossViT) have no position terms
-            state.pos = follow_positions(pos, kept, m, self.evit_fuse)
-            state.after[self.evit_index] = state.pos
+        x, _ = st.block_spec.layout(self, st.block_spec, x, _follow(terms, pos, st.num_prefix), active)
         return x
-
-
-# ----------------------------------------------------------------- the model
-
-
-def _grid(y: Tensor, pos: Tensor, num_patches: int) -> Tensor:
-    """Tokens (B, M, C) back on the patch grid (B, num_patches, C): each kept token at its
-    patch, every other patch holds the fused token that absorbed it (zero without fusion)."""
-    B, _, C = y.shape
-    fused = pos[:, -1:] < 0
-    filler = torch.where(fused[..., None], y[:, -1:], torch.zeros_like(y[:, -1:]))
-    grid = torch.cat([filler.expand(B, num_patches, C), y.new_zeros(B, 1, C)], dim=1)
-    idx = torch.where(pos < 0, num_patches, pos)
-    return grid.scatter(1, idx[..., None].expand(B, idx.shape[1], C), y)[:, :num_patches]
-
-
-def _maps(ys: list, positions: list[Tensor | None], hw: tuple[int, int]) -> list:
-    """timm's NLC intermediates (or (tokens, prefix) pairs) as NCHW maps of the patch grid."""
-    H, W = hw
-
-    def to_map(y: Tensor, pos: Tensor | None) -> Tensor:
-        y = y if pos is None else _grid(y, pos, H * W)
-        return y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
-
-    return [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
-
-
-class EViTModelMixin:
-    """Entry points of an EViT model: each runs with fresh token positions.
-
-    ``forward_intermediates`` with ``output_fmt="NLC"`` returns, per block, the
-    non-prefix tokens that remain after it; with ``"NCHW"`` (timm's default,
-    used by ``features_only``) each kept token goes back to its patch and every
-    other patch holds the fused token that absorbed it (zeros without fusion),
-    so the maps have the dense model's shape.
-    """
-
-    def forward_features(self, *args, **kwargs):
-        self._evit_check_call(args, kwargs)
-        with self._evit_run():
-            return super().forward_features(*args, **kwargs)
-
-    def forward_intermediates(self, x: Tensor, *args, **kwargs):
-        self._evit_check_call((x, *args), kwargs)
-        bound = inspect.signature(super().forward_intermediates).bind(x, *args, **kwargs)
-        bound.apply_defaults()
-        fmt = bound.arguments.get("output_fmt", "NCHW")
-        if fmt != "NLC" and self.evit_family.feat_size is None:
-            raise EvitError(f"{type(self).__mro__[2].__name__} after EViT gives its intermediates as the tokens that "
-                            "remain only: call forward_intermediates with output_fmt='NLC'")
-        bound.arguments["output_fmt"] = "NLC"
-        with self._evit_run() as state:
-            out = super().forward_intermediates(*bound.args, **bound.kwargs)
-            if fmt == "NLC":
-                return out
-            take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
-            positions = self._evit_positions(sorted(take), state)
-        hw = self.evit_family.feat_size(self, tuple(x.shape[-2:]))
-        if isinstance(out, dict):
-            return {**out, "image_intermediates": _maps(out["image_intermediates"], positions, hw)}
-        if bound.arguments.get("intermediates_only"):
-            return _maps(out, positions, hw)
-        return out[0], _maps(out[1], positions, hw)
-
-    def _evit_positions(self, take: list[int], state: PositionState) -> list[Tensor | None]:
-        """Positions of the tokens after each block in ``take`` (None: nothing removed yet)."""
-        result, pos = [], None
-        for i in range(max(take, default=-1) + 1):
-            pos = state.after.get(i, pos)
-            if i in take:
-                result.append(pos)
-        return result
-
-    def _evit_check_call(self, args: tuple, kwargs: dict) -> None:
-        why = self.evit_family.call_refusal(args, kwargs) if self.evit_family.call_refusal is not None else None
-        if why:
-            raise EvitError(why)
-
-    def _evit_run(self):
-        if self.evit_family.position is not None and getattr(self, "grad_checkpointing", False) and self.training:
-            raise EvitError("EViT with position terms does not support gradient checkpointing: call model.set_grad_checkpointing(False)")
-        return self.evit_state.run()

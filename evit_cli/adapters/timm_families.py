@@ -33,7 +33,7 @@ the longer sequence in every timm CrossViT.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable
 
 from timm.layers import Attention, AttentionRope
 from timm.models.beit import Attention as BeitAttention
@@ -52,6 +52,7 @@ from timm.models.vision_transformer import (
 )
 
 from . import timm_blocks as tb
+from .base import Sequence
 
 
 @dataclass(frozen=True)
@@ -66,13 +67,6 @@ class BlockSpec:
 
     def reader(self, attn):
         return self.attentions[type(attn)]
-
-
-class Sequence(NamedTuple):
-    """One token sequence of a model: its length entering the first block, and its prefix tokens."""
-
-    num_tokens: int
-    num_prefix: int
 
 
 def vit_layers(model) -> list[tuple]:

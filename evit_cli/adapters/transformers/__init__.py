@@ -21,29 +21,19 @@ transformers returns none, as it does without EViT).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...config import EViTConfig
 from ...errors import EvitError
-from ..block import clear_block, setup_block
+from ..base import Adapter, Sequence
+from ..block import BlockState, PositionState
+from ..timm import TIMM
 from . import layer as hf_layer
 from . import preprocess, relpos
 from .families import Family, refusal, refused_class, resolve
 
-name = "transformers"
-
-
 # --------------------------------------------------------------------------- where things live
-
-
-def _is_timm_wrapper(model: nn.Module) -> bool:
-    return type(model).__name__ in ("TimmWrapperModel", "TimmWrapperForImageClassification")
-
-
-def _timm(model: nn.Module):
-    from .. import timm as timm_adapter
-
-    return timm_adapter
 
 
 def vision_root(model: nn.Module) -> nn.Module:
@@ -72,47 +62,16 @@ def family(model: nn.Module) -> Family | None:
     return hf_layer.family_of(layers[0]) if layers is not None else None
 
 
+def _family(model: nn.Module) -> Family:
+    """The model's family; for a model of none, the refusal that says why."""
+    spec = family(model)
+    if spec is None:
+        raise EvitError(refusal(model))
+    return spec
+
+
 def _config(model: nn.Module):
     return vision_root(model).config
-
-
-# --------------------------------------------------------------------------- the adapter interface
-
-
-def matches(model: nn.Module) -> bool:
-    """Every transformers model: the supported ones convert, the others get :func:`check`'s reason."""
-    from transformers import PreTrainedModel
-
-    return isinstance(model, PreTrainedModel)
-
-
-def check(model: nn.Module) -> None:
-    if _is_timm_wrapper(model):
-        return _timm(model).check(model.timm_model)
-    if refused_class(type(model).__name__) or family(model) is None:
-        raise EvitError(refusal(model))
-    spec = family(model)
-    attn = getattr(_layers(model)[0], spec.attention)
-    for path in (spec.q, spec.k, spec.v, spec.head_dim):
-        if resolve(attn, path) is None:
-            raise EvitError(
-                f"this transformers version lays out {type(attn).__name__} without {path!r}: "
-                "install transformers>=5 (pip install -U transformers)"
-            )
-
-
-def depth(model: nn.Module) -> int:
-    if _is_timm_wrapper(model):
-        return _timm(model).depth(model.timm_model)
-    return len(_layers(model))
-
-
-def num_prefix_tokens(model: nn.Module) -> int:
-    if _is_timm_wrapper(model):
-        return _timm(model).num_prefix_tokens(model.timm_model)
-    spec = family(model)
-    extra = int(getattr(_config(model), spec.prefix_config, 0) or 0) if spec.prefix_config else 0
-    return spec.prefix + extra
 
 
 def _patch(model: nn.Module) -> int:
@@ -120,70 +79,7 @@ def _patch(model: nn.Module) -> int:
     return int(patch[0] if isinstance(patch, (list, tuple)) else patch)
 
 
-def img_size(model: nn.Module) -> int:
-    """The image side the model is run at: its config's, or for DINOv2 (any size) its processor's crop."""
-    if _is_timm_wrapper(model):
-        return _timm(model).img_size(model.timm_model)
-    spec = family(model)
-    proc = getattr(model, "evit_preprocessor", None)
-    if spec is not None and spec.any_input_size and proc:
-        return int(preprocess.input_size(proc, spec.processor))
-    size = _config(model).image_size
-    return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def num_tokens(model: nn.Module) -> int:
-    if _is_timm_wrapper(model):
-        return _timm(model).num_tokens(model.timm_model)
-    return (img_size(model) // _patch(model)) ** 2 + num_prefix_tokens(model)
-
-
-def data_config(model: nn.Module) -> dict:
-    """timm-style preprocessing equal to the model's transformers image processor (its defaults without a file)."""
-    if _is_timm_wrapper(model):
-        return _timm(model).data_config(model.timm_model)
-    return preprocess.data_config(getattr(model, "evit_preprocessor", None), family(model).processor, img_size(model))
-
-
-def class_names(model: nn.Module) -> list[str] | None:
-    id2label = getattr(model.config, "id2label", None) or {}
-    names = [id2label[i] for i in sorted(id2label)]
-    if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
-        return None
-    return names
-
-
-def apply(model: nn.Module, cfg: EViTConfig) -> None:
-    if _is_timm_wrapper(model):
-        return _timm(model).apply(model.timm_model, cfg)
-    check(model)
-    remove(model)
-    spec, layers, root = family(model), _layers(model), vision_root(model)
-    prefix = num_prefix_tokens(model)
-    for i, layer in enumerate(layers):
-        hf_layer.swap_in(layer, spec, prefix)
-    for idx, rate in zip(cfg.indices, cfg.keep_rates):
-        setup_block(layers[idx], rate, prefix, cfg.fuse)
-    if spec.relative_position_bias:
-        relpos.install(layers, spec, root, _patch(model))
-    if type(vision_root(model)).__name__ == "ViTMAEModel":
-        _masking_off(root)
-    if hf_layer.refuse_attention_mask not in root._forward_pre_hooks.values():
-        root.register_forward_pre_hook(hf_layer.refuse_attention_mask, with_kwargs=True)
-
-
-def remove(model: nn.Module) -> None:
-    if _is_timm_wrapper(model):
-        return _timm(model).remove(model.timm_model)
-    spec, root = family(model), vision_root(model)
-    for layer in _layers(model):
-        if hf_layer.is_evit_layer(layer):
-            hf_layer.swap_out(layer, spec)
-            clear_block(layer)
-    hooks = root._forward_pre_hooks
-    for key in [k for k, fn in hooks.items() if fn is hf_layer.refuse_attention_mask]:
-        hooks.pop(key)
-        root._forward_pre_hooks_with_kwargs.pop(key, None)
+_HEADS = ("classifier", "cls_classifier", "distillation_classifier")
 
 
 class _Unshuffled:
@@ -203,76 +99,191 @@ def _masking_off(root: nn.Module) -> None:
         emb.__class__ = type(f"Unshuffled{type(emb).__name__}", (_Unshuffled, type(emb)), {})
 
 
-# --------------------------------------------------------------------------- heads, names, sizes
+# --------------------------------------------------------------------------- the adapter
 
 
-_HEADS = ("classifier", "cls_classifier", "distillation_classifier")
+class TransformersAdapter(Adapter):
+    name = "transformers"
+
+    def matches(self, model: nn.Module) -> bool:
+        """Every transformers model: the supported ones convert, the others get :meth:`check`'s reason."""
+        from transformers import PreTrainedModel
+
+        return isinstance(model, PreTrainedModel)
+
+    def check(self, model: nn.Module) -> None:
+        if refused_class(type(model).__name__) or family(model) is None:
+            raise EvitError(refusal(model))
+        spec = family(model)
+        attn = getattr(_layers(model)[0], spec.attention)
+        for path in (spec.q, spec.k, spec.v, spec.head_dim):
+            if resolve(attn, path) is None:
+                raise EvitError(
+                    f"this transformers version lays out {type(attn).__name__} without {path!r}: "
+                    "install transformers>=5 (pip install -U transformers)"
+                )
+
+    def depth(self, model: nn.Module) -> int:
+        _family(model)
+        return len(_layers(model))
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        spec = _family(model)
+        extra = int(getattr(_config(model), spec.prefix_config, 0) or 0) if spec.prefix_config else 0
+        return spec.prefix + extra
+
+    def img_size(self, model: nn.Module) -> int:
+        """The image side the model is run at: its config's, or for DINOv2 (any size) its processor's crop."""
+        spec = family(model)
+        proc = getattr(model, "evit_preprocessor", None)
+        if spec is not None and spec.any_input_size and proc:
+            return int(preprocess.input_size(proc, spec.processor))
+        size = _config(model).image_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def num_tokens(self, model: nn.Module) -> int:
+        return (self.img_size(model) // _patch(model)) ** 2 + self.num_prefix_tokens(model)
+
+    def data_config(self, model: nn.Module) -> dict:
+        """timm-style preprocessing equal to the model's transformers image processor (its defaults without a file)."""
+        proc = getattr(model, "evit_preprocessor", None)
+        return preprocess.data_config(proc, _family(model).processor, self.img_size(model))
+
+    def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
+        self.remove(model)
+        spec, layers, root = _family(model), _layers(model), vision_root(model)
+        prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
+        positions = PositionState() if spec.relative_position_bias else None
+        for i, layer in enumerate(layers):
+            tables = relpos.tables(layer, spec, root) if positions is not None else ()
+            hf_layer.swap_in(layer, BlockState(index=i, num_prefix=prefix, family=spec, positions=positions,
+                                               keep_rate=rates.get(i), fuse=cfg.fuse, bias_tables=tables,
+                                               patch_size=_patch(model)))
+        if type(root).__name__ == "ViTMAEModel":
+            _masking_off(root)
+        if hf_layer.refuse_attention_mask not in root._forward_pre_hooks.values():
+            root.register_forward_pre_hook(hf_layer.refuse_attention_mask, with_kwargs=True)
+
+    def remove(self, model: nn.Module) -> None:
+        root, layers = vision_root(model), _layers(model)
+        for layer in layers if layers is not None else ():
+            if hf_layer.is_evit_layer(layer):
+                hf_layer.swap_out(layer)
+        hooks = root._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is hf_layer.refuse_attention_mask]:
+            hooks.pop(key)
+            root._forward_pre_hooks_with_kwargs.pop(key, None)
+
+    # ------------------------------------------------------------ heads, names, sizes
+
+    def num_classes(self, model: nn.Module) -> int:
+        has_head = any(isinstance(getattr(model, n, None), nn.Linear) for n in _HEADS)
+        return int(model.config.num_labels) if has_head else 0
+
+    def class_names(self, model: nn.Module) -> list[str] | None:
+        id2label = getattr(model.config, "id2label", None) or {}
+        names = [id2label[i] for i in sorted(id2label)]
+        if not names or names == [f"LABEL_{i}" for i in range(len(names))]:
+            return None
+        return names
+
+    def set_class_names(self, model: nn.Module, class_names: list[str]) -> None:
+        model.config.id2label = dict(enumerate(class_names))
+        model.config.label2id = {c: i for i, c in enumerate(class_names)}
+
+    def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
+        heads = [n for n in _HEADS if isinstance(getattr(model, n, None), nn.Linear)]
+        if not heads:
+            raise EvitError(f"{type(model).__name__} has no classification head: use a *ForImageClassification model")
+        for n in heads:
+            old = getattr(model, n)
+            setattr(model, n, nn.Linear(old.in_features, num_classes))
+        model.config.num_labels = num_classes
+        self.set_class_names(model, class_names)
+
+    def set_img_size(self, model: nn.Module, size: int) -> None:
+        """Run at ``size`` px: position embeddings resampled (bicubic) and the config updated (ViT-like families)."""
+        emb = getattr(vision_root(model), "embeddings", None)
+        pe = getattr(emb, "position_embeddings", None)
+        if not isinstance(pe, nn.Parameter) or _family(model).any_input_size:
+            raise EvitError(f"--img-size is not supported for {type(model).__name__} yet: convert it at its own size")
+        prefix = 2 if family(model).prefix == 2 else 1  # register tokens carry no position embedding
+        old, new = int(round((pe.shape[1] - prefix) ** 0.5)), size // _patch(model)
+        grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False).to(pe.dtype)
+        grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)
+        emb.position_embeddings = nn.Parameter(torch.cat([pe[:, :prefix], grid], 1))
+        emb.patch_embeddings.image_size = (size, size)
+        if hasattr(emb, "image_size"):
+            emb.image_size = (size, size)
+        emb.patch_embeddings.num_patches = new * new
+        model.config.image_size = size
+
+    # ------------------------------------------------------------ the model's output
+
+    def run(self, model: nn.Module, images: torch.Tensor):
+        """The model on images: a full CLIP model through its image tower (``get_image_features``)."""
+        if hasattr(model, "get_image_features") and hasattr(model, "text_model"):
+            return model.get_image_features(pixel_values=images)
+        return model(images)
+
+    def output(self, model: nn.Module, raw) -> torch.Tensor:
+        """The logits of a classifier; the embedding a headless model's users take: CLIP's projected
+        image embedding (``image_embeds``, or ``pooler_output`` of a full CLIP model's
+        ``get_image_features``), else the pooled output (DINOv2's and CLIP's normed class token,
+        ViT's pooler, BEiT's mean pooling), else the class token of ``last_hidden_state``."""
+        if isinstance(raw, torch.Tensor):
+            return raw
+        for attr in ("logits", "image_embeds", "pooler_output"):
+            value = getattr(raw, attr, None)
+            if value is not None:
+                return value
+        return raw.last_hidden_state[:, 0]
 
 
-def reset_head(model: nn.Module, num_classes: int, class_names: list[str]) -> None:
-    if _is_timm_wrapper(model):
+class TimmWrapperAdapter(TransformersAdapter):
+    """``TimmWrapperModel`` / ``TimmWrapperForImageClassification``: converted through the timm
+    adapter on their ``timm_model``; names, outputs and the config are transformers'."""
+
+    def matches(self, model: nn.Module) -> bool:
+        return type(model).__name__ in ("TimmWrapperModel", "TimmWrapperForImageClassification")
+
+    def check(self, model: nn.Module) -> None:
+        TIMM.check(model.timm_model)
+
+    def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
+        TIMM.apply(model.timm_model, cfg)
+
+    def remove(self, model: nn.Module) -> None:
+        TIMM.remove(model.timm_model)
+
+    def depth(self, model: nn.Module) -> int:
+        return TIMM.depth(model.timm_model)
+
+    def sequences(self, model: nn.Module) -> list[Sequence]:
+        return TIMM.sequences(model.timm_model)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return TIMM.num_prefix_tokens(model.timm_model)
+
+    def num_tokens(self, model: nn.Module) -> int:
+        return TIMM.num_tokens(model.timm_model)
+
+    def img_size(self, model: nn.Module) -> int:
+        return TIMM.img_size(model.timm_model)
+
+    def data_config(self, model: nn.Module) -> dict:
+        return TIMM.data_config(model.timm_model)
+
+    def num_classes(self, model: nn.Module) -> int:
+        return TIMM.num_classes(model.timm_model)
+
+    def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
         raise EvitError("replacing the head of a TimmWrapper model is not supported: convert the timm model by name")
-    heads = [n for n in _HEADS if isinstance(getattr(model, n, None), nn.Linear)]
-    if not heads:
-        raise EvitError(f"{type(model).__name__} has no classification head: use a *ForImageClassification model")
-    for n in heads:
-        old = getattr(model, n)
-        setattr(model, n, nn.Linear(old.in_features, num_classes))
-    model.config.num_labels = num_classes
-    set_class_names(model, class_names)
 
-
-def logits(model: nn.Module, output) -> torch.Tensor:
-    if not hasattr(output, "logits"):
-        raise EvitError(f"{type(model).__name__} has no classification head: use a *ForImageClassification model")
-    return output.logits
-
-
-def run(model: nn.Module, pixel_values: torch.Tensor):
-    """The model on images: a full CLIP model through its image tower (``get_image_features``)."""
-    if hasattr(model, "get_image_features") and hasattr(model, "text_model"):
-        return model.get_image_features(pixel_values=pixel_values)
-    return model(pixel_values)
-
-
-def features(model: nn.Module, output) -> torch.Tensor:
-    """The embedding a headless model gives: CLIP's projected image embedding, else the pooled or class token."""
-    if isinstance(output, torch.Tensor):  # a headless TimmWrapper's timm model gives its pooled features
-        return output
-    for attr in ("image_embeds", "pooler_output"):
-        value = getattr(output, attr, None)
-        if value is not None:
-            return value
-    return output.last_hidden_state[:, 0]
-
-
-def num_classes(model: nn.Module) -> int:
-    if _is_timm_wrapper(model):
-        return _timm(model).num_classes(model.timm_model)
-    return int(model.config.num_labels) if any(isinstance(getattr(model, n, None), nn.Linear) for n in _HEADS) else 0
-
-
-def set_class_names(model: nn.Module, class_names: list[str]) -> None:
-    model.config.id2label = dict(enumerate(class_names))
-    model.config.label2id = {c: i for i, c in enumerate(class_names)}
-
-
-def set_img_size(model: nn.Module, size: int) -> None:
-    """Run at ``size`` px: position embeddings resampled (bicubic) and the config updated (ViT-like families)."""
-    import torch.nn.functional as F
-
-    emb = getattr(vision_root(model), "embeddings", None)
-    pe = getattr(emb, "position_embeddings", None)
-    if _is_timm_wrapper(model) or not isinstance(pe, nn.Parameter) or family(model).any_input_size:
+    def set_img_size(self, model: nn.Module, size: int) -> None:
         raise EvitError(f"--img-size is not supported for {type(model).__name__} yet: convert it at its own size")
-    prefix = 2 if family(model).prefix == 2 else 1  # register tokens carry no position embedding
-    patch = _patch(model)
-    old, new = int(round((pe.shape[1] - prefix) ** 0.5)), size // patch
-    grid = pe[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False).to(pe.dtype)
-    emb.position_embeddings = nn.Parameter(torch.cat([pe[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], 1))
-    emb.patch_embeddings.image_size = (size, size)
-    if hasattr(emb, "image_size"):
-        emb.image_size = (size, size)
-    emb.patch_embeddings.num_patches = new * new
-    model.config.image_size = size
+
+
+TRANSFORMERS = TransformersAdapter()
+TIMM_WRAPPER = TimmWrapperAdapter()

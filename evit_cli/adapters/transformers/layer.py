@@ -22,37 +22,19 @@ from torch import Tensor, nn
 
 from ...errors import EvitError
 from ...reorg import class_attention
-from ..block import reorganize_tokens, runs_dense
+from ..block import BlockState, EViTBlock, clear_block, reorganize_tokens, runs_dense
+from ..swap import original, swap_in as swap_class, swap_out as restore_class
 from . import relpos
 from .families import FAMILIES, Family, module_chain, resolve
 
-_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def evit_class(cls: type, mixin: type) -> type:
-    if (cls, mixin) not in _CLASSES:
-        _CLASSES[(cls, mixin)] = type(f"EViT{cls.__name__}", (mixin, cls), {})
-    return _CLASSES[(cls, mixin)]
-
-
-def original_class(cls: type) -> type:
-    return cls.__mro__[2] if issubclass(cls, (EViTLayerMixin, EViTAttentionMixin)) else cls
-
 
 def family_of(layer: nn.Module) -> Family | None:
-    return FAMILIES.get(original_class(type(layer)).__name__)
-
-
-def _cls_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
-    """Class-token attention row (B, N), mean over heads, bias included; O(N d), no N x N matrix."""
-    if bias is None:
-        return class_attention(q[:, :, :1], k, scale)
-    logits = (q[:, :, :1] * scale) @ k.transpose(-2, -1) + bias[:, :, :1]
-    return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)
+    return FAMILIES.get(original(type(layer)).__name__)
 
 
 class EViTAttentionMixin:
-    """The family's attention; with ``evit_cls=True`` it also returns the class-token row.
+    """The family's attention; with ``evit_cls=True`` it also returns the class-token row (its
+    layer's :class:`..block.BlockState`, shared in ``self.evit``, gives the family's spec).
 
     ``(out, weights)`` as the original, or ``(out, weights, cls_attn)``. It is
     called through the module, so transformers' ``output_attentions`` hooks
@@ -60,7 +42,7 @@ class EViTAttentionMixin:
     """
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, evit_cls: bool = False, **kwargs):
-        spec: Family = self.evit_family
+        spec: Family = self.evit.family
         head_dim = int(resolve(self, spec.head_dim))
         shape = (*hidden_states.shape[:-1], -1, head_dim)
         q, k, v = (resolve(self, p)(hidden_states).view(shape).transpose(1, 2) for p in (spec.q, spec.k, spec.v))
@@ -70,9 +52,9 @@ class EViTAttentionMixin:
         out = module_chain(self, spec.out_proj)(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
         if not evit_cls:
             return out, weights
-        if weights is not None:  # eager formed the matrix: its class row is the same numbers
-            return out, weights, weights[:, :, 0].float().mean(dim=1)
-        return out, weights, _cls_row(q, k, scale, attention_mask)
+        # from q and k, as sdpa: eager's weights are taken after attention dropout
+        bias = attention_mask[:, :, :1] if attention_mask is not None else None
+        return out, weights, class_attention(q[:, :, :1], k, scale, bias)
 
 
 def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, scale: float, **kwargs):
@@ -82,7 +64,7 @@ def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask
         return _legacy_attention(q, k, v, mask, dropout, scale, eager=impl == "eager")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    eager = sys.modules[type(attn).__mro__[2].__module__].eager_attention_forward
+    eager = sys.modules[original(type(attn)).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
     return interface(attn, q, k, v, mask, dropout=dropout, scaling=scale, **kwargs)
 
@@ -111,24 +93,21 @@ def _branch(layer: nn.Module, spec: Family, y: Tensor, which: int) -> Tensor:
     return y
 
 
-class EViTLayerMixin:
-    """A family's layer with the reorganization between attention and MLP."""
-
-    evit_record: bool = False
-    evit_kept: Tensor | None = None
+class EViTLayerMixin(EViTBlock):
+    """A family's layer with the reorganization between attention and MLP (its state in ``self.evit``)."""
 
     def forward(self, hidden_states: Tensor, attention_mask=None, *args, **kwargs) -> Tensor:
-        spec: Family = family_of(self)
+        st: BlockState = self.evit
+        spec: Family = st.family
         want_weights = False
         if spec.legacy:  # the older call; the shared table's full bias is recomputed below for the tokens that remain
             want_weights = bool(kwargs.pop("output_attentions", False))
             kwargs.pop("relative_position_bias", None)
-        bias = relpos.bias_for(self, hidden_states, kwargs) if spec.relative_position_bias else None
-        rate = self.__dict__.get("evit_keep_rate")
-        # int(...) sizes are constants when traced; an evit_rank hook makes it run at keep 1.0 too
-        reduce = rate is not None and not runs_dense(self, int(hidden_states.shape[1]))
-        if rate is not None:
-            self.evit_kept = None
+        bias = relpos.bias_for(self, kwargs) if spec.relative_position_bias else None
+        # int(...) sizes are constants when traced; a rank hook makes it run at keep 1.0 too
+        reduce = st.reorganizes and not runs_dense(st, int(hidden_states.shape[1]))
+        if st.reorganizes:
+            st.kept = None
         if not reduce and not spec.relative_position_bias and not spec.legacy:
             return super().forward(hidden_states, None, *args, **kwargs)
         x = hidden_states
@@ -136,10 +115,8 @@ class EViTLayerMixin:
         h = getattr(self, spec.norm1)(x)
         a, weights, cls_attn = attn(h, bias, evit_cls=True, **kwargs) if reduce else (*attn(h, bias, **kwargs), None)
         x = x + _branch(self, spec, a, 0)
-        if reduce:
-            x, kept = reorganize_tokens(self, x, cls_attn)
-            if spec.relative_position_bias:
-                relpos.follow(self, kept, self.evit_num_prefix, self.evit_fuse, x.shape[0], x.device)
+        if reduce:  # the positions follow the kept tokens there (relative-position families)
+            x, _ = reorganize_tokens(self, x, cls_attn)
         x = x + _branch(self, spec, module_chain(self, spec.mlp)(getattr(self, spec.norm2)(x)), 1)
         if spec.legacy:  # the older layouts return a tuple, with the weights when asked
             return (x, weights) if want_weights else (x,)
@@ -153,23 +130,20 @@ def refuse_attention_mask(module: nn.Module, args, kwargs):
     return None
 
 
-def swap_in(layer: nn.Module, spec: Family, num_prefix: int) -> None:
-    layer.__class__ = evit_class(type(layer), EViTLayerMixin)
-    layer.evit_num_prefix = int(num_prefix)
-    attn = getattr(layer, spec.attention)
-    attn.__class__ = evit_class(type(attn), EViTAttentionMixin)
-    attn.evit_family = spec
+def swap_in(layer: nn.Module, state: BlockState) -> None:
+    """Make ``layer`` (and its attention, which shares the state) an EViT layer."""
+    swap_class(layer, EViTLayerMixin)
+    attn = getattr(layer, state.family.attention)
+    swap_class(attn, EViTAttentionMixin)
+    layer.evit = attn.evit = state
 
 
-def swap_out(layer: nn.Module, spec: Family) -> None:
-    layer.__class__ = original_class(type(layer))
-    layer.__dict__.pop("evit_num_prefix", None)
-    attn = getattr(layer, spec.attention)
-    attn.__class__ = original_class(type(attn))
-    attn.__dict__.pop("evit_family", None)
-    relpos.uninstall(layer)
+def swap_out(layer: nn.Module) -> None:
+    attn = getattr(layer, layer.evit.family.attention)
+    for module in (attn, layer):
+        restore_class(module)
+        clear_block(module)
 
 
 def is_evit_layer(layer: nn.Module) -> bool:
     return isinstance(layer, EViTLayerMixin)
-
