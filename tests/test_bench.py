@@ -92,23 +92,32 @@ def test_bench_compiled_figures_beside_eager(monkeypatch):
         evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="fastest")
 
 
-def test_cuda_paths_choose_fp16_and_synchronise(monkeypatch):
-    """The CUDA branches of the timing code, exercised on the CPU: AMP dtype and synchronisation."""
-    import torch
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch, bf16):
+    """The CUDA branches of the timing code, exercised on the CPU: AMP dtype, its name in the
+    report, and synchronisation. bf16 wherever the device has it, fp16 on older GPUs only."""
     import importlib
 
-    bench_mod = importlib.import_module("evit_cli.bench")
+    import torch
+
+    bench_mod = importlib.import_module("evit_cli.bench")  # evit_cli.bench is also the function
+    device_mod = importlib.import_module("evit_cli.device")
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
-    bench_mod._sync(torch.device("cuda", 0))
-    bench_mod._sync(torch.device("cpu"))
+    device_mod.synchronize(torch.device("cuda", 0))
+    device_mod.synchronize(torch.device("cpu"))
     assert calls == [torch.device("cuda", 0)]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.setdefault(device_type, dtype))
-    bench_mod._autocast(torch.device("cuda"), True)
-    bench_mod._autocast(torch.device("cpu"), True)
-    assert seen == {"cuda": torch.float16, "cpu": torch.bfloat16}
+    device_mod.autocast(torch.device("cuda"), True)
+    device_mod.autocast(torch.device("cpu"), True)
+    assert seen == {"cuda": torch.bfloat16 if bf16 else torch.float16, "cpu": torch.bfloat16}
+    gpu = "bf16" if bf16 else "fp16"
+    assert bench_mod.precision(torch.device("cuda"), True, None) == f"{gpu} autocast, eager"
+    assert bench_mod.precision(torch.device("cpu"), True, "default") == "bf16 autocast, eager and torch.compile (mode default)"
+    assert bench_mod.precision(torch.device("cuda"), False, None) == "fp32, eager"
 
 
 def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
