@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -13,10 +14,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from . import adapters
 from ._version import __version__
 from .core import dense_copy, get_config
-from .device import autocast, describe_device, resolve_device, synchronize
+from .device import amp_dtype, autocast, describe_device, resolve_device, synchronize
 from .errors import EvitError
 from .macs import count_macs
-
 
 # --------------------------------------------------------------------------- counting
 
@@ -181,45 +181,79 @@ def bench(
         raise EvitError(f"--batch must be at least 1, got {batch}")
     if reps < 1 or warmup < 0:
         raise EvitError("--reps must be at least 1 and --warmup at least 0")
-    if not isinstance(model, nn.Module):
-        from .loading import load_model
-
-        model = load_model(model, pretrained=False)
-    cfg = get_config(model)
-    if cfg is None:
-        raise EvitError("this model has no EViT layers: convert it first (evit convert / evit_cli.convert)")
-    dev = resolve_device(device)
-    img = adapters.get_adapter(model).img_size(model)
-    evit = model.eval().to(dev)
+    evit, dev = _evit_model(model, device)
+    img = adapters.get_adapter(evit).img_size(evit)
     models = {"dense": dense_copy(evit).eval(), "evit": evit}
     x = torch.randn(batch, 3, img, img, device=dev)
     figures = {name: _static_figures(m, x[:1], amp) for name, m in models.items()}
     mode = compile_mode_of(compile)
     compiled = _compiled(models, mode) if mode else {}
     warmup = max(warmup, 2) if mode else warmup
-    latency_reps = latency_reps or max(3 * reps, 10)
-    timed = {**models, **compiled}
-    steps = len(timed) * ((warmup + reps) + (warmup + latency_reps)) + (2 * (warmup + reps) if train else 0)
-    from .progress import Progress
-
-    with Progress(enabled=progress) as bar, bar.task("bench dense vs EViT", steps, unit="passes") as advance:
-        t_batch = time_side_by_side(timed, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
-        t_one = time_side_by_side(timed, x[:1].clone(), warmup=warmup, reps=latency_reps, amp=amp, advance=advance)
-        t_train = time_training(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance) if train else None
+    runs = _Runs(warmup, reps, latency_reps or max(3 * reps, 10), amp)
+    t_batch, t_one, t_train = _time_all(models, compiled, x, runs, train=train, progress=progress)
     for name in models:
         figures[name].update(_timing(t_batch[name], t_one[name], batch))
+    result = _report(evit, figures, batch=batch, dev=dev, amp=amp, mode=mode, warmup=warmup, reps=reps)
+    if mode:
+        result["compiled"] = _compiled_report(mode, {n: _timing(t_batch[n], t_one[n], batch) for n in compiled})
+    if train:
+        result["training"] = _training_report(t_train, batch)
+    return result
+
+
+def _evit_model(model, device: str) -> tuple[nn.Module, torch.device]:
+    """The EViT model to time (loaded when a name or folder is given), in eval mode on ``device``."""
+    if not isinstance(model, nn.Module):
+        from .loading import load_model
+
+        model = load_model(model, pretrained=False)
+    if get_config(model) is None:
+        raise EvitError("this model has no EViT layers: convert it first (evit convert / evit_cli.convert)")
+    dev = resolve_device(device)
+    return model.eval().to(dev), dev
+
+
+@dataclass(frozen=True)
+class _Runs:
+    warmup: int
+    reps: int
+    latency_reps: int
+    amp: bool
+
+
+def _time_all(models: dict, compiled: dict, x: torch.Tensor, r: _Runs, *, train: bool, progress: bool):
+    """Seconds per pass at the batch and at batch 1 (eager and compiled side by side), and per
+    training step when ``train``."""
+    from .progress import Progress
+
+    timed = {**models, **compiled}
+    steps = len(timed) * ((r.warmup + r.reps) + (r.warmup + r.latency_reps)) + (2 * (r.warmup + r.reps) if train else 0)
+    with Progress(enabled=progress) as bar, bar.task("bench dense vs EViT", steps, unit="passes") as advance:
+        t_batch = time_side_by_side(timed, x, warmup=r.warmup, reps=r.reps, amp=r.amp, advance=advance)
+        t_one = time_side_by_side(timed, x[:1].clone(), warmup=r.warmup, reps=r.latency_reps, amp=r.amp, advance=advance)
+        t_train = time_training(models, x, warmup=r.warmup, reps=r.reps, amp=r.amp, advance=advance) if train else None
+    return t_batch, t_one, t_train
+
+
+def precision(dev: torch.device, amp: bool, mode: str | None) -> str:
+    """The precision and execution the figures were taken in, in words."""
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype(dev)]
+    return (f"{dtype} autocast" if amp else "fp32") + (f", eager and torch.compile (mode {mode})" if mode else ", eager")
+
+
+def _report(model: nn.Module, figures: dict, *, batch: int, dev: torch.device, amp: bool, mode: str | None,
+            warmup: int, reps: int) -> dict:
     src = getattr(model, "evit_source", {}) or {}
     d, e = figures["dense"], figures["evit"]
-    result = {
+    return {
         "tool_version": __version__,
         "model": src.get("model", type(model).__name__),
-        "evit": cfg.to_dict(),
-        "img_size": img,
+        "evit": get_config(model).to_dict(),
+        "img_size": adapters.get_adapter(model).img_size(model),
         "batch": batch,
         "device": dev.type,
         "device_name": describe_device(dev),
-        "precision": (("fp16" if dev.type == "cuda" else "bf16") + " autocast" if amp else "fp32")
-        + (f", eager and torch.compile (mode {mode})" if mode else ", eager"),
+        "precision": precision(dev, amp, mode),
         "torch": torch.__version__,
         "warmup": warmup,
         "reps": reps,
@@ -228,11 +262,6 @@ def bench(
         **_speedups(d, e),
         "mac_ratio": d["gmacs"] / e["gmacs"],
     }
-    if mode:
-        result["compiled"] = _compiled_report(mode, {n: _timing(t_batch[n], t_one[n], batch) for n in compiled})
-    if train:
-        result["training"] = _training_report(t_train, batch)
-    return result
 
 
 def _static_figures(model: nn.Module, x1: torch.Tensor, amp: bool) -> dict:

@@ -8,15 +8,59 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import EvitError, first_line
 from .fsutil import atomic_file, write_json
 
 CHECKPOINT = "checkpoint.pt"
 PROGRESS = "progress.json"
+KEYS = ("model", "optimizer", "scaler", "epoch", "step", "step_in_epoch", "total_steps", "rng")
+START_AGAIN = "drop --resume and add --overwrite to start again"
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: ``epoch`` epochs and ``step`` optimizer steps done, ``in_epoch`` of them
+    in the epoch under way (0 at an epoch's end)."""
+
+    epoch: int = 0
+    step: int = 0
+    in_epoch: int = 0
+
+    @classmethod
+    def of(cls, state: dict) -> Position:
+        return cls(state["epoch"], state["step"], state["step_in_epoch"])
+
+    def first_step(self, epoch: int) -> int:
+        """The step of ``epoch`` a run that starts here begins with (0 unless it is this one)."""
+        return self.in_epoch if epoch == self.epoch else 0
+
+
+def save_due(step: int, in_epoch: int, steps_in_epoch: int, every: int) -> bool:
+    """Whether ``--save-every`` asks for a checkpoint after ``step`` steps, ``in_epoch`` of them in
+    an epoch of ``steps_in_epoch`` (an epoch's end has its own checkpoint)."""
+    return bool(every) and step % every == 0 and in_epoch < steps_in_epoch
+
+
+def read(path: Path) -> dict:
+    """The training checkpoint at ``path``, or an EvitError saying why it cannot be resumed from."""
+    size = path.stat().st_size
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - EOFError, zip and unpickling errors: all say the same
+        what = "is empty (0 bytes)" if size == 0 else f"cannot be read ({type(e).__name__}: {first_line(e)})"
+        raise EvitError(f"the checkpoint {path} {what}: it was cut short, or is not one; {START_AGAIN}") from None
+    missing = [k for k in KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise EvitError(f"{path} is not an evit training checkpoint (no {', '.join(missing)}); {START_AGAIN}")
+    if not all(isinstance(state[k], int) and state[k] >= 0 for k in ("epoch", "step", "step_in_epoch", "total_steps")):
+        raise EvitError(f"{path} holds a step count that is not a count; {START_AGAIN}")
+    return state
 
 
 def rng_state() -> dict:
@@ -68,8 +112,39 @@ def append(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def kept_rows(lines: list[str], done: int, key: str, name: str = "the log") -> list[str]:
+    """The log lines of what a checkpoint holds: rows whose ``key`` is below ``done``.
+
+    A last line that is not JSON was cut by a kill while it was written, after the checkpoint:
+    it goes. Any other line that is not a JSON row with ``key`` is an EvitError.
+    """
+    kept = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get(key), int):
+            raise EvitError(f"line {i + 1} of {name} is not a row of the run's log; remove it, or {START_AGAIN}")
+        if row[key] < done:
+            kept.append(line)
+    return kept
+
+
+def log_rows(path: Path, done: int, key: str) -> list[str] | None:
+    """:func:`kept_rows` of the log at ``path`` (None when there is none)."""
+    if not path.is_file():
+        return None
+    return kept_rows(path.read_text(errors="replace").splitlines(), done, key, str(path))
+
+
 def truncate_log(path: Path, done: int, key: str) -> None:
     """Keep the log lines of what the checkpoint holds: rows whose ``key`` is below ``done``."""
-    if path.is_file():
-        rows = [line for line in path.read_text().splitlines() if line and json.loads(line)[key] < done]
-        path.write_text("".join(r + "\n" for r in rows))
+    rows = log_rows(path, done, key)
+    if rows is not None:
+        with atomic_file(path) as tmp:  # a kill while cutting leaves the log whole
+            tmp.write_text("".join(r + "\n" for r in rows))

@@ -25,19 +25,22 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import adapters, checkpoint as ckpt
+from . import adapters
+from . import checkpoint as ckpt
 from .core import convert_keeping, dense_copy, get_config
-from .device import autocast, resolve_device
+from .device import amp_dtype, autocast, resolve_device
 from .errors import EvitError
 from .fsutil import write_json
-from .schedule import keep_rate_at
+from .schedule import Schedule, steps_per_epoch
 
 METRICS_LOG = "metrics.jsonl"
 STEP_LOG = "train_log.jsonl"
+CONFIG_FILE = "train_config.json"  # the run's settings, in the output folder
 DEFAULT_LR = 5e-5  # recipes/recover.yaml: AdamW at batch 32 on a pretrained model
 
 
@@ -105,7 +108,7 @@ class TrainConfig:
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def merged(cls, recipe: dict | None, flags: dict) -> "TrainConfig":
+    def merged(cls, recipe: dict | None, flags: dict) -> TrainConfig:
         """Recipe values, overridden by every flag that was given (not None)."""
         names = {f.name for f in fields(cls)}
         recipe = {k.replace("-", "_"): v for k, v in (recipe or {}).items()}
@@ -163,22 +166,7 @@ def _all_sum(values: list[float], d: Dist, device) -> list[float]:
     return t.tolist()
 
 
-# --------------------------------------------------------------------------- schedules
-
-
-def lr_at(step: int, total: int, warmup: int, base: float, minimum: float) -> float:
-    """Linear warm-up to ``base``, then cosine down to ``minimum`` at ``total`` steps."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    t = (step - warmup) / max(1, total - warmup)
-    return minimum + (base - minimum) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def keep_rates_at(step: int, targets, steps_per_epoch: int, cfg: TrainConfig) -> list[float]:
-    return [keep_rate_at(step, t, steps_per_epoch, cfg.shrink_start, cfg.shrink_epochs) for t in targets]
-
-
-# --------------------------------------------------------------------------- the run
+# --------------------------------------------------------------------------- device and learning rate
 
 
 def _resolve_device(name: str | None, d: Dist) -> torch.device:
@@ -328,7 +316,7 @@ def _create_folders(cfg: TrainConfig, out: Path, train_dir: Path) -> None:
         if p.exists() and any(p.iterdir()):
             shutil.rmtree(p)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "train_config.json", asdict(cfg))
+    write_json(out / CONFIG_FILE, asdict(cfg))
 
 
 def _check(cfg: TrainConfig) -> None:
@@ -358,6 +346,33 @@ def _datasets(cfg: TrainConfig, s: Setup, d):
     return train_ds, split_dataset_by_node(val_ds, rank=d.rank, world_size=d.world), None, None
 
 
+def _labels(split, column: str):
+    """The label column of a map-style split, as a NumPy array (no image is read)."""
+    return np.asarray(split.select_columns([column]).with_format("numpy")[column])
+
+
+def check_data(s: Setup) -> None:
+    """What a run needs of its data, checked before anything is written: a validation split with
+    images, and, when the labels can be read ahead (not streaming), labels that are classes of the
+    data set and, for a new head, at least two of them."""
+    data = s.data
+    if hasattr(data.val, "__len__") and len(data.val) == 0:
+        raise EvitError(f"the validation split ({data.val_source}) has no images: give --val-split, or a larger --val-fraction")
+    if not data.labelled or not hasattr(data.train, "select_columns") or not hasattr(data.train, "__len__"):
+        return
+    n = data.num_classes
+    for name, split, unlabelled in (("training", data.train, ()), ("validation", data.val, (-1,))):
+        values = np.unique(_labels(split, data.label_column))
+        bad = [int(v) for v in values if not 0 <= v < n and v not in unlabelled]
+        if bad:
+            raise EvitError(f"the {name} split has labels {bad[:5]} outside the data set's {n} classes (0 to {n - 1}): "
+                            "correct the label column, or name another with --label-column")
+        if name == "training" and s.head == "new" and len(values) < 2:
+            raise EvitError(f"the training split has a single class ({data.class_names[int(values[0])]!r}): a new head "
+                            "needs images of 2 classes or more; add the others, or drop the labels (a flat folder of "
+                            "images) to distil the model's own head")
+
+
 def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float):
     decay, no_decay = [], []
     skip = ("cls_token", "pos_embed", "dist_token", "reg_token", "position_embeddings", "distillation_token")
@@ -367,165 +382,340 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def finetune(cfg: TrainConfig, console=None) -> dict:
-    """Run the fine-tune described by ``cfg``; returns the final metrics."""
-    from .data import make_loader
-    from .distill import training_loss
+# --------------------------------------------------------------------------- resuming
 
-    d = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    device = _resolve_device(cfg.device, d)
-    show = console is not None and d.main
+RESUME_MAY_CHANGE = frozenset({"output", "workers", "device", "save_every", "checkpoint_dir", "resume", "overwrite",
+                               "bench", "bench_batch", "extra"})
+PATH_SETTINGS = ("model", "dataset", "checkpoint", "teacher")
+
+
+def _last_part(value):
+    """A path's last part (a hub name's own name); anything else as it is."""
+    return (Path(value.rstrip("/\\")).name or value) if isinstance(value, str) else value
+
+
+def _shown(value) -> str:
+    return "(not given)" if value is None else str(value)
+
+
+def changed_setting(started: dict, now: dict) -> str | None:
+    """The first setting that ``now`` changes from the run ``started`` with, in words; None when
+    none does. Paths are compared by their last part: a data set may be reached from elsewhere."""
+    for key, value in now.items():
+        if key in RESUME_MAY_CHANGE or key not in started:
+            continue
+        old = started[key]
+        if key in PATH_SETTINGS:
+            old, value = _last_part(old), _last_part(value)
+        if old != value:
+            flag = "MODEL" if key == "model" else "--" + key.replace("_", "-")
+            return f"{flag} {_shown(started[key])}, these settings give {_shown(now[key])}"
+    return None
+
+
+def _started_settings(out: Path) -> dict:
+    path = out / CONFIG_FILE
+    if not out.is_dir():
+        raise EvitError(f"the run's output folder {out} is missing (its logs and settings): {ckpt.START_AGAIN}")
+    if not path.is_file():
+        raise EvitError(f"{path} is missing, so the run's settings are unknown: put it back, or {ckpt.START_AGAIN}")
+    try:
+        started = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        started = None
+    if not isinstance(started, dict):
+        raise EvitError(f"{path} is not the run's settings (a JSON mapping): put it back, or {ckpt.START_AGAIN}")
+    return started
+
+
+def read_resume(cfg: TrainConfig, out: Path, train_dir: Path) -> dict:
+    """The checkpoint to resume from, once it and the run folder it belongs to are known good:
+    readable, started with these settings, and logs that hold every step and epoch it holds
+    (they are written before it, so a kill cannot lose them)."""
+    state = ckpt.read(train_dir / ckpt.CHECKPOINT)
+    changed = changed_setting(_started_settings(out), json.loads(json.dumps(asdict(cfg), default=str)))
+    if changed:
+        raise EvitError(f"{out} was started with {changed}: resume with the same settings, or {ckpt.START_AGAIN}")
+    pos = ckpt.Position.of(state)
+    for name, done, key, want in ((STEP_LOG, pos.step, "step", pos.step), (METRICS_LOG, pos.epoch + 1, "epoch", pos.epoch)):
+        rows = ckpt.log_rows(out / name, done, key) or []
+        if len(rows) < want:
+            raise EvitError(f"{out / name} holds {len(rows)} of the {want} {key}s the checkpoint holds: the run folder "
+                            f"is incomplete; {ckpt.START_AGAIN}")
+    return state
+
+
+def _load_weights(run: Run, state: dict) -> None:
+    path = run.train_dir / ckpt.CHECKPOINT
+    if state["total_steps"] != run.sched.total_steps:
+        raise EvitError(f"{run.out} was started with {state['total_steps']} steps, these settings give "
+                        f"{run.sched.total_steps}: resume with the same settings")
+    try:
+        run.s.model.load_state_dict(state["model"])
+        run.optimizer.load_state_dict(state["optimizer"])
+        run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        why = [ln.strip() for ln in str(e).splitlines() if ln.strip() and not ln.startswith("Error(s) in loading")]
+        raise EvitError(f"the checkpoint {path} does not fit this model ({(why or [type(e).__name__])[0][:200]}): "
+                        f"resume with the model it was made from, or {ckpt.START_AGAIN}") from None
+
+
+def _restore(run: Run, state: dict) -> None:
+    """Continue from ``state``: weights, optimizer, scaler, step and RNG; the logs and
+    progress.json cut back to what it holds, no more."""
+    _load_weights(run, state)
+    run.start = ckpt.Position.of(state)
+    run.step = run.start.step
+    ckpt.set_rng_state(state["rng"][min(run.d.rank, len(state["rng"]) - 1)])
+    if run.d.main:
+        ckpt.truncate_log(run.out / STEP_LOG, run.start.step, "step")
+        ckpt.truncate_log(run.out / METRICS_LOG, run.start.epoch + 1, "epoch")
+        ckpt.write_progress(run.train_dir, state)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """A fine-tune under way: what it trains, where it writes, and how far it is."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    s: Setup
+    out: Path
+    train_dir: Path
+    sched: Schedule
+    loaders: tuple  # train and val data sets, their samplers (None when streaming)
+    optimizer: object
+    scaler: object
+    notes: list[str]
+    mixup: object = None
+    net: nn.Module | None = None  # the model, or its DDP wrapper
+    start: ckpt.Position = field(default_factory=ckpt.Position)
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def _schedule(cfg: TrainConfig, s: Setup, sampler, d: Dist) -> tuple[Schedule, str | None]:
+    per_epoch = steps_per_epoch(sampler.per_rank if sampler else None, batch_size=cfg.batch_size,
+                                accum_steps=cfg.accum_steps, given=cfg.steps_per_epoch, world=d.world)
+    base_lr, min_lr, lr_note = resolve_lr(cfg, cfg.batch_size * cfg.accum_steps * d.world)
+    sched = Schedule.plan(cfg.epochs, cfg.warmup_epochs, per_epoch, base_lr=base_lr, min_lr=min_lr,
+                          keep_targets=tuple(get_config(s.model).keep_rates), shrink_start=cfg.shrink_start,
+                          shrink_epochs=cfg.shrink_epochs)
+    return sched, lr_note
+
+
+def _mixup(cfg: TrainConfig, s: Setup):
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                 num_classes=s.adapter.num_classes(s.model))
+
+
+def _start(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
+    """Check and build everything, resuming when asked; the first file is written only when all of
+    it is known good (user mistakes in the model, data, head, teacher or checkpoint stop before)."""
     _check(cfg)
     out, train_dir = run_folders(cfg)
-    resuming = _start_folders(cfg, out, train_dir, d)
+    state = read_resume(cfg, out, train_dir) if _start_folders(cfg, out, train_dir, d) else None
     ckpt.seed_all(cfg.seed + d.rank)
-    s = prepare(cfg, device)  # user mistakes in the model, data, head or teacher stop here, before any file
-    if not resuming and d.main:
+    s = prepare(cfg, device)
+    check_data(s)
+    loaders = _datasets(cfg, s, d)
+    sched, lr_note = _schedule(cfg, s, loaders[2], d)
+    if state is None and d.main:
         _create_folders(cfg, out, train_dir)
-    model, adapter, teacher, labelled = s.model, s.adapter, s.teacher, s.data.labelled
-    evit_cfg = get_config(model)
-    train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d)
-    micro_per_epoch = (sampler.per_rank // cfg.batch_size) if sampler else cfg.steps_per_epoch * cfg.accum_steps
-    steps_per_epoch = cfg.steps_per_epoch or micro_per_epoch // cfg.accum_steps
-    if steps_per_epoch < 1:
-        raise EvitError(f"the training split is too small for --batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps}")
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    global_batch = cfg.batch_size * cfg.accum_steps * d.world
-    base_lr, min_lr, lr_note = resolve_lr(cfg, global_batch)
-    notes = [f"head {head_note(s)}", f"loss: {s.loss}"] + ([lr_note] if lr_note else [])
-
-    mixup_fn = None
-    if cfg.mixup > 0 or cfg.cutmix > 0:
-        from timm.data import Mixup
-
-        mixup_fn = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                         num_classes=adapter.num_classes(model))
-    optimizer = _optimizer(model, cfg, base_lr)
-    use_scaler = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-
-    step, start_epoch, start_in_epoch = 0, 0, 0
-    if resuming:
-        state = torch.load(train_dir / ckpt.CHECKPOINT, map_location="cpu", weights_only=True)
-        if state["total_steps"] != total_steps:
-            raise EvitError(f"{out} was started with {state['total_steps']} steps, these settings give {total_steps}: resume with the same settings")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        step, start_epoch, start_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
-        ckpt.set_rng_state(state["rng"][min(d.rank, len(state["rng"]) - 1)])
-        if d.main:  # the logs and progress.json say what the checkpoint holds, no more
-            ckpt.truncate_log(out / STEP_LOG, step, "step")
-            ckpt.truncate_log(out / METRICS_LOG, start_epoch + 1, "epoch")
-            ckpt.write_progress(train_dir, state)
+    mixup = _mixup(cfg, s)
+    optimizer = _optimizer(s.model, cfg, sched.base_lr)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
+    notes = [lr_note] if lr_note else []
+    run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, mixup)
+    if state is not None:
+        _restore(run, state)
     if d.world > 1:
         dist.barrier()
-
-    net = model
+    run.net = s.model
     if d.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.net = nn.parallel.DistributedDataParallel(s.model, device_ids=[device.index] if device.type == "cuda" else None)
+    return run
 
-    def checkpoint_state(epoch: int, in_epoch: int) -> dict:
-        rngs = [ckpt.rng_state()]
-        if d.world > 1:
-            gathered = [None] * d.world
-            dist.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        return {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-            "scheduler": {"step": step, "total_steps": total_steps, "warmup_steps": warmup_steps, "base_lr": base_lr},
-            "epoch": epoch, "step": step, "step_in_epoch": in_epoch, "total_steps": total_steps, "rng": rngs,
-        }
 
-    def rates_lr(at: int):
-        return (keep_rates_at(at, evit_cfg.keep_rates, steps_per_epoch, cfg),
-                lr_at(at, total_steps, warmup_steps, base_lr, min_lr))
-
+def finetune(cfg: TrainConfig, console=None) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the final metrics."""
+    d = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    run = _start(cfg, d, _resolve_device(cfg.device, d))
+    show = console is not None and d.main
     progress = _progress(show, console)
-    history: list[dict] = []
     with progress:
-        for epoch in range(start_epoch, num_epochs):
-            first = start_in_epoch if epoch == start_epoch else 0
-            steps_this_epoch = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-            train_ds.set_epoch(epoch)
-            if sampler is not None:
-                sampler.set_epoch(epoch, first * cfg.batch_size * cfg.accum_steps)
-            loader = make_loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=sampler,
-                                 drop_last=True, seed=cfg.seed + epoch)
-            if sampler is None and first:  # a stream cannot seek: read past the batches already done
-                loader = itertools.islice(loader, first * cfg.accum_steps, None)
-            task = progress.add_task(f"epoch {epoch + 1}/{num_epochs}", total=steps_this_epoch, completed=first,
-                                     unit="steps")
-            net.train()
-            in_epoch, micro, t0, seen, loss_sum = first, 0, time.perf_counter(), 0, 0.0
-            for images, target in loader:
-                if in_epoch >= steps_this_epoch:
-                    break
-                rates, lr = rates_lr(step)
-                adapters.set_keep_rates(model, rates)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    images, target = mixup_fn(images, target if labelled else torch.zeros_like(target))
-                sync = (micro + 1) % cfg.accum_steps == 0
-                ctx = net.no_sync() if (d.world > 1 and not sync) else contextlib.nullcontext()
-                guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
-                with ctx, autocast(device, cfg.amp), guide as oracle_out:
-                    logits = adapter.output(model, net(images)).float()
-                    t_logits = _teacher_logits(teacher, s.oracle, oracle_out, images)
-                    loss = training_loss(logits, target, t_logits, labelled=labelled, alpha=cfg.distill_alpha,
-                                         tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
-                scaler.scale(loss).backward()
-                loss_sum += loss.item()
-                seen += images.shape[0]
-                micro += 1
-                if not sync:
-                    continue
-                if not math.isfinite(loss_sum):
-                    raise EvitError(f"the loss became {loss_sum} at step {step}: lower --lr or turn off --amp")
-                if cfg.clip_grad:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                ips = seen * d.world / (time.perf_counter() - t0)
-                if d.main:
-                    ckpt.append(out / STEP_LOG, {"step": step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": loss_sum})
-                progress.update(task, advance=1, loss=loss_sum, lr=lr, keep=",".join(f"{r:.3f}" for r in rates), ips=ips)
-                step += 1
-                in_epoch += 1
-                loss_sum = 0.0
-                if cfg.save_every and step % cfg.save_every == 0 and in_epoch < steps_this_epoch:
-                    state = checkpoint_state(epoch, in_epoch)
-                    if d.main:
-                        ckpt.save(train_dir, state)
-            progress.remove_task(task)
-            metrics = evaluate(net, model, adapter, val_ds, val_sampler, cfg, device, d, teacher)
-            rates, lr = rates_lr(max(step - 1, 0))
-            metrics.update(epoch=epoch + 1, step=step, keep_rate=rates, lr=lr, split=s.data.val_source)
-            history.append(metrics)
-            state = checkpoint_state(epoch + 1, 0)
-            if d.main:
-                ckpt.append(out / METRICS_LOG, metrics)
-                ckpt.save(train_dir, state)
-                if show:
-                    console.print(f"epoch {epoch + 1}/{num_epochs}: {describe_metrics(metrics)}", highlight=False)
-    adapters.set_keep_rates(model, evit_cfg.keep_rates)
-    final = history[-1] if history else json.loads((out / METRICS_LOG).read_text().splitlines()[-1])
-    if s.oracle is not None:
-        s.oracle.detach()  # the exported model chooses by its own attention, as always
-    final = {**final, "head": head_note(s), "loss": s.loss, "notes": notes[2:], "checkpoint_dir": str(train_dir)}
-    if d.main:
-        record = training_record(cfg, s, final, total_steps=total_steps, global_batch=global_batch, lr=base_lr,
-                                 train_images=len(s.data.train) if sampler else None)
-        _export(model, out, final, record, cfg, device, console)
+        for epoch in range(run.start.epoch, run.sched.num_epochs):
+            _train_epoch(run, epoch, progress)
+            _end_epoch(run, epoch, console if show else None)
+    final = _finish(run, console)
     if d.world > 1:
         dist.barrier()
         dist.destroy_process_group()
+    return final
+
+
+def _epoch_loader(run: Run, epoch: int, first: int):
+    """The training batches of ``epoch``, from its step ``first`` on."""
+    from .data import make_loader
+
+    cfg, (train_ds, _, sampler, _) = run.cfg, run.loaders
+    train_ds.set_epoch(epoch)
+    if sampler is not None:
+        sampler.set_epoch(epoch, first * cfg.batch_size * cfg.accum_steps)
+    loader = make_loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=sampler,
+                         drop_last=True, seed=cfg.seed + epoch)
+    if sampler is None and first:  # a stream cannot seek: read past the batches already done
+        loader = itertools.islice(loader, first * cfg.accum_steps, None)
+    return loader
+
+
+@dataclass
+class _Tally:
+    """The micro-batches of the optimizer step under way, and the epoch's pace."""
+
+    in_epoch: int
+    micro: int = 0
+    seen: int = 0
+    loss: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+
+def _train_epoch(run: Run, epoch: int, progress) -> None:
+    first = run.start.first_step(epoch)
+    steps = run.sched.steps_in_epoch(epoch)
+    task = progress.add_task(f"epoch {epoch + 1}/{run.sched.num_epochs}", total=steps, completed=first, unit="steps")
+    run.net.train()
+    tally = _Tally(first)
+    for images, target in _epoch_loader(run, epoch, first):
+        if tally.in_epoch >= steps:
+            break
+        rates, lr = run.sched.at(run.step)
+        if _forward_backward(run, images, target, rates, lr, tally):
+            _optimizer_step(run, tally)
+            _log_step(run, epoch, rates, lr, tally, progress, task)
+            if ckpt.save_due(run.step, tally.in_epoch, steps, run.cfg.save_every):
+                _save(run, epoch, tally.in_epoch)
+    progress.remove_task(task)
+    if tally.in_epoch == first < steps:
+        _no_batch(epoch)
+
+
+def _no_batch(epoch: int):
+    from .data import BAD_IMAGES
+
+    if BAD_IMAGES.count:
+        raise EvitError(f"epoch {epoch + 1} took no step: all {BAD_IMAGES.count} images it read could not be decoded "
+                        "and were skipped; check the data set")
+    raise EvitError(f"epoch {epoch + 1} took no step: the training split gave no batch; check the data set")
+
+
+def _forward_backward(run: Run, images, target, rates: list[float], lr: float, tally: _Tally) -> bool:
+    """One micro-batch, its gradients added; returns whether it completes an optimizer step."""
+    from .distill import training_loss
+
+    s, cfg = run.s, run.cfg
+    adapters.set_keep_rates(s.model, rates)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    images, target = images.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
+    if run.mixup is not None:
+        images, target = run.mixup(images, target if s.data.labelled else torch.zeros_like(target))
+    sync = (tally.micro + 1) % cfg.accum_steps == 0
+    ctx = run.net.no_sync() if (run.d.world > 1 and not sync) else contextlib.nullcontext()
+    guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
+    with ctx, autocast(run.device, cfg.amp), guide as oracle_out:
+        logits = s.adapter.output(s.model, run.net(images)).float()
+        t_logits = _teacher_logits(s.teacher, s.oracle, oracle_out, images)
+        loss = training_loss(logits, target, t_logits, labelled=s.data.labelled, alpha=cfg.distill_alpha,
+                             tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
+    run.scaler.scale(loss).backward()
+    tally.loss += loss.item()
+    tally.seen += images.shape[0]
+    tally.micro += 1
+    return sync
+
+
+def _optimizer_step(run: Run, tally: _Tally) -> None:
+    if not math.isfinite(tally.loss):
+        raise EvitError(f"the loss became {tally.loss} at step {run.step}: lower --lr or turn off --amp")
+    if run.cfg.clip_grad:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.s.model.parameters(), run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def _log_step(run: Run, epoch: int, rates: list[float], lr: float, tally: _Tally, progress, task) -> None:
+    """The step's row in the log and the progress line; then the step is done."""
+    ips = tally.seen * run.d.world / (time.perf_counter() - tally.t0)
+    if run.d.main:
+        ckpt.append(run.out / STEP_LOG, {"step": run.step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": tally.loss})
+    progress.update(task, advance=1, loss=tally.loss, lr=lr, keep=",".join(f"{r:.3f}" for r in rates), ips=ips)
+    run.step += 1
+    tally.in_epoch += 1
+    tally.loss = 0.0
+
+
+def _checkpoint_state(run: Run, epoch: int, in_epoch: int) -> dict:
+    rngs = [ckpt.rng_state()]
+    if run.d.world > 1:
+        gathered = [None] * run.d.world
+        dist.all_gather_object(gathered, rngs[0])
+        rngs = gathered
+    sched = run.sched
+    return {
+        "model": run.s.model.state_dict(), "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+        "scheduler": {"step": run.step, "total_steps": sched.total_steps, "warmup_steps": sched.warmup_steps,
+                      "base_lr": sched.base_lr},
+        "epoch": epoch, "step": run.step, "step_in_epoch": in_epoch, "total_steps": sched.total_steps, "rng": rngs,
+    }
+
+
+def _save(run: Run, epoch: int, in_epoch: int) -> None:
+    state = _checkpoint_state(run, epoch, in_epoch)  # every rank: the RNG states are gathered
+    if run.d.main:
+        ckpt.save(run.train_dir, state)
+
+
+def _end_epoch(run: Run, epoch: int, console) -> None:
+    """Validation, the epoch's metrics row, and the end-of-epoch checkpoint."""
+    s = run.s
+    _, val_ds, _, val_sampler = run.loaders
+    metrics = evaluate(run.net, s.model, s.adapter, val_ds, val_sampler, run.cfg, run.device, run.d, s.teacher)
+    rates, lr = run.sched.after(run.step)
+    metrics.update(epoch=epoch + 1, step=run.step, keep_rate=rates, lr=lr, split=s.data.val_source)
+    run.history.append(metrics)
+    state = _checkpoint_state(run, epoch + 1, 0)
+    if run.d.main:
+        ckpt.append(run.out / METRICS_LOG, metrics)
+        ckpt.save(run.train_dir, state)
+        if console is not None:
+            console.print(f"epoch {epoch + 1}/{run.sched.num_epochs}: {describe_metrics(metrics)}", highlight=False)
+
+
+def _finish(run: Run, console) -> dict:
+    """The final metrics; on the main process, the output folder becomes the exported model."""
+    s, cfg = run.s, run.cfg
+    adapters.set_keep_rates(s.model, list(run.sched.keep_targets))
+    final = run.history[-1] if run.history else json.loads((run.out / METRICS_LOG).read_text().splitlines()[-1])
+    if s.oracle is not None:
+        s.oracle.detach()  # the exported model chooses by its own attention, as always
+    final = {**final, "head": head_note(s), "loss": s.loss, "notes": run.notes, "checkpoint_dir": str(run.train_dir)}
+    if run.d.main:
+        sampler = run.loaders[2]
+        record = training_record(cfg, s, final, total_steps=run.sched.total_steps,
+                                 global_batch=cfg.batch_size * cfg.accum_steps * run.d.world, lr=run.sched.base_lr,
+                                 train_images=len(s.data.train) if sampler else None)
+        _export(s.model, run.out, final, record, cfg, run.device, console)
     return final
 
 
@@ -558,8 +748,17 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
     keys = list(tally.sums)
     tally.sums = dict(zip(keys, _all_sum([tally.sums[k] for k in keys], d, device)))
     if tally.sums["images"] == 0:
-        raise EvitError("the validation split is empty: give --val-split or a larger --val-fraction")
+        _no_validation_image()
     return tally.result()
+
+
+def _no_validation_image():
+    from .data import BAD_IMAGES
+
+    if BAD_IMAGES.count:
+        raise EvitError("no image of the validation split could be decoded (all were skipped): check the data set, "
+                        "or give another with --val-split")
+    raise EvitError("the validation split is empty: give --val-split or a larger --val-fraction")
 
 
 def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int, global_batch: int, lr: float,

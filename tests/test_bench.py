@@ -92,25 +92,32 @@ def test_bench_compiled_figures_beside_eager(monkeypatch):
         evit_cli.bench(model, batch=2, reps=1, warmup=0, compile="fastest")
 
 
-def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch):
-    """The CUDA branches of the device policy, exercised on the CPU: one AMP dtype for benchmarking and
-    training (bfloat16 where the GPU has it, float16 on older GPUs), and synchronisation."""
+@pytest.mark.parametrize("bf16", [True, False])
+def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch, bf16):
+    """The CUDA branches of the timing code, exercised on the CPU: AMP dtype, its name in the
+    report, and synchronisation. bf16 wherever the device has it, fp16 on older GPUs only."""
+    import importlib
+
     import torch
 
-    from evit_cli import device as dev
+    bench_mod = importlib.import_module("evit_cli.bench")  # evit_cli.bench is also the function
+    device_mod = importlib.import_module("evit_cli.device")
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))
-    dev.synchronize(torch.device("cuda", 0))
-    dev.synchronize(torch.device("cpu"))
+    device_mod.synchronize(torch.device("cuda", 0))
+    device_mod.synchronize(torch.device("cpu"))
     assert calls == [torch.device("cuda", 0)]
-    seen = []
-    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype=None, enabled=True: seen.append((device_type, dtype)))
-    for bf16 in (True, False):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
-        dev.autocast(torch.device("cuda"), True)
-    dev.autocast(torch.device("cpu"), True)
-    assert seen == [("cuda", torch.bfloat16), ("cuda", torch.float16), ("cpu", torch.bfloat16)]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    seen = {}
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.setdefault(device_type, dtype))
+    device_mod.autocast(torch.device("cuda"), True)
+    device_mod.autocast(torch.device("cpu"), True)
+    assert seen == {"cuda": torch.bfloat16 if bf16 else torch.float16, "cpu": torch.bfloat16}
+    gpu = "bf16" if bf16 else "fp16"
+    assert bench_mod.precision(torch.device("cuda"), True, None) == f"{gpu} autocast, eager"
+    assert bench_mod.precision(torch.device("cpu"), True, "default") == "bf16 autocast, eager and torch.compile (mode default)"
+    assert bench_mod.precision(torch.device("cuda"), False, None) == "fp32, eager"
 
 
 def test_bench_refuses_cuda_without_a_gpu(monkeypatch):
