@@ -69,6 +69,9 @@ def _transformers_folders(root):
             config = json.loads((root / "hf" / "config.json").read_text())
             content = json.dumps({**config, "hidden_size": "big"}).encode()
         (root / name / file).write_bytes(content)
+    shutil.copytree(root / "hf", root / "hf_cfg_dir")
+    (root / "hf_cfg_dir" / "config.json").unlink()
+    (root / "hf_cfg_dir" / "config.json").mkdir()
     data = (root / "hf" / "model.safetensors").read_bytes()
     shutil.copytree(root / "hf", root / "hf_w_cut")
     (root / "hf_w_cut" / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -131,7 +134,8 @@ CASES = [
     ("checkpoint is a folder, sweep", ["sweep"] + T + ["-c", "weights", "-o", "sw"], "is a folder, not a weights file"),
     ("checkpoint is a folder, search", ["search"] + T + ["-c", "weights", "--target-gmacs", "1"], "is a folder, not a weights file"),
     ("checkpoint is a folder, visualize", ["visualize"] + T + ["ok.png", "-c", "weights", "-o", "v.png"], "is a folder, not a weights file"),
-    ("evit.json is a folder", ["convert", "m_meta_dir", "-o", "o"], "m_meta_dir is a folder without evit.json"),
+    ("evit.json is a folder", ["convert", "m_meta_dir", "-o", "o"], "m_meta_dir/evit.json is a folder, not a file"),
+    ("config.json is a folder", ["convert", "hf_cfg_dir", "-o", "o"], "hf_cfg_dir/config.json is a folder, not a file"),
     ("weights of an export are a folder", ["convert", "m_w_dir", "-o", "o"], "m_w_dir has no model.safetensors file"),
     ("weights of an export missing", ["bench", "m_w_missing"], "export the model again"),
     ("data set is a text file", ["eval", M, "-d", "afile", "--workers", "0"], "data set afile is a file, not a data set"),
