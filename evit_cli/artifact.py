@@ -11,7 +11,6 @@ Both get a ``README.md`` model card. Loading needs nothing but the folder.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,8 @@ from ._version import __version__
 from .config import EViTConfig
 from .core import convert, get_config, tokens_after_layers
 from .errors import EvitError, first_line
-from .fsutil import atomic_dir, write_json, write_text
+from . import validate
+from .fsutil import atomic_dir, read_json, write_json, write_text
 from .hub import hub_reachable
 from .models import create_timm, create_transformers, load_state_dict, load_weights
 
@@ -195,15 +195,13 @@ def read_meta(folder: str | os.PathLike) -> dict:
     path = Path(folder) / META_FILE
     if not path.is_file():
         raise EvitError(f"{folder} has no {META_FILE}: give a folder written by `evit convert`")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvitError(f"{path} is not valid JSON ({e}): export the model again") from None
-    if not isinstance(meta, dict) or meta.get("format") != "evit":
+    meta = read_json(path, META_FILE, fix="export the model again")
+    if meta.get("format") != "evit":
         raise EvitError(f"{path} is not an evit export file")
     missing = [k for k in ("family", "source", "num_classes", "img_size", "num_tokens", "tool_version") if k not in meta]
     if missing or not isinstance(meta["source"], dict):
         raise EvitError(f"{path} is incomplete (missing {', '.join(missing) or 'source'}): export the model again")
+    validate.export_meta(path, meta)
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise EvitError(f"{folder} was written by a newer evit (format {meta['format_version']}): upgrade evit-cli")
     return meta
@@ -215,6 +213,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     meta = read_meta(folder)
     src = meta["source"]
     if meta["family"] == "timm":
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise EvitError(f"{folder} has no {WEIGHTS_FILE} file (its weights): export the model again")
         model = create_timm(src["model"], pretrained=False, **src.get("kwargs", {}))
         load_weights(model, load_state_dict(folder / WEIGHTS_FILE), f"{folder / WEIGHTS_FILE}")
         if meta.get("class_names"):

@@ -185,6 +185,7 @@ def bench_cmd(
     resolve_device(device)
     mode = compile_mode_of(compile_mode or compile_)
     m = _load_converted(model, keep_rate, layers, pretrained=None if (Path(model) / META_FILE).is_file() else False)
+    validate.fits_in_memory("--batch", batch, m, batch=batch, device=device)
     result = bench(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup, reps=reps,
                    progress=True)
     if report is not None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from .errors import EvitError, first_line
+from .errors import EvitError, first_line, is_out_of_memory
 from .hub import go_offline_if_unreachable
 
 VAL_SPLITS = ("validation", "valid", "val", "test")
@@ -59,6 +59,9 @@ def _load(source: str, streaming: bool):
             return datasets.load_dataset("imagefolder", data_files=_imagefolder_splits(path), streaming=streaming)
         if path.suffix == ".parquet" and path.is_file():
             return datasets.load_dataset("parquet", data_files={"train": str(path)}, streaming=streaming)
+        if path.is_file():
+            raise EvitError(f"data set {source} is a file, not a data set: give a folder of images (a subfolder "
+                            "per class, or one flat folder), a save_to_disk folder, a .parquet file or a hub name")
         if source.startswith((".", "/", "~")):
             raise EvitError(f"data set {source} does not exist: give a folder, a parquet file or a hub name")
         if go_offline_if_unreachable():
@@ -67,6 +70,11 @@ def _load(source: str, streaming: bool):
     except EvitError:
         raise
     except Exception as e:  # noqa: BLE001 - datasets raises many types for one cause
+        if is_out_of_memory(e) or isinstance(e, PermissionError):
+            raise
+        if path.exists():
+            raise EvitError(f"cannot read data set {source} ({first_line(e)}): is it complete? write or copy it "
+                            "again") from None
         raise EvitError(f"cannot load data set {source} ({first_line(e)}): check the name or the folder") from None
 
 
@@ -156,8 +164,7 @@ def load_image_data(
     if val_split is not None:
         if val_split not in ds:
             raise EvitError(f"data set {source} has no split {val_split!r}; it has {list(ds)}: use --val-split")
-        val = ds[val_split]
-        val_source = f"split {val_split!r}"
+        val, val_source = ds[val_split], f"split {val_split!r}"
     elif whole_if_no_val:
         val, val_source = train, f"split {train_split!r} (all of it)"
     elif streaming:
@@ -169,19 +176,23 @@ def load_image_data(
         train, val = parts["train"], parts["test"]
         val_source = f"{val_fraction:g} of split {train_split!r} held out (seed {seed})"
     image_column, label_column = _find_columns(train.features, image_column, label_column)
-    if label_column is None:
-        return ImageData(train, val, image_column, None, [], val_source)
+    class_names = _class_names(train, label_column, streaming) if label_column else []
+    return ImageData(train, val, image_column, label_column, class_names, val_source)
+
+
+def _class_names(train, label_column: str, streaming: bool) -> list[str]:
+    """A ClassLabel's names, or the integer labels 0..N-1 as text."""
+    import datasets
+
     feature = train.features[label_column]
     if isinstance(feature, datasets.ClassLabel):
-        class_names = list(feature.names)
-    elif streaming:
+        return list(feature.names)
+    if streaming:
         raise EvitError(f"column {label_column!r} is not a ClassLabel: class names are unknown when streaming")
-    else:
-        values = sorted(set(train.unique(label_column)))
-        if values != list(range(len(values))):
-            raise EvitError(f"labels in {label_column!r} must be 0..N-1 or a ClassLabel, got {values[:5]}...")
-        class_names = [str(v) for v in values]
-    return ImageData(train, val, image_column, label_column, class_names, val_source)
+    values = sorted(set(train.unique(label_column)))
+    if values != list(range(len(values))):
+        raise EvitError(f"labels in {label_column!r} must be 0..N-1 or a ClassLabel, got {values[:5]}...")
+    return [str(v) for v in values]
 
 
 def transforms(data_config: dict, *, train: bool, randaugment: str | None = None, re_prob: float = 0.0,
@@ -272,11 +283,21 @@ def open_image(value, skip: bool = False, hint: str = "remove it, or pass --skip
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         problem = "is larger than PIL's safety limit (a decompression bomb?)"
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
-        problem = f"cannot be decoded ({e.__class__.__name__})"
+        problem = _why_unreadable(e)
     if skip:
         BAD_IMAGES.add()
         return None
     raise EvitError(f"cannot read image {name}: it {problem}; {hint}")
+
+
+def _why_unreadable(e: Exception) -> str:
+    if isinstance(e, IsADirectoryError):
+        return "is a folder, not an image file"
+    if isinstance(e, FileNotFoundError):
+        return "does not exist"
+    if isinstance(e, PermissionError):
+        return "cannot be opened (permission denied)"
+    return f"cannot be decoded ({e.__class__.__name__})"
 
 
 def _undecoded(ds, image_column: str):

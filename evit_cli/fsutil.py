@@ -77,15 +77,19 @@ def write_json(path: str | os.PathLike, data) -> Path:
     return write_text(path, json.dumps(data, indent=2, default=_jsonable) + "\n")
 
 
-def read_json(path: str | os.PathLike, what: str = "file") -> dict:
-    """A JSON object from ``path``; a corrupt or non-object file is a one-line error naming it."""
+def read_json(path: str | os.PathLike, what: str = "file", fix: str | None = None) -> dict:
+    """A JSON object from ``path``; a corrupt, non-UTF-8, empty or non-object file is a one-line
+    error naming it, ending with ``fix`` (default: write the ``what`` again)."""
     path = Path(path)
+    fix = fix or f"write the {what} again"
+    if path.is_dir():
+        raise EvitError(f"{path} is a folder, not a JSON file: {fix}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvitError(f"{path} is not valid JSON ({e.__class__.__name__}: {e}): write the {what} again") from None
+        raise EvitError(f"{path} is not valid JSON ({e.__class__.__name__}: {e}): {fix}") from None
     if not isinstance(data, dict):
-        raise EvitError(f"{path} does not hold a JSON object: write the {what} again")
+        raise EvitError(f"{path} does not hold a JSON object (it holds a {type(data).__name__}): {fix}")
     return data
 
 

@@ -67,6 +67,9 @@ def _load_model(
             return artifact.load(path)
         if (path / "config.json").is_file():
             return load_folder(path, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
+        for name in (artifact.META_FILE, "config.json"):
+            if (path / name).is_dir():
+                raise EvitError(f"{path / name} is a folder, not a file: export or save the model again")
         raise EvitError(
             f"{path} is a folder without {artifact.META_FILE} or config.json: give a folder written by "
             "`evit convert` or `save_pretrained`, or a model name"

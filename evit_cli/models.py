@@ -7,7 +7,6 @@ built from and how to build it again (the exported folder stores it).
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import pickle
 from pathlib import Path
@@ -15,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EvitError, first_line
+from .errors import EvitError, first_line, is_out_of_memory, memory_message
+from .fsutil import read_json
+from .validate import head_fits
 from .hub import go_offline_if_unreachable
 
 _WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
@@ -32,10 +33,9 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Training checkpoints that wrap the weights (``{"model": ...}``) are unwrapped
     and a DDP ``module.`` prefix is removed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise EvitError(f"checkpoint {path} does not exist: give the path of a .safetensors, .pth, .pt or .bin file")
-    if path.suffix == ".safetensors" or _looks_like_safetensors(path):
+    path = _weights_file(Path(path))
+    kind = _weights_kind(path)
+    if kind == "safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -43,16 +43,11 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise EvitError(f"{path} is not a readable safetensors file ({first_line(e)}): is it truncated? download it again") from None
+    elif kind == "torch":
+        sd = _torch_load(path)
     else:
-        try:
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise EvitError(
-                f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
-                f"({first_line(e)}); convert it to .safetensors from a trusted environment"
-            ) from None
-        except Exception as e:  # noqa: BLE001 - a file that is not a checkpoint fails torch.load in many ways
-            raise EvitError(f"{path} is not a readable PyTorch checkpoint ({first_line(e)}): is it truncated?") from None
+        raise EvitError(f"{path} is not a readable PyTorch checkpoint or safetensors file ({kind}): "
+                        "give a .safetensors, .pth, .pt or .bin file of weights")
     for key in _WRAPPER_KEYS:
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -64,13 +59,50 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _looks_like_safetensors(path: Path) -> bool:
-    """A safetensors file whatever its name: an 8-byte header length, then a JSON header."""
+_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+def _weights_file(path: Path) -> Path:
+    """``path`` as a weights file; a folder or a missing path is refused with what to give instead."""
+    if path.is_dir():
+        inside = next((path / n for n in _WEIGHT_NAMES if (path / n).is_file()), None)
+        hint = f"give the file inside it (--checkpoint {inside}), or pass the folder as MODEL" if inside else \
+            "give the path of a .safetensors, .pth, .pt or .bin file"
+        raise EvitError(f"checkpoint {path} is a folder, not a weights file: {hint}")
+    if not path.is_file():
+        raise EvitError(f"checkpoint {path} does not exist: give the path of a .safetensors, .pth, .pt or .bin file")
+    if path.stat().st_size == 0:
+        raise EvitError(f"checkpoint {path} is empty (0 bytes): was the download or the copy cut short? get it again")
+    return path
+
+
+def _weights_kind(path: Path) -> str:
+    """"safetensors" or "torch" from the file's first bytes (whatever its name), else what it looks like."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 2 <= int.from_bytes(head[:8], "little") <= min(path.stat().st_size - 8, 100_000_000)
+    if head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= min(path.stat().st_size - 8, 100_000_000):
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save's zip archive, or its legacy pickle
+        return "torch"
+    text = all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+    if path.suffix == ".safetensors" and not text:
+        return "safetensors"  # a broken header: safetensors says what is wrong
+    return "it holds text" if text else "its first bytes are neither's"
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise EvitError(
+            f"refused to load {path}: it holds Python objects beyond tensors, which could run code "
+            f"({first_line(e)}); convert it to .safetensors from a trusted environment"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - a file that is not a checkpoint fails torch.load in many ways
+        if is_out_of_memory(e):
+            raise
+        raise EvitError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                        f"{first_line(e)[:80]}): is it truncated? download it again") from None
 
 
 def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> None:
@@ -143,6 +175,8 @@ def create_timm(
     except EvitError:
         raise
     except Exception as e:  # timm surfaces hub failures as many exception types
+        if is_out_of_memory(e):
+            raise EvitError(f"cannot build {name} with {kwargs}: " + memory_message(e, "lower --num-classes or --img-size")) from None
         if not pretrained:
             raise EvitError(f"cannot build {name} with {kwargs}: {first_line(e)}") from None
         why = "the hub cannot be reached and they are not in the local cache" if offline else first_line(e)
@@ -199,11 +233,50 @@ def _transformers_class(config: dict, where: str):
     return getattr(transformers, arch)
 
 
+def _width(config: dict) -> int:
+    """The token width a transformers config.json names (a CLIP config: its vision tower's)."""
+    vision = config.get("vision_config")
+    width = (vision if isinstance(vision, dict) else config).get("hidden_size")
+    return width if isinstance(width, int) else 768
+
+
 def _vision_config(cls, cfg):
     """CLIP's vision-only classes are built from the vision part of a full CLIP config."""
     if cls.__name__.startswith("CLIPVision") and hasattr(cfg, "vision_config"):
         return cfg.vision_config
     return cfg
+
+
+def _config_errors() -> tuple[type, ...]:
+    """What transformers raises for a folder whose files are there but broken: a truncated or
+    empty weights file, a config.json whose values have the wrong types."""
+    from safetensors import SafetensorError
+
+    errors: tuple[type, ...] = (OSError, ValueError, TypeError, KeyError, SafetensorError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:  # pragma: no cover - older huggingface-hub has no strict configs
+        pass
+    return errors
+
+
+def _instantiate(cls, spec: str, *, weights: bool, offline: bool, config_kwargs: dict, attn_implementation):
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        if weights:
+            return cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
+                                       **config_kwargs, **extra)
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
+        return cls._from_config(_vision_config(cls, cfg), **extra)
+    except _config_errors() as e:
+        if is_out_of_memory(e):
+            raise
+        raise EvitError(f"cannot load {spec} with transformers ({type(e).__name__}: {' '.join(str(e).split())[:160]}): "
+                        "is the folder complete and its config.json intact? download or save it again") from None
 
 
 def create_transformers(
@@ -218,29 +291,20 @@ def create_transformers(
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json", "config.json", fix=_AGAIN)
     if attn_implementation is None and (folder / "evit.json").is_file():  # an exported folder keeps its choice
-        attn_implementation = json.loads((folder / "evit.json").read_text()).get("source", {}).get("attn_implementation")
+        source = read_json(folder / "evit.json", "evit.json", fix="export the model again").get("source")
+        attn_implementation = source.get("attn_implementation") if isinstance(source, dict) else None
     cls = _transformers_class(config, spec)
     config_kwargs = {}
     if "num_classes" in kwargs:
         n = kwargs.pop("num_classes")
+        head_fits("--num-classes", n, _width(config))
         config_kwargs = {"num_labels": n, "id2label": {i: f"LABEL_{i}" for i in range(n)}, "label2id": None}
     if kwargs:
         raise EvitError(f"{', '.join(kwargs)} cannot be set for a transformers model")
-    try:
-        if pretrained and checkpoint is None:
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = cls.from_pretrained(spec, local_files_only=offline, ignore_mismatched_sizes=bool(config_kwargs),
-                                        **config_kwargs, **extra)
-        else:
-            from transformers import AutoConfig
-
-            cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-            model = cls._from_config(_vision_config(cls, cfg), **extra)
-    except (OSError, ValueError) as e:
-        raise EvitError(f"cannot load {spec} with transformers ({first_line(e)}): is the folder complete?") from None
+    model = _instantiate(cls, spec, weights=pretrained and checkpoint is None, offline=offline,
+                         config_kwargs=config_kwargs, attn_implementation=attn_implementation)
     if checkpoint is not None:
         load_weights(model, load_state_dict(checkpoint), f"checkpoint {checkpoint}")
     model.evit_source = {
@@ -252,9 +316,12 @@ def create_transformers(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
     proc = folder / "preprocessor_config.json"
-    if proc.is_file():
-        model.evit_preprocessor = json.loads(proc.read_text())
+    if proc.exists():
+        model.evit_preprocessor = read_json(proc, "preprocessor_config.json", fix=_AGAIN)
     return model.eval()
+
+
+_AGAIN = "download or save the model again"
 
 
 # --------------------------------------------------------------------------- hub ids and folders
@@ -269,7 +336,7 @@ def _timm_hub_config(config: dict) -> tuple[str, dict]:
 
 
 def _weights_in(folder: Path) -> Path | None:
-    for name in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
+    for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
             return folder / name
     return None
@@ -277,10 +344,7 @@ def _weights_in(folder: Path) -> Path | None:
 
 def load_folder(folder: Path, *, pretrained: bool = True, checkpoint=None, **kwargs) -> nn.Module:
     """A local folder in the hub's layout: ``save_pretrained`` (transformers) or timm's ``config.json``."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvitError(f"{folder / 'config.json'} is not valid JSON ({e})") from None
+    config = read_json(folder / "config.json", "config.json", fix=_AGAIN)
     if "architecture" in config:
         arch, model_kwargs = _timm_hub_config(config)
         weights = checkpoint or (_weights_in(folder) if pretrained else None)
@@ -307,7 +371,7 @@ def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs
                 "the network once, or download it elsewhere and pass the folder (or --checkpoint FILE)"
             ) from None
         raise EvitError(f"cannot get {repo} from the Hugging Face hub ({first_line(e)}): check the id") from None
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, "config.json", fix="delete it from the Hugging Face cache and download it again")
     if "architecture" in config:  # a timm model on the hub
         arch, model_kwargs = _timm_hub_config(config)
         if pretrained and checkpoint is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import re
 
-from .errors import EvitError
+from .errors import EvitError, size_text
 
 
 def _number(label: str, value, integer: bool):
@@ -144,17 +144,118 @@ def int_list(label: str, value) -> tuple[int, ...]:
 
 
 def image_size(label: str, model, size: int) -> int:
-    """An input size the model's patch grid divides (a size in between would be cut silently)."""
+    """An input size the model's patch grid divides (a size in between would be cut silently), and
+    whose one-image forward pass fits in memory."""
     from . import adapters
 
     adapter = adapters.get_adapter(model)
-    grid = round((adapter.num_tokens(model) - adapter.num_prefix_tokens(model)) ** 0.5)
-    patch = adapter.img_size(model) // grid
+    patch = _patch_size(adapter, model)
     if size % patch:
         below, above = size // patch * patch, (size // patch + 1) * patch
         choices = f"{below} or {above}" if below else str(above)
         raise EvitError(f"{label} {size} is not a multiple of the patch size {patch}: use {choices}")
+    fits_in_memory(label, size, model, img_size=size)
     return size
+
+
+def _patch_size(adapter, model) -> int:
+    grid = round((adapter.num_tokens(model) - adapter.num_prefix_tokens(model)) ** 0.5)
+    return adapter.img_size(model) // grid
+
+
+def _width(model) -> int:
+    """The token width: the size the first LayerNorm normalizes (0 when there is none)."""
+    from torch import nn
+
+    norm = next((m for m in model.modules() if isinstance(m, nn.LayerNorm)), None)
+    return int(norm.normalized_shape[-1]) if norm is not None else 0
+
+
+def forward_bytes(model, *, batch: int = 1, img_size: int | None = None) -> int:
+    """A lower bound on the memory one inference pass takes: the float32 images, the token stream
+    and the MLP's hidden layer (4x wide) of one block. Attention's own memory is left out (fused
+    kernels need little), so a size refused here cannot run at all."""
+    from . import adapters
+
+    adapter = adapters.get_adapter(model)
+    size = img_size or adapter.img_size(model)
+    tokens = (size // _patch_size(adapter, model)) ** 2 + adapter.num_prefix_tokens(model)
+    return 4 * batch * (3 * size * size + 6 * tokens * _width(model))
+
+
+def available_memory(device="cpu") -> int | None:
+    """Bytes ``device`` can still give: a GPU's free memory, or the RAM (plus free swap) Linux
+    reports available; None where it cannot be told."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0]) if torch.cuda.is_available() else None
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo", encoding="ascii"))
+        return sum(int(info[k].split()[0]) * 1024 for k in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def fits_in_memory(label: str, value, model, *, batch: int = 1, img_size: int | None = None, device="cpu") -> None:
+    """Refuse, before anything is allocated, a batch or image size whose forward pass cannot fit."""
+    need, have = forward_bytes(model, batch=batch, img_size=img_size), available_memory(device)
+    if have is not None and need > have:
+        where = "the GPU has free" if str(device).startswith("cuda") else "this machine has available"
+        raise EvitError(f"{label} {value} needs at least {size_text(need)} of memory for one pass, more than the "
+                        f"{size_text(have)} {where}: lower {label}")
+
+
+def head_fits(label: str, classes: int, width: int) -> None:
+    """Refuse a classifier head (float32 weights, and a label text per class) larger than the memory left."""
+    need, have = classes * (4 * width + 100), available_memory()
+    if have is not None and need > have:
+        raise EvitError(f"{label} {classes} needs about {size_text(need)} of memory for the classifier head, more "
+                        f"than the {size_text(have)} this machine has available: lower {label}")
+
+
+def _is_int(value, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _int_list(value) -> bool:
+    return isinstance(value, list) and all(_is_int(v, 1) for v in value)
+
+
+def _number_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+
+# What each field of an exported folder's evit.json must hold, in words and as a test.
+_META_TYPES = {
+    "family": ("'timm' or 'transformers'", lambda v: v in ("timm", "transformers")),
+    "num_classes": ("an integer, 0 or more", lambda v: _is_int(v, 0)),
+    "img_size": ("a positive integer", lambda v: _is_int(v, 1)),
+    "num_tokens": ("a positive integer", lambda v: _is_int(v, 1)),
+    "tool_version": ("a text", lambda v: isinstance(v, str)),
+    "token_counts": ("a list of positive integers", lambda v: v is None or _int_list(v)),
+    "class_names": ("a list of texts", lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v))),
+    "evit": ("an object with layers and keep_rates", lambda v: v is None or (
+        isinstance(v, dict) and _int_list(v.get("layers")) and _number_list(v.get("keep_rates")))),
+    "data_config": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "training": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "format_version": ("an integer", lambda v: _is_int(v, 0)),
+}
+_SOURCE_TYPES = {
+    "model": ("a text", lambda v: isinstance(v, str)),
+    "kwargs": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "checkpoint": ("a text", lambda v: v is None or isinstance(v, str)),
+}
+
+
+def export_meta(path, meta: dict) -> None:
+    """The fields of an exported folder's evit.json have the types the tool wrote (a hand-edited or
+    damaged file is refused here, not deep inside the model's construction)."""
+    for fields, where, data in ((_META_TYPES, "", meta), (_SOURCE_TYPES, "source.", meta["source"])):
+        for key, (what, ok) in fields.items():
+            if key in data and not ok(data[key]):
+                raise EvitError(f"{path}: {where}{key} must be {what}, got {data[key]!r}: export the model again")
 
 
 def optional(check):
