@@ -32,6 +32,7 @@ from torch import nn
 
 from . import adapters
 from . import checkpoint as ckpt
+from . import validate
 from .core import convert_keeping, dense_copy, get_config
 from .device import amp_dtype, autocast, resolve_device
 from .errors import EvitError
@@ -222,7 +223,7 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
     if cfg.img_size is not None:
         if cfg.img_size < 1:
             raise EvitError(f"--img-size must be positive, got {cfg.img_size}")
-        adapter.set_img_size(model, cfg.img_size)
+        adapter.set_img_size(model, validate.image_size("--img-size", model, cfg.img_size))
     data = load_image_data(
         cfg.dataset, train_split=cfg.train_split, val_split=cfg.val_split, val_fraction=cfg.val_fraction,
         image_column=cfg.image_column, label_column=cfg.label_column, streaming=cfg.streaming, seed=cfg.seed,
