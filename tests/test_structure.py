@@ -81,3 +81,25 @@ def test_find_cycle_sees_a_circle():
 def test_no_import_circle():
     graph = import_graph()
     assert find_cycle(graph) is None, " -> ".join(find_cycle(graph))
+
+
+def long_functions(root: Path = PACKAGE, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """Every function (methods and nested functions included) longer than ``limit`` lines, from its
+    ``def`` line to its last line."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_long_functions_are_found(tmp_path):
+    (tmp_path / "m.py").write_text("def short():\n    pass\n\n\ndef long():\n" + "    x = 1\n" * 70)
+    assert long_functions(tmp_path) == [f"{tmp_path.name}/m.py:5 long (71 lines)"]
+
+
+def test_no_function_is_longer_than_a_screen():
+    assert long_functions() == []
