@@ -338,15 +338,17 @@ def _check(cfg: TrainConfig) -> None:
         raise EvitError(f"--distill-alpha must be between 0 and 1, got {cfg.distill_alpha}")
 
 
-def _datasets(cfg: TrainConfig, s: Setup, d):
+def _datasets(cfg: TrainConfig, s: Setup, d, bad_images=None):
     """Transformed train/val data sets and samplers (a seeded augmentation per image)."""
     from .data import ResumableSampler, transforms, with_transform
 
     data_config = s.adapter.data_config(s.model)
     train_tf = transforms(data_config, train=True, randaugment=cfg.randaugment, color_jitter=cfg.color_jitter)
     cols = (s.data.image_column, s.data.label_column)
-    train_ds = with_transform(s.data.train, *cols, train_tf, seed=cfg.seed + 1000003 * d.rank, label_map=s.label_map)
-    val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map)
+    train_ds = with_transform(s.data.train, *cols, train_tf, seed=cfg.seed + 1000003 * d.rank, label_map=s.label_map,
+                              bad=bad_images)
+    val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map,
+                            bad=bad_images)
     if not cfg.streaming:
         return (train_ds, val_ds, ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world),
                 ResumableSampler(len(val_ds), seed=0, shuffle=False, rank=d.rank, world=d.world))
@@ -367,8 +369,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float):
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr)
 
 
-def finetune(cfg: TrainConfig, console=None) -> dict:
-    """Run the fine-tune described by ``cfg``; returns the final metrics."""
+def finetune(cfg: TrainConfig, console=None, bad_images=None) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the final metrics. ``bad_images``: a
+    :class:`evit_cli.data.BadImages` that skips and counts undecodable images (default: stop at one)."""
     from .data import make_loader
     from .distill import training_loss
 
@@ -384,7 +387,7 @@ def finetune(cfg: TrainConfig, console=None) -> dict:
         _create_folders(cfg, out, train_dir)
     model, adapter, teacher, labelled = s.model, s.adapter, s.teacher, s.data.labelled
     evit_cfg = get_config(model)
-    train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d)
+    train_ds, val_ds, sampler, val_sampler = _datasets(cfg, s, d, bad_images)
     micro_per_epoch = (sampler.per_rank // cfg.batch_size) if sampler else cfg.steps_per_epoch * cfg.accum_steps
     steps_per_epoch = cfg.steps_per_epoch or micro_per_epoch // cfg.accum_steps
     if steps_per_epoch < 1:
