@@ -252,3 +252,28 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) 
     from huggingface_hub import constants
 
     return f"{constants.ENDPOINT}/{repo_id}"
+
+
+def folder_summary(folder: str | os.PathLike) -> dict:
+    """What an exported folder holds: source, layers, keep rates, token counts, GMACs, and the
+    metrics of `evit finetune` and the speedup of `evit bench` when they wrote theirs into it."""
+    meta = read_meta(folder)
+    e = meta.get("evit") or {}
+    result = {
+        "folder": str(folder), "family": meta["family"], "source": meta["source"].get("model"),
+        "weights": weights_of(meta), "training": training_summary(meta),
+        "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
+        "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
+        "tokens": [meta["num_tokens"]] + list(meta.get("token_counts") or []),
+        "gmacs_dense": meta.get("gmacs_dense"), "gmacs": meta.get("gmacs"), "tool_version": meta["tool_version"],
+    }
+    metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
+    if metrics.is_file():
+        data = read_json(metrics, "metrics (evit finetune)")
+        keys = ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split")
+        result["metrics"] = {k: data[k] for k in keys if k in data}
+    if bench.is_file():
+        data = read_json(bench, "benchmark (evit bench)")
+        keys = (("speedup", "speedup"), ("batch", "batch"), ("device", "device_name"))
+        result["bench"] = {name: data[k] for name, k in keys if k in data}
+    return result

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from . import adapters
+from . import adapters, validate
 from ._version import __version__
 from .core import dense_copy, get_config
 from .device import amp_dtype, autocast, describe_device, resolve_device, synchronize
@@ -182,6 +182,7 @@ def bench(
     if reps < 1 or warmup < 0:
         raise EvitError("--reps must be at least 1 and --warmup at least 0")
     evit, dev = _evit_model(model, device)
+    validate.fits_in_memory("--batch", batch, evit, batch=batch, device=device)
     img = adapters.get_adapter(evit).img_size(evit)
     models = {"dense": dense_copy(evit).eval(), "evit": evit}
     x = torch.randn(batch, 3, img, img, device=dev)

@@ -223,19 +223,15 @@ def sample_size(ds, limit: int | None = None) -> int | None:
 
 
 class BadImages:
-    """What to do with an image of a data set that cannot be decoded: stop with its name (default),
-    or skip it and count it (``--skip-bad-images``). The count is shared with DataLoader workers."""
+    """One run's images that cannot be decoded: stop with the image's name (default), or, with
+    ``skip`` (``--skip-bad-images``), skip each and count it. The count is shared with the
+    DataLoader workers the run starts, which receive this object with the data set."""
 
-    def __init__(self):
+    def __init__(self, skip: bool = False):
         import multiprocessing
 
-        self.skip = False
-        self._count = multiprocessing.Value("i", 0)
-
-    def reset(self, skip: bool) -> None:
         self.skip = skip
-        with self._count.get_lock():
-            self._count.value = 0
+        self._count = multiprocessing.Value("i", 0)
 
     def add(self) -> None:
         with self._count.get_lock():
@@ -244,9 +240,6 @@ class BadImages:
     @property
     def count(self) -> int:
         return self._count.value
-
-
-BAD_IMAGES = BadImages()
 
 
 def _image_source(value):
@@ -263,9 +256,10 @@ def _image_source(value):
     return getattr(value, "filename", "") or "<an image>", None
 
 
-def open_image(value, skip: bool = False, hint: str = "remove it, or pass --skip-bad-images to skip such images"):
+def open_image(value, bad: BadImages | None = None,
+               hint: str = "remove it, or pass --skip-bad-images to skip such images"):
     """An RGB PIL image; an undecodable one (or one above PIL's decompression-bomb limit) is an
-    EvitError naming it, or, with ``skip``, counted in ``BAD_IMAGES`` and returned as None."""
+    EvitError naming it, or, when ``bad`` skips, counted in ``bad`` and returned as None."""
     import warnings
 
     from PIL import Image
@@ -284,8 +278,8 @@ def open_image(value, skip: bool = False, hint: str = "remove it, or pass --skip
         problem = "is larger than PIL's safety limit (a decompression bomb?)"
     except (OSError, SyntaxError, ValueError, EOFError) as e:  # UnidentifiedImageError is an OSError
         problem = _why_unreadable(e)
-    if skip:
-        BAD_IMAGES.add()
+    if bad is not None and bad.skip:
+        bad.add()
         return None
     raise EvitError(f"cannot read image {name}: it {problem}; {hint}")
 
@@ -315,16 +309,15 @@ NO_LABEL = -1
 
 
 def with_transform(ds, image_column: str, label_column: str | None, tf, *, seed: int | None = None,
-                   label_map: list[int] | None = None):
+                   label_map: list[int] | None = None, bad: BadImages | None = None):
     """Apply ``tf`` lazily; map-style data stays memory-mapped.
 
     Items are ``{"pixel_values", "label"}``; the label is ``label_map[label]`` when a map is given,
     and -1 without labels. With ``seed``, a map-style data set draws each item's augmentation from
     (seed, epoch, index) alone (see :class:`ImageDataset`). Images that cannot be decoded stop the
-    run with their name, or are skipped (``BAD_IMAGES.skip``: ``pixel_values`` None, which
-    ``collate`` leaves out).
+    run with their name, or, when ``bad`` skips, are counted in it and skipped (``pixel_values``
+    None, which ``collate`` leaves out).
     """
-    skip = BAD_IMAGES.skip
     ds = _undecoded(ds, image_column)
 
     def label(value):
@@ -333,7 +326,7 @@ def with_transform(ds, image_column: str, label_column: str | None, tf, *, seed:
         return label_map[value] if label_map is not None else value
 
     def apply(batch):
-        images = [open_image(value, skip) for value in batch[image_column]]
+        images = [open_image(value, bad) for value in batch[image_column]]
         return {
             "pixel_values": [None if img is None else tf(img) for img in images],
             "label": [label(v) for v in batch[label_column]] if label_column else [NO_LABEL] * len(images),
@@ -341,7 +334,7 @@ def with_transform(ds, image_column: str, label_column: str | None, tf, *, seed:
 
     if isinstance(ds, torch.utils.data.IterableDataset) or hasattr(ds, "_ex_iterable"):
         return ds.map(apply, batched=True, batch_size=16, remove_columns=list(ds.features or []))
-    return ImageDataset(ds, image_column, label_column, tf, label, seed)
+    return ImageDataset(ds, image_column, label_column, tf, label, seed, bad)
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -352,10 +345,11 @@ class ImageDataset(torch.utils.data.Dataset):
     which worker draws it or on what was drawn before, so a resumed run sees the same images.
     """
 
-    def __init__(self, ds, image_column: str, label_column: str | None, tf, label, seed: int | None):
+    def __init__(self, ds, image_column: str, label_column: str | None, tf, label, seed: int | None,
+                 bad: BadImages | None = None):
         self.ds, self.image_column, self.label_column = ds, image_column, label_column
         self.tf, self.label, self.seed = tf, label, seed
-        self.skip = BAD_IMAGES.skip
+        self.bad = bad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -366,7 +360,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.ds[int(i)]
-        img = open_image(row[self.image_column], self.skip)
+        img = open_image(row[self.image_column], self.bad)
         if img is None:
             x = None
         elif self.seed is None:

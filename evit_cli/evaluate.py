@@ -7,17 +7,19 @@ from torch import nn
 
 from . import adapters
 from .classes import eval_class_map
-from .data import make_loader, transforms, with_transform
+from .data import BadImages, load_image_data, make_loader, transforms, with_transform
 from .errors import EvitError
 from .fidelity import Tally, outputs
 
 
 @torch.no_grad()
 def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "dense", batch_size: int = 64,
-                    workers: int = 2, limit: int | None = None, device="cpu", progress=None) -> dict[str, dict]:
+                    workers: int = 2, limit: int | None = None, device="cpu", progress=None,
+                    bad_images: BadImages | None = None) -> dict[str, dict]:
     """Each model on the same images, against ``models[reference]`` (the dense model): agreement (%)
     and KL(dense || model) per image, or the embeddings' cosine similarity for a headless model;
-    top-1/top-5 (%) when the data set has labels. A flat folder of images has none."""
+    top-1/top-5 (%) when the data set has labels. A flat folder of images has none. Images that
+    cannot be decoded stop the run, or are skipped and counted when ``bad_images`` skips."""
 
     ref_model = models[reference]
     adapter = adapters.get_adapter(ref_model)
@@ -28,7 +30,7 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
         ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # a seeded sample across classes
     label_column = None if embedding else data.label_column
     ds = with_transform(ds, data.image_column, label_column, transforms(adapter.data_config(ref_model), train=False),
-                        label_map=mapping)
+                        label_map=mapping, bad=bad_images)
     tallies = {name: Tally(embedding) for name in models}
     for images, target in make_loader(ds, batch_size=batch_size, workers=workers):
         images, target = images.to(device), target.to(device)
@@ -41,3 +43,27 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
     if tallies[reference].sums["images"] == 0:
         raise EvitError("the evaluation split is empty")
     return {name: t.result() for name, t in tallies.items()}
+
+
+def eval_report(accuracy: dict[str, dict], speed: dict, *, dataset: str, labelled: bool,
+                training: dict | None = None) -> dict:
+    """One report of `evit eval`: the accuracy of the dense and EViT models (from
+    :func:`evaluate_models`) beside their GMACs and throughput (from :func:`evit_cli.bench.bench`)."""
+
+    def model_row(acc_key: str, speed_key: str) -> dict:
+        s = speed[speed_key]
+        return {**accuracy[acc_key], "gmacs": s["gmacs"], "images_per_s": s["images_per_s"]}
+
+    return {
+        "model": speed["model"], "dataset": dataset, "images": accuracy["evit"]["images"], "evit": speed["evit"],
+        "labelled": labelled, "training": training,
+        "dense": model_row("dense", "dense"), "evit_model": model_row("evit", "evit_model"),
+        "speedup": speed["speedup"], "batch": speed["batch"], "device_name": speed["device_name"],
+    }
+
+
+def load_eval_data(dataset: str, split: str | None = None, image_column: str | None = None,
+                   label_column: str | None = None):
+    """The images to evaluate on: ``split`` of ``dataset`` (default: its validation split, else all of it)."""
+    return load_image_data(dataset, val_split=split, image_column=image_column, label_column=label_column,
+                           whole_if_no_val=True)

@@ -102,3 +102,31 @@ def convert(
     elif load_kwargs:
         raise TypeError(f"loading options ({', '.join(load_kwargs)}) need a model name or folder, not a module")
     return core.convert(model, keep_rate=keep_rate, layers=layers, fuse=fuse)
+
+
+def is_exported(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names a folder written by `evit convert` or `evit finetune`."""
+    return (Path(spec) / artifact.META_FILE).is_file()
+
+
+def pretrained_flag(spec: str | os.PathLike, pretrained: bool | None) -> bool:
+    """``pretrained`` as given, pretrained weights when not; refused for an exported folder, whose
+    weights are its own."""
+    if pretrained is not None and is_exported(spec):
+        flag = "--pretrained" if pretrained else "--no-pretrained"
+        raise EvitError(f"{spec} is an exported folder, which holds its own weights: drop {flag}, "
+                        "or give the original model name")
+    return True if pretrained is None else pretrained
+
+
+def load_converted(spec: str | os.PathLike, keep_rate=None, layers=None, fuse: bool | None = None, *,
+                   pretrained: bool | None = None, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+    """An EViT model from an exported folder (its own settings where not given) or from anything else
+    :func:`load_model` takes (converted with the settings given, the defaults for the rest)."""
+    model = load_model(spec, pretrained=pretrained_flag(spec, pretrained), checkpoint=checkpoint)
+    return core.convert_keeping(model, keep_rate, layers, fuse)
+
+
+def source_name(model: nn.Module, spec: str | os.PathLike) -> str:
+    """The name of the model ``model`` was built from (an exported folder's source), else ``spec``."""
+    return (getattr(model, "evit_source", {}) or {}).get("model", spec)

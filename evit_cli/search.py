@@ -16,6 +16,8 @@ same layers.
 from __future__ import annotations
 
 import copy
+import os
+import shlex
 
 import torch
 from torch import nn
@@ -271,3 +273,18 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
     except EvitError:  # no single rate gets that cheap at these layers
         equal = None
     return {"layers": list(layers), "within_constraint": row(best_single_rate(score, n, ok)), "at_equal_gmacs": row(equal)}
+
+
+def reproduce_command(model: str, result: dict, *, pretrained: bool | None = None,
+                      checkpoint: str | os.PathLike | None = None) -> str:
+    """The `evit convert` command line that builds the setting a search found for ``model``."""
+    rates = result.get("keep_rates") or [result["keep_rate"]]
+    parts = ["evit convert", shlex.quote(str(model)), "--keep-rate " + ",".join(f"{r:g}" for r in rates),
+             "--layers " + ",".join(map(str, result["layers"]))]
+    if pretrained is False:
+        parts.append("--no-pretrained")
+    if checkpoint:
+        parts.append(f"--checkpoint {shlex.quote(str(checkpoint))}")
+    if not result["fuse"]:
+        parts.append("--no-fuse")
+    return " ".join(parts)

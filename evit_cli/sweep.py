@@ -35,10 +35,12 @@ def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
 
 
 def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 64, reps: int = 5, warmup: int = 1,
-          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False, progress=None) -> dict:
+          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False, progress=None,
+          bad_images=None) -> dict:
     """GMACs, images/s and speedup (all timed side by side, interleaved), and accuracy when a data set is given.
 
-    ``progress``: an :class:`evit_cli.progress.Progress` to show the timing and evaluation on."""
+    ``progress``: an :class:`evit_cli.progress.Progress` to show the timing and evaluation on;
+    ``bad_images``: a :class:`evit_cli.data.BadImages` (see :func:`evit_cli.evaluate.evaluate_models`)."""
 
     if not keep_rates:
         raise EvitError("no keep rates to sweep: give --keep-rates, e.g. 0.5,0.7,0.9")
@@ -57,7 +59,7 @@ def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 
         with progress.task(f"sweep: accuracy of {len(models)} models", sample_size(data.val, limit),
                            unit="images") as advance:
             acc = evaluate_models(models, data, batch_size=batch, workers=workers, limit=limit, device=device,
-                                  progress=advance)
+                                  progress=advance, bad_images=bad_images)
     rows = []
     for name, m in models.items():
         row = {

@@ -327,15 +327,17 @@ def _check(cfg: TrainConfig) -> None:
         raise EvitError(f"--distill-alpha must be between 0 and 1, got {cfg.distill_alpha}")
 
 
-def _datasets(cfg: TrainConfig, s: Setup, d):
+def _datasets(cfg: TrainConfig, s: Setup, d, bad_images=None):
     """Transformed train/val data sets and samplers (a seeded augmentation per image)."""
     from .data import ResumableSampler, transforms, with_transform
 
     data_config = s.adapter.data_config(s.model)
     train_tf = transforms(data_config, train=True, randaugment=cfg.randaugment, color_jitter=cfg.color_jitter)
     cols = (s.data.image_column, s.data.label_column)
-    train_ds = with_transform(s.data.train, *cols, train_tf, seed=cfg.seed + 1000003 * d.rank, label_map=s.label_map)
-    val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map)
+    train_ds = with_transform(s.data.train, *cols, train_tf, seed=cfg.seed + 1000003 * d.rank, label_map=s.label_map,
+                              bad=bad_images)
+    val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map,
+                            bad=bad_images)
     if not cfg.streaming:
         return (train_ds, val_ds, ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world),
                 ResumableSampler(len(val_ds), seed=0, shuffle=False, rank=d.rank, world=d.world))
@@ -493,6 +495,7 @@ class Run:
     scaler: object
     notes: list[str]
     mixup: object = None
+    bad_images: object = None  # a data.BadImages that skips and counts undecodable images, or None
     net: nn.Module | None = None  # the model, or its DDP wrapper
     start: ckpt.Position = field(default_factory=ckpt.Position)
     step: int = 0
@@ -518,7 +521,7 @@ def _mixup(cfg: TrainConfig, s: Setup):
                  num_classes=s.adapter.num_classes(s.model))
 
 
-def _start(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
+def _start(cfg: TrainConfig, d: Dist, device: torch.device, bad_images=None) -> Run:
     """Check and build everything, resuming when asked; the first file is written only when all of
     it is known good (user mistakes in the model, data, head, teacher or checkpoint stop before)."""
     _check(cfg)
@@ -527,7 +530,7 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     ckpt.seed_all(cfg.seed + d.rank)
     s = prepare(cfg, device)
     check_data(s)
-    loaders = _datasets(cfg, s, d)
+    loaders = _datasets(cfg, s, d, bad_images)
     sched, lr_note = _schedule(cfg, s, loaders[2], d)
     if state is None and d.main:
         _create_folders(cfg, out, train_dir)
@@ -535,7 +538,7 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     optimizer = _optimizer(s.model, cfg, sched.base_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
     notes = [lr_note] if lr_note else []
-    run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, mixup)
+    run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, mixup, bad_images)
     if state is not None:
         _restore(run, state)
     if d.world > 1:
@@ -546,10 +549,11 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device) -> Run:
     return run
 
 
-def finetune(cfg: TrainConfig, console=None) -> dict:
-    """Run the fine-tune described by ``cfg``; returns the final metrics."""
+def finetune(cfg: TrainConfig, console=None, bad_images=None) -> dict:
+    """Run the fine-tune described by ``cfg``; returns the final metrics. ``bad_images``: a
+    :class:`evit_cli.data.BadImages` that skips and counts undecodable images (default: stop at one)."""
     d = init_distributed(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    run = _start(cfg, d, _resolve_device(cfg.device, d))
+    run = _start(cfg, d, _resolve_device(cfg.device, d), bad_images)
     show = console is not None and d.main
     progress = _progress(show, console)
     with progress:
@@ -606,14 +610,12 @@ def _train_epoch(run: Run, epoch: int, progress) -> None:
                 _save(run, epoch, tally.in_epoch)
     progress.remove_task(task)
     if tally.in_epoch == first < steps:
-        _no_batch(epoch)
+        _no_batch(epoch, run.bad_images)
 
 
-def _no_batch(epoch: int):
-    from .data import BAD_IMAGES
-
-    if BAD_IMAGES.count:
-        raise EvitError(f"epoch {epoch + 1} took no step: all {BAD_IMAGES.count} images it read could not be decoded "
+def _no_batch(epoch: int, bad_images=None):
+    if bad_images is not None and bad_images.count:
+        raise EvitError(f"epoch {epoch + 1} took no step: all {bad_images.count} images it read could not be decoded "
                         "and were skipped; check the data set")
     raise EvitError(f"epoch {epoch + 1} took no step: the training split gave no batch; check the data set")
 
@@ -691,7 +693,8 @@ def _end_epoch(run: Run, epoch: int, console) -> None:
     """Validation, the epoch's metrics row, and the end-of-epoch checkpoint."""
     s = run.s
     _, val_ds, _, val_sampler = run.loaders
-    metrics = evaluate(run.net, s.model, s.adapter, val_ds, val_sampler, run.cfg, run.device, run.d, s.teacher)
+    metrics = evaluate(run.net, s.model, s.adapter, val_ds, val_sampler, run.cfg, run.device, run.d, s.teacher,
+                       run.bad_images)
     rates, lr = run.sched.after(run.step)
     metrics.update(epoch=epoch + 1, step=run.step, keep_rate=rates, lr=lr, split=s.data.val_source)
     run.history.append(metrics)
@@ -731,7 +734,8 @@ def describe_metrics(m: dict) -> str:
 
 
 @torch.no_grad()
-def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist, teacher=None) -> dict:
+def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist, teacher=None,
+             bad_images=None) -> dict:
     """On the validation split, summed over ranks: agreement and KL with the teacher when there is
     one, val loss, top-1 and top-5 (%) when there are labels."""
     from .data import make_loader
@@ -749,14 +753,12 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
     keys = list(tally.sums)
     tally.sums = dict(zip(keys, _all_sum([tally.sums[k] for k in keys], d, device)))
     if tally.sums["images"] == 0:
-        _no_validation_image()
+        _no_validation_image(bad_images)
     return tally.result()
 
 
-def _no_validation_image():
-    from .data import BAD_IMAGES
-
-    if BAD_IMAGES.count:
+def _no_validation_image(bad_images=None):
+    if bad_images is not None and bad_images.count:
         raise EvitError("no image of the validation split could be decoded (all were skipped): check the data set, "
                         "or give another with --val-split")
     raise EvitError("the validation split is empty: give --val-split or a larger --val-fraction")

@@ -1,6 +1,6 @@
 """Range and type checks for every numeric input, in one place.
 
-The command line runs them when an option is parsed (``cli.py`` turns each into
+The command line runs them when an option is parsed (``cli/options.py`` turns each into
 an option callback); recipes and library calls go through the same functions,
 so a value is refused with the same one-line message wherever it comes from.
 Each check takes a label (``--batch``) and a value and returns the value, or

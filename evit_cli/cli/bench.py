@@ -1,0 +1,59 @@
+"""`evit bench`: the dense and the EViT model timed side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import loading
+from ..bench import bench as run
+from ..bench import compile_mode_of
+from ..device import resolve_device
+from ..fsutil import check_report_dir
+from ..report import bench_table, write_bench
+from . import options as o
+from .render import emit
+
+EXAMPLE = "Example: evit bench deit_s_evit --batch 256 --report reports/"
+
+Model = o.model_argument("Exported folder, or anything `evit convert` takes (converted on the fly).")
+Batch = o.batch("Batch size for throughput.")
+Amp = Annotated[bool, typer.Option("--amp", help="Autocast: bf16 on CPU, fp16 on CUDA.")]
+Compile = Annotated[bool, typer.Option("--compile",
+                                       help="Also time both models under torch.compile, beside the eager ones.")]
+CompileMode = Annotated[Optional[str], typer.Option(
+    "--compile-mode", show_default=False,
+    help="torch.compile mode (implies --compile): default, reduce-overhead (CUDA graphs), max-autotune. "
+         "[default: default]")]
+Train = Annotated[bool, typer.Option("--train",
+                                     help="Also time a training step (forward, backward, AdamW) of both models.")]
+Warmup = Annotated[int, typer.Option("--warmup", callback=o.NON_NEGATIVE_INT,
+                                     help="Untimed passes first (compiling happens here).")]
+Reps = o.reps("Timed passes per model (batch-1 latency takes 3x as many).")
+Report = o.report("Write bench.json and bench.md here (an exported folder gets them inside it).")
+
+
+def bench(
+    model: Model, batch: Batch = 256, device: o.Device = "cpu", amp: Amp = False, compile_: Compile = False,
+    compile_mode: CompileMode = None, train: Train = False, warmup: Warmup = 2, reps: Reps = 10,
+    keep_rate: o.KeepRate = None, layers: o.Layers = None, report: Report = None, as_json: o.AsJson = False,
+):
+    """Dense vs EViT side by side: images/s, latency (batch and batch 1), GMACs, tokens, speedup.
+
+    A model name is built with random weights: weights do not change the speed.
+    """
+    exported = loading.is_exported(model)
+    if report is None and exported:
+        report = Path(model)
+    if report is not None:
+        check_report_dir(report)
+    resolve_device(device)
+    mode = compile_mode_of(compile_mode or compile_)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=None if exported else False)
+    result = run(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup,
+                 reps=reps, progress=True)
+    if report is not None:
+        result["report_files"] = [str(p) for p in write_bench(result, report)]
+    emit(result, as_json, bench_table(result))

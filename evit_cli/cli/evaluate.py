@@ -1,0 +1,101 @@
+"""`evit eval` and `evit sweep`: the EViT model against the dense one, at one keep rate or many."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .. import loading
+from ..bench import bench
+from ..config import parse_keep_rates
+from ..core import dense_copy
+from ..data import BadImages, sample_size
+from ..device import resolve_device
+from ..errors import EvitError
+from ..evaluate import eval_report, evaluate_models, load_eval_data
+from ..fsutil import check_report_dir, write_json, write_text
+from ..progress import Progress
+from ..report import eval_table, sweep_markdown, sweep_table
+from ..sweep import plot_sweep
+from ..sweep import sweep as run_sweep
+from . import options as o
+from .render import emit
+
+EVAL_EXAMPLE = "Example: evit eval deit_t_evit --dataset ../shared/real/imagenette-val --json"
+SWEEP_EXAMPLE = ("Example: evit sweep deit_small_patch16_224 --no-pretrained --keep-rates 0.5,0.6,0.7,0.8,0.9,1.0 "
+                 "-o sweep/")
+
+EvalModel = o.model_argument("Exported folder, or a model `evit convert` takes (converted with -k/-l).")
+EvalDataset = o.dataset("Hub name, image folder, save_to_disk folder or parquet.", required=True)
+EvalBatch = o.batch("Batch size for evaluation and throughput.")
+EvalReps = o.reps("Timed passes per model for throughput.")
+EvalReport = o.report("Write eval.json into this folder.")
+
+SweepModel = o.model_argument("A model `evit convert` takes, or an exported folder (its layers are used).")
+KeepRates = Annotated[str, typer.Option("--keep-rates", callback=o.KEEP_RATES, help="Keep rates to compare.")]
+SweepDataset = o.dataset("Also measure accuracy on this data set.")
+SweepBatch = o.batch("Batch size for timing and evaluation.")
+SweepReps = o.reps("Timed passes per model.")
+SweepOutput = o.output("Folder for sweep.json, sweep.md and sweep.png.", kind=Path)
+
+
+def evaluate(
+    model: EvalModel, dataset: EvalDataset, split: o.Split = None, keep_rate: o.KeepRate = None,
+    layers: o.Layers = None, pretrained: o.Pretrained = None, checkpoint: o.Checkpoint = None,
+    batch: EvalBatch = 64, limit: o.Limit = None, workers: o.Workers = 2, image_column: o.ImageColumn = None,
+    label_column: o.LabelColumn = None, device: o.Device = "cpu", reps: EvalReps = 5, report: EvalReport = None,
+    skip_bad_images: o.SkipBadImages = False, as_json: o.AsJson = False,
+):
+    """Dense vs EViT on the same images: agreement and KL(dense || EViT) on any image folder, top-1/top-5
+    with labels, throughput.
+
+    A flat folder of images has no labels. ImageNet synset folder names (n01440764, ...) map to a
+    1000-class model's classes. A headless model reports the cosine similarity of the embeddings.
+    """
+    if report is not None:
+        check_report_dir(report)
+    dev = resolve_device(device)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
+    bad = BadImages(skip_bad_images)
+    data = load_eval_data(dataset, split, image_column, label_column)
+    with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
+        acc = evaluate_models({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers,
+                              limit=limit, device=dev, progress=advance, bad_images=bad)
+    speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
+    result = eval_report(acc, speed, dataset=dataset, labelled=data.labelled,
+                         training=getattr(m, "evit_training", None))
+    if skip_bad_images:
+        result["skipped_images"] = bad.count
+    if report is not None:
+        result["report_files"] = [str(write_json(Path(report) / "eval.json", result))]
+    emit(result, as_json, eval_table(result))
+
+
+def sweep(
+    model: SweepModel, keep_rates: KeepRates = "0.5,0.6,0.7,0.8,0.9,1.0", layers: o.Layers = None,
+    dataset: SweepDataset = None, split: o.Split = None, limit: o.Limit = None, pretrained: o.Pretrained = None,
+    checkpoint: o.Checkpoint = None, batch: SweepBatch = 64, reps: SweepReps = 5, device: o.Device = "cpu",
+    workers: o.Workers = 2, output: SweepOutput = Path("sweep"), skip_bad_images: o.SkipBadImages = False,
+    as_json: o.AsJson = False,
+):
+    """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table,
+    JSON, PNG plot."""
+    if skip_bad_images and not dataset:
+        raise EvitError("--skip-bad-images is about the images of --dataset: give --dataset, or drop it")
+    check_report_dir(output)
+    resolve_device(device)
+    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    bad = BadImages(skip_bad_images)
+    data = load_eval_data(dataset, split) if dataset else None
+    with Progress() as p:
+        result = run_sweep(m, list(parse_keep_rates(keep_rates)), data=data, batch=batch, reps=reps, device=device,
+                           limit=limit, workers=workers, progress=p, bad_images=bad)
+    if skip_bad_images:
+        result["skipped_images"] = bad.count
+    result["model"] = loading.source_name(m, model)
+    files = [write_json(output / "sweep.json", result), write_text(output / "sweep.md", sweep_markdown(result)),
+             plot_sweep(result, output / "sweep.png", f"{result['model']}: EViT keep-rate sweep")]
+    result["report_files"] = [str(f) for f in files]
+    emit(result, as_json, sweep_table(result))

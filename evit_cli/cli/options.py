@@ -1,0 +1,152 @@
+"""Every option and argument the commands share, declared once as an ``Annotated`` alias, and the
+callbacks that check a value when it is parsed (naming the option in the one-line error).
+
+An option whose help differs between commands (a batch size for timing or for evaluation) is a
+small function of that help; the flag names and the check are still written here only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import validate
+from ..config import parse_keep_rates, parse_layers
+
+KEEP_HELP = "Keep rate: one for every layer (0.7) or one per layer (0.9,0.8,0.7)."
+LAYERS_HELP = "1-based block numbers to reorganize in, as in the paper."
+SKIP_HELP = "Skip images that cannot be decoded (and report how many) instead of stopping at the first."
+FOLDER_OWN = " [default: {}, or an exported folder's own]"
+MODEL_OWN = " [default: {}, or the model's own]"
+EVAL_SPLIT_HELP = "[default: validation/val/test if present, else all of train]"
+
+
+def checked(check):
+    """An option callback that runs a ``validate`` check when the option is parsed, naming the option."""
+
+    def callback(param: typer.CallbackParam, value):
+        if value is None:
+            return None
+        return check(max(param.opts, key=len), value)
+
+    return callback
+
+
+def _keeps_text(check):
+    """A check for a comma-separated option that is parsed later: refuse bad text now, keep the text."""
+
+    def run(label: str, value: str) -> str:
+        check(value, label)
+        return value
+
+    return run
+
+
+POSITIVE_INT = checked(validate.positive_int)
+NON_NEGATIVE_INT = checked(validate.non_negative_int)
+POSITIVE = checked(validate.positive)
+NON_NEGATIVE = checked(validate.non_negative)
+PERCENT = checked(validate.percent)
+DEVICE = checked(validate.device)
+KEEP_RATES = checked(_keeps_text(parse_keep_rates))
+LAYERS = checked(_keeps_text(parse_layers))
+BATCHES = checked(_keeps_text(lambda value, label: validate.int_list(label, value)))
+
+
+def train_check(name: str):
+    """The callback of a finetune option: the same check a recipe value of that name gets."""
+    return checked(validate.TRAIN_CHECKS[name])
+
+
+# --- the model -------------------------------------------------------------------------------------
+
+def model_argument(help: str):
+    return Annotated[str, typer.Argument(help=help)]
+
+
+FolderArgument = Annotated[Path, typer.Argument(help="A folder written by `evit convert` or `evit finetune`.")]
+
+
+def keep_rate(default: str = FOLDER_OWN):
+    return Annotated[Optional[str], typer.Option("--keep-rate", "-k", callback=KEEP_RATES,
+                                                 help=KEEP_HELP + default.format("0.7"))]
+
+
+def layers(default: str = FOLDER_OWN):
+    return Annotated[Optional[str], typer.Option("--layers", "-l", callback=LAYERS,
+                                                 help=LAYERS_HELP + default.format("4,7,10"))]
+
+
+KeepRate = keep_rate()
+Layers = layers()
+
+
+def fuse(help: str):
+    return Annotated[Optional[bool], typer.Option("--fuse/--no-fuse", help=help, show_default=False)]
+
+
+def pretrained(help: str = "For a model name (not for an exported folder). [default: pretrained]"):
+    return Annotated[Optional[bool], typer.Option("--pretrained/--no-pretrained", help=help, show_default=False)]
+
+
+def checkpoint(help: str = "Local weights for MODEL (not for an exported folder).", kind=Path):
+    return Annotated[Optional[kind], typer.Option("--checkpoint", "-c", help=help)]
+
+
+Pretrained = pretrained()
+Checkpoint = checkpoint()
+ImgSize = Annotated[Optional[int], typer.Option(
+    "--img-size", callback=POSITIVE_INT,
+    help="Run at this resolution, a multiple of the patch size (position embeddings interpolated).")]
+
+# --- data ------------------------------------------------------------------------------------------
+
+
+def dataset(help: str, required: bool = False):
+    kind = str if required else Optional[str]
+    return Annotated[kind, typer.Option("--dataset", "-d", help=help)]
+
+
+Split = Annotated[Optional[str], typer.Option("--split", help=EVAL_SPLIT_HELP)]
+ImageColumn = Annotated[Optional[str], typer.Option("--image-column", help="[default: found automatically]")]
+LabelColumn = Annotated[Optional[str], typer.Option("--label-column", help="[default: found automatically]")]
+Limit = Annotated[Optional[int], typer.Option("--limit", callback=POSITIVE_INT,
+                                              help="Evaluate on a seeded sample of N images. [default: all]")]
+Workers = Annotated[int, typer.Option("--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers.")]
+SkipBadImages = Annotated[bool, typer.Option("--skip-bad-images", help=SKIP_HELP)]
+
+# --- running and timing ----------------------------------------------------------------------------
+
+
+def batch(help: str):
+    return Annotated[int, typer.Option("--batch", "-b", callback=POSITIVE_INT, help=help)]
+
+
+def reps(help: str):
+    return Annotated[int, typer.Option("--reps", callback=POSITIVE_INT, help=help)]
+
+
+Device = Annotated[str, typer.Option("--device", callback=DEVICE, help="cpu, cuda or cuda:N.")]
+
+# --- what is written -------------------------------------------------------------------------------
+
+
+def output(help: str, kind=Optional[Path]):
+    return Annotated[kind, typer.Option("--output", "-o", help=help)]
+
+
+def overwrite(help: str):
+    return Annotated[bool, typer.Option("--overwrite", help=help)]
+
+
+def report(help: str):
+    return Annotated[Optional[Path], typer.Option("--report", help=help)]
+
+
+def as_json(help: str = "Print the result as JSON on stdout."):
+    return Annotated[bool, typer.Option("--json", help=help)]
+
+
+AsJson = as_json()
