@@ -200,7 +200,7 @@ CASES = [
 # can ever hold fails at once unless overcommit is set to "always" (1), where it would be killed instead.
 _OVERCOMMIT = open("/proc/sys/vm/overcommit_memory").read().strip() if os.path.exists("/proc/sys/vm/overcommit_memory") else "?"
 ALLOCATION_CASES = [
-    ("eval batch 1e9", ["eval", M, "-d", "colours", "--batch", "1000000000", "--workers", "0"], "out of memory: 12.3 TB did not fit in one allocation; lower --batch"),
+    ("eval batch 1e9", ["eval", M, "-d", "colours", "--batch", "1000000000", "--workers", "0"], "--batch 1000000000 needs at least 87.2 TB of memory for one pass"),
     ("sweep batch 1e9", ["sweep", M, "--batch", "1000000000", "-o", "sw"], "12.3 TB did not fit"),
     ("search batch 1e9", ["search", M, "--batch", "1000000000", "--target-gmacs", "1"], "12.3 TB did not fit"),
     ("export check batch 1e9", ["export", M, "-f", "torchscript", "-o", "m.pt", "--check-batches", "1000000000"], "12.3 TB did not fit"),
