@@ -216,8 +216,8 @@ def finetune(
     workers: Optional[int] = typer.Option(None, "--workers", callback=_train("workers"), help="DataLoader workers per process. [default: 2]"),
     randaugment: Optional[str] = typer.Option(None, "--randaugment", callback=_train("randaugment"), help="timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1. [default: off: random-resized crop and flip only]"),
     color_jitter: Optional[float] = typer.Option(None, "--color-jitter", callback=_train("color_jitter"), help="[default: 0]"),
-    mixup: Optional[float] = typer.Option(None, "--mixup", callback=_train("mixup"), help="Mixup alpha (0 = off)."),
-    cutmix: Optional[float] = typer.Option(None, "--cutmix", callback=_train("cutmix"), help="CutMix alpha (0 = off)."),
+    mixup: Optional[float] = typer.Option(None, "--mixup", callback=_train("mixup"), help="Mixup alpha (0 = off); the teacher sees the same mixed images. [default: 1.0]"),
+    cutmix: Optional[float] = typer.Option(None, "--cutmix", callback=_train("cutmix"), help="CutMix alpha (0 = off); with mixup on, one of the two per batch. [default: 1.0]"),
     smoothing: Optional[float] = typer.Option(None, "--smoothing", callback=_train("smoothing"), help="Label smoothing of the label term (none without labels). [default: 0.1]"),
     epochs: Optional[float] = typer.Option(None, "--epochs", callback=_train("epochs"), help="[default: 2]"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", callback=_train("batch_size"), help="Per process. [default: 32]"),
@@ -233,11 +233,12 @@ def finetune(
     device: Optional[str] = typer.Option(None, "--device", callback=_train("device"), help="[default: cuda when available, else cpu]"),
     shrink_start: Optional[float] = typer.Option(None, "--shrink-start", callback=_train("shrink_start"), help="Epochs at keep rate 1.0 first. [default: 0]"),
     shrink_epochs: Optional[float] = typer.Option(None, "--shrink-epochs", callback=_train("shrink_epochs"), help="Epochs of cosine from 1.0 to the target. [default: 0]"),
-    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model before conversion (KL to its distribution). [default: whenever its classes fit; always without labels]", show_default=False),
+    distill: Optional[bool] = typer.Option(None, "--distill/--no-distill", help="Distil from the dense model before conversion (its output: logits, or an embedding). [default: whenever its classes fit; always without labels]", show_default=False),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Another teacher model (implies --distill)."),
     oracle: Optional[bool] = typer.Option(None, "--oracle/--no-oracle", help="While training, keep the tokens the teacher's class attention ranks highest (the paper's oracle; the teacher: --teacher, or the dense model before conversion). At inference the model chooses by its own attention. [default: no-oracle]", show_default=False),
-    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the KL term against the label term (without labels the KL is the whole loss). [default: 0.5]"),
-    distill_tau: Optional[float] = typer.Option(None, "--distill-tau", callback=_train("distill_tau"), help="Temperature. [default: 1.0]"),
+    distill_loss: Optional[str] = typer.Option(None, "--distill-loss", callback=_train("distill_loss"), help="auto: MSE on all the logits of a classifier, 1 - cosine + relative MSE on an embedding model's embedding; mse; kl (at --distill-tau: the old recovery); cosine. [default: auto]"),
+    distill_alpha: Optional[float] = typer.Option(None, "--distill-alpha", callback=_train("distill_alpha"), help="Weight of the distillation term against the label term (without labels it is the whole loss). [default: 0.5]"),
+    distill_tau: Optional[float] = typer.Option(None, "--distill-tau", callback=_train("distill_tau"), help="Temperature of --distill-loss kl. [default: 1.0]"),
     save_every: Optional[int] = typer.Option(None, "--save-every", callback=_train("save_every"), help="Also checkpoint every N optimizer steps. [default: end of epoch only]"),
     checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", callback=_train("checkpoint_dir"), help="Where the training checkpoint goes. [default: OUTPUT.train, beside the export]"),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --output after a crash or a kill."),
@@ -249,7 +250,7 @@ def finetune(
 ):
     """Fine-tune the EViT model on a data set with the cosine keep-rate schedule.
 
-    The defaults are the recovery recipe (recipes/recover.yaml): distil from the dense model before conversion, AdamW lr 5e-5, weight decay 0.05, batch 32, random-resized crop and flip, cosine, 2 epochs. Labels are optional: a flat folder of your own photos wins back what EViT costs.
+    The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense model before conversion (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE on all the logits, or cosine on an embedding model's embedding), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional: a flat folder of photos is enough, for classifiers and headless embedding models. The old recovery: --distill-loss kl --mixup 0 --cutmix 0.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
