@@ -353,6 +353,7 @@ def eval_cmd(
     device: str = typer.Option("cpu", "--device", callback=DEVICE, help="cpu, cuda or cuda:N."),
     reps: int = typer.Option(5, "--reps", callback=POSITIVE_INT, help="Timed passes per model for throughput."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write eval.json into this folder."),
+    reference: Optional[str] = typer.Option(None, "--reference", help="The dense model to compare with (name, hub id or folder). [default: for a fine-tuned folder the dense model it started from, else the model's own weights with EViT off]", show_default=False),
     skip_bad_images: bool = typer.Option(False, "--skip-bad-images", help=SKIP_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
@@ -362,9 +363,8 @@ def eval_cmd(
     """
     from .bench import bench
     from .device import resolve_device
-    from .core import dense_copy
     from .data import BAD_IMAGES, sample_size
-    from .evaluate import evaluate_models
+    from .evaluate import evaluate_models, reference_model
     from .fsutil import check_report_dir, write_json
     from .progress import Progress
     from .report import eval_table
@@ -373,14 +373,15 @@ def eval_cmd(
         check_report_dir(report)
     dev = resolve_device(device)
     m = _load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
+    ref, ref_says = reference_model(m, reference)
     BAD_IMAGES.reset(skip_bad_images)
     data = _data(dataset, split, image_column, label_column)
     with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
-        acc = evaluate_models({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers, limit=limit,
+        acc = evaluate_models({"dense": ref.to(dev), "evit": m}, data, batch_size=batch, workers=workers, limit=limit,
                               device=dev, progress=advance)
     speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
     result = {"model": speed["model"], "dataset": dataset, "images": acc["evit"]["images"], "evit": speed["evit"],
-              "labelled": data.labelled, "training": getattr(m, "evit_training", None),
+              "labelled": data.labelled, "training": getattr(m, "evit_training", None), "reference": ref_says,
               "dense": {**acc["dense"], "gmacs": speed["dense"]["gmacs"], "images_per_s": speed["dense"]["images_per_s"]},
               "evit_model": {**acc["evit"], "gmacs": speed["evit_model"]["gmacs"], "images_per_s": speed["evit_model"]["images_per_s"]},
               "speedup": speed["speedup"], "batch": batch, "device_name": speed["device_name"]}

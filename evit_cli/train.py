@@ -773,7 +773,8 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
     """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
     t = s.teacher
     return {
-        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint,  # pretrained None: a folder's own weights
+        # the dense model it started from (evaluate.origin_of), a folder by its absolute path; pretrained None: a folder's own weights
+        "from": {"model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model, "checkpoint": cfg.checkpoint,
                  "pretrained": None if Path(cfg.model).is_dir() and not cfg.checkpoint else cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
