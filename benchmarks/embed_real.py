@@ -132,7 +132,7 @@ def run(args) -> dict:
     classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
     seen = torch.tensor([int(c) in args.classes for c in classes])
     cached = [x.half() for x in g.eval_images(paths, test_idx, dense, 64)]
-    result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "train": args.train,
+    result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "train": args.train, "train_photos": None,
               "finetune_args": args.finetune_args, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, "command": "python benchmarks/embed_real.py " + shlex.join(sys.argv[1:]), "rows": []}
     dense_e = embed(dense, cached)
