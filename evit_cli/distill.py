@@ -85,9 +85,6 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
     return teacher, (f"distillation only (no labels): {words}" if not labelled else f"labels and distillation: {words}")
 
 
-DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")
-
-
 def distill_kind(name: str, embedding: bool) -> str:
     """The distillation term ``--distill-loss NAME`` gives a classifier or an embedding model."""
     if name == "auto":

@@ -267,10 +267,7 @@ def optional(check):
 
 # Every TrainConfig field a recipe or a flag can set, with its check. keep_rate and layers
 # are checked by config.make_config against the model, model/dataset/output by their loaders.
-def distill_loss(label: str, value) -> str:
-    from .distill import DISTILL_LOSSES  # the names live with the losses
-
-    return one_of(*DISTILL_LOSSES)(label, value)
+DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")  # --distill-loss: distill.distill_kind says what each is
 
 
 TRAIN_CHECKS = {
@@ -286,7 +283,7 @@ TRAIN_CHECKS = {
     "train_split": text, "val_split": optional(text), "image_column": optional(text),
     "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
     "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
-    "img_size": optional(positive_int), "oracle": optional(boolean), "distill_loss": distill_loss,
+    "img_size": optional(positive_int), "oracle": optional(boolean), "distill_loss": one_of(*DISTILL_LOSSES),
 }
 
 
