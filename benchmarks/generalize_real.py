@@ -281,8 +281,10 @@ def run(args) -> dict:
         n_train = [train_folder(paths, c, args.train_limit, f) for c, f in zip(args.split_classes, folders)]
         prog = Progress(plan(args, n_train, len(test_idx)))
 
+        cached = [x.half() for x in eval_images(paths, test_idx, dense, args.batch)]  # decoded once, float16
+
         def logits(model, what):
-            lg = logits_of(model, eval_images(paths, test_idx, dense, args.batch))
+            lg = logits_of(model, (x.float() for x in cached))
             prog.step(f"scored {what} on {len(test_idx)} photos", len(test_idx))
             return lg
 

@@ -64,11 +64,9 @@ def choose_head(mode: str, data_names: list[str], model: nn.Module) -> tuple[str
     if mode not in HEAD_MODES:
         raise EvitError(f"--head must be one of {', '.join(HEAD_MODES)}, got {mode!r}")
     count = adapters.get_adapter(model).num_classes(model)
-    if not data_names:  # no labels: only the model's own head can be trained, by distillation
+    if not data_names:  # no labels: the model's own output (its head, or its embedding) is distilled
         if mode == "new":
             raise EvitError("--head new needs labels, and the data set has none: drop --head new to keep the model's head")
-        if count == 0:
-            raise EvitError("the model has no classification head and the data set no labels: there is nothing to train towards")
         return "keep", None
     mapping = class_map(data_names, model)
     if mode == "new" or (mode == "auto" and mapping is None):

@@ -438,3 +438,40 @@ def make_loader(ds, *, batch_size: int, workers: int, sampler=None, drop_last: b
         collate_fn=collate, drop_last=drop_last, persistent_workers=False,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+# --------------------------------------------------------------------------- mixing a batch
+
+
+def mix_batch(images: torch.Tensor, mixup: float, cutmix: float):
+    """One batch mixed with itself in reversed order: with probability 0.5 (or always, when only one
+    is on) mixup, ``lam x + (1 - lam) x[perm]``, else CutMix, a box of ``x[perm]`` pasted over a
+    share ``1 - lam`` of each image; ``lam ~ Beta(alpha, alpha)`` (torch's seeded generator, saved
+    in checkpoints). Returns the mixed images, the share ``lam`` of each image's own pixels (after
+    clipping the box) and ``perm``.
+
+    The same mixed tensor goes to the student and the teacher (function matching: Beyer et al.,
+    "Knowledge distillation: a good teacher is patient and consistent", CVPR 2022).
+    """
+    perm = torch.arange(images.shape[0] - 1, -1, -1, device=images.device)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or float(torch.rand(())) < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    if not use_cutmix:
+        return lam * images + (1 - lam) * images[perm], lam, perm
+    h, w = images.shape[-2:]
+    cut = math.sqrt(1 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+    y0, y1, x0, x1 = max(cy - ch // 2, 0), min(cy + ch // 2, h), max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    mixed = images.clone()
+    mixed[..., y0:y1, x0:x1] = images[perm][..., y0:y1, x0:x1]
+    return mixed, 1 - (y1 - y0) * (x1 - x0) / (h * w), perm
+
+
+def mixed_target(target: torch.Tensor, num_classes: int, lam: float, perm: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Soft targets of a mixed batch: each image's label smoothed, mixed in the share of its pixels."""
+    off = smoothing / num_classes
+    one_hot = torch.full((target.shape[0], num_classes), off, device=target.device)
+    one_hot.scatter_(1, target[:, None], 1 - smoothing + off)
+    return lam * one_hot + (1 - lam) * one_hot[perm]

@@ -1,9 +1,12 @@
 """The teacher of a fine-tune and the training loss: labels, distillation, or both.
 
-The teacher is the dense model before conversion (or ``--teacher MODEL``). Its logits are taken
-over the student's classes: the same head when the head is kept, or, after a new head, the
-teacher's classes that the data set's classes map onto. A data set without labels trains on the
-distillation term alone: KL(teacher || student), the teacher's distribution as the target.
+The teacher is the dense model before conversion (or ``--teacher MODEL``). Its output is the one
+``adapter.output`` defines: a classifier's logits, taken over the student's classes (the same head
+when the head is kept, or, after a new head, the teacher's classes that the data set's classes map
+onto), or an embedding model's embedding. A data set without labels trains on the distillation term
+alone. The term is chosen by what the model outputs (``--distill-loss auto``): MSE on all the logits
+of a classifier, and 1 - cosine plus the MSE relative to the teacher's mean square for an
+embedding; KL at a temperature stays available for classifiers (``--distill-loss kl``).
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ class Teacher:
     model: nn.Module  # dense, in eval mode
     mapping: list[int] | None  # teacher class of each student class; None: the same classes
     source: str  # what it is, for the record: "dense model before conversion" or a model name
+    kind: str = "mse"  # the distillation term: distill_kind()
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor) -> torch.Tensor:
+    def outputs(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_output(adapters.get_adapter(self.model).run(self.model, images))
 
     def from_output(self, output) -> torch.Tensor:
-        """The logits over the student's classes from an output of the teacher's forward."""
+        """The logits over the student's classes (or the embedding) from an output of the teacher's forward."""
         out = adapters.get_adapter(self.model).output(self.model, output).float()
         return out if self.mapping is None else out[:, self.mapping]
 
@@ -50,8 +54,10 @@ def teacher_mapping(teacher: nn.Module, head: str, student_classes: int, data_na
 
 
 def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Module, head: str,
-                  student_classes: int, data_names: list[str], labelled: bool) -> tuple[Teacher | None, str]:
-    """The teacher (or None) and a line saying what the loss is.
+                  student_classes: int, data_names: list[str], labelled: bool,
+                  loss: str = "auto", tau: float = 1.0) -> tuple[Teacher | None, str]:
+    """The teacher (or None) and a line saying what the loss is; ``loss`` is ``--distill-loss``
+    (the term follows what the model outputs: a headless model, 0 classes, outputs an embedding).
 
     ``distill`` None (the default) distils whenever the teacher's classes fit, and must when there
     are no labels; True refuses when they do not fit; False trains on the labels alone.
@@ -73,8 +79,23 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
             hint = "" if labelled else " (the data set has no labels, so distillation is the only loss)"
             raise EvitError(f"cannot distil: {why_not}{hint}: pass --teacher MODEL with this data set's classes, or --no-distill")
         return None, f"labels only: no distillation, {why_not}"
-    teacher = Teacher(dense.eval(), mapping, source)
-    return teacher, ("distillation only (no labels)" if not labelled else "labels and distillation")
+    kind = distill_kind(loss, embedding=student_classes == 0)
+    teacher = Teacher(dense.eval(), mapping, source, kind)
+    words = DISTILL_WORDS[kind].format(tau=tau)
+    return teacher, (f"distillation only (no labels): {words}" if not labelled else f"labels and distillation: {words}")
+
+
+def distill_kind(name: str, embedding: bool) -> str:
+    """The distillation term ``--distill-loss NAME`` gives a classifier or an embedding model."""
+    if name == "auto":
+        return "cosine" if embedding else "mse"
+    if name == "kl" and embedding:
+        raise EvitError("--distill-loss kl needs class logits, and the model outputs an embedding: use cosine or mse")
+    return name
+
+
+DISTILL_WORDS = {"mse": "MSE on the logits", "kl": "KL at temperature {tau:g}",
+                 "cosine": "1 - cosine + relative MSE on the embedding"}
 
 
 def kl_to_teacher(logits: torch.Tensor, t_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -83,13 +104,29 @@ def kl_to_teacher(logits: torch.Tensor, t_logits: torch.Tensor, tau: float = 1.0
                     reduction="batchmean", log_target=True) * tau * tau
 
 
-def training_loss(logits, target, t_logits, *, labelled: bool, alpha: float, tau: float, smoothing: float):
-    """Cross-entropy with the labels (soft targets under mixup), KL to the teacher, or their mix."""
-    kl = kl_to_teacher(logits, t_logits, tau) if t_logits is not None else None
+def embedding_loss(out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
+    """1 - cosine to the teacher's embedding (its direction), plus the MSE divided by the teacher's
+    mean square (its length, scale-free), both mean per image."""
+    cos = F.cosine_similarity(out.flatten(1), t_out.flatten(1), dim=-1).mean()
+    return 1 - cos + F.mse_loss(out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
+
+
+def distill_term(out: torch.Tensor, t_out: torch.Tensor, kind: str, tau: float = 1.0) -> torch.Tensor:
+    """The distillation term ``kind`` (``distill_kind``) of the student's output against the teacher's."""
+    if kind == "kl":
+        return kl_to_teacher(out, t_out, tau)
+    if kind == "cosine":
+        return embedding_loss(out, t_out)
+    return F.mse_loss(out, t_out)
+
+
+def training_loss(out, target, t_out, *, labelled: bool, alpha: float, kind: str, tau: float, smoothing: float):
+    """Cross-entropy with the labels (soft targets under mixup), the distillation term, or their mix."""
+    d = distill_term(out, t_out, kind, tau) if t_out is not None else None
     if not labelled:
-        return kl
+        return d
     if target.ndim == 2:  # mixup soft targets (smoothing already in them)
-        ce = torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+        ce = torch.sum(-target * F.log_softmax(out, dim=-1), dim=-1).mean()
     else:
-        ce = F.cross_entropy(logits, target, label_smoothing=smoothing)
-    return ce if kl is None else (1 - alpha) * ce + alpha * kl
+        ce = F.cross_entropy(out, target, label_smoothing=smoothing)
+    return ce if d is None else (1 - alpha) * ce + alpha * d

@@ -46,7 +46,7 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
 
 
 def eval_report(accuracy: dict[str, dict], speed: dict, *, dataset: str, labelled: bool,
-                training: dict | None = None) -> dict:
+                training: dict | None = None, reference: str | None = None) -> dict:
     """One report of `evit eval`: the accuracy of the dense and EViT models (from
     :func:`evaluate_models`) beside their GMACs and throughput (from :func:`evit_cli.bench.bench`)."""
 
@@ -56,7 +56,7 @@ def eval_report(accuracy: dict[str, dict], speed: dict, *, dataset: str, labelle
 
     return {
         "model": speed["model"], "dataset": dataset, "images": accuracy["evit"]["images"], "evit": speed["evit"],
-        "labelled": labelled, "training": training,
+        "labelled": labelled, "training": training, "reference": reference,
         "dense": model_row("dense", "dense"), "evit_model": model_row("evit", "evit_model"),
         "speedup": speed["speedup"], "batch": speed["batch"], "device_name": speed["device_name"],
     }
@@ -67,3 +67,52 @@ def load_eval_data(dataset: str, split: str | None = None, image_column: str | N
     """The images to evaluate on: ``split`` of ``dataset`` (default: its validation split, else all of it)."""
     return load_image_data(dataset, val_split=split, image_column=image_column, label_column=label_column,
                            whole_if_no_val=True)
+
+
+def origin_of(record: dict | None) -> dict | None:
+    """The dense model a fine-tuned model started from (``{"model", "checkpoint", "pretrained"}``):
+    the first ``from`` along its chain of training records; None for a model never fine-tuned."""
+    while record and record.get("previous"):
+        record = record["previous"]
+    return record.get("from") if record else None
+
+
+def reference_model(model: nn.Module, given: str | None) -> tuple[nn.Module, str]:
+    """The dense model ``model`` is compared with, and a line saying which: ``given`` (--reference),
+    else the dense model a fine-tuned model started from (its own dense copy drifted with it), else
+    its own dense copy (EViT off, the same weights)."""
+    from .core import dense_copy
+    from .loading import load_model
+
+    origin = origin_of(getattr(model, "evit_training", None))
+    if given is not None:
+        ref, says = dense_copy(load_model(given, pretrained=True)), f"reference: {given} (--reference)"
+    elif origin is None:
+        return dense_copy(model), "reference: the model's own weights with EViT off"
+    elif origin.get("pretrained") is False:
+        return dense_copy(model), ("reference: the model's own weights with EViT off (the model it was fine-tuned "
+                                   f"from, {origin['model']}, had random weights; give --reference MODEL)")
+    else:
+        ref = dense_copy(_load_origin(origin, load_model))
+        says = f"reference: {origin['model']}, the dense model it was fine-tuned from (--reference to change)"
+    _fit_reference(model, ref, says)
+    return ref, says
+
+
+def _load_origin(origin: dict, load_model) -> nn.Module:
+    try:
+        return load_model(origin["model"], pretrained=True, checkpoint=origin.get("checkpoint"))
+    except EvitError as e:
+        raise EvitError(f"the dense model this model was fine-tuned from ({origin['model']}) cannot be loaded ({e}): "
+                        "give --reference MODEL") from None
+
+
+def _fit_reference(model: nn.Module, ref: nn.Module, says: str) -> None:
+    """The reference at the model's image size; its output must be comparable (the same classes, or
+    both embeddings of one width)."""
+    a, r = adapters.get_adapter(model), adapters.get_adapter(ref)
+    if r.img_size(ref) != a.img_size(model):
+        r.set_img_size(ref, a.img_size(model))
+    if a.num_classes(model) != r.num_classes(ref):
+        raise EvitError(f"{says.removeprefix('reference: ')} predicts {r.num_classes(ref)} classes and the model "
+                        f"{a.num_classes(model)}: give --reference a model with the same classes")

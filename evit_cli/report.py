@@ -195,7 +195,7 @@ def eval_table(r: dict) -> Table:
     skipped = f", {r['skipped_images']} unreadable skipped" if r.get("skipped_images") else ""
     caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers {','.join(map(str, e['layers']))} "
                f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, {training_note(r.get('training'))}; "
-               f"speedup {r['speedup']:.2f}x; {r['device_name']}")
+               f"{r.get('reference', 'reference: the dense model')}; speedup {r['speedup']:.2f}x; {r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
 
 

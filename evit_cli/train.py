@@ -49,8 +49,9 @@ DEFAULT_LR = 5e-5  # recipes/recover.yaml: AdamW at batch 32 on a pretrained mod
 class TrainConfig:
     """Everything a run needs; recipes (YAML) and flags fill it. Epoch counts may be fractional.
 
-    The defaults are the recovery recipe (recipes/recover.yaml): distil from the dense model,
-    AdamW lr 5e-5, weight decay 0.05, batch 32, random-resized crop and flip, cosine, 2 epochs.
+    The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense
+    model (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE
+    on the logits, or cosine on an embedding), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs.
     """
 
     model: str = ""
@@ -74,8 +75,8 @@ class TrainConfig:
     workers: int = 2
     randaugment: str | None = None  # e.g. rand-m9-mstd0.5-inc1
     color_jitter: float = 0.0
-    mixup: float = 0.0
-    cutmix: float = 0.0
+    mixup: float = 1.0  # alpha; mixup and CutMix on: the teacher sees the same mixed images (function matching)
+    cutmix: float = 1.0
     smoothing: float = 0.1  # label smoothing of the label term (there is none without labels)
     # optimisation
     epochs: float = 2
@@ -96,8 +97,9 @@ class TrainConfig:
     # distillation: None distils whenever the teacher's classes fit (always without labels)
     distill: bool | None = None
     teacher: str | None = None
-    distill_alpha: float = 0.5  # weight of the KL term when there are labels
-    distill_tau: float = 1.0
+    distill_loss: str = "auto"  # auto: MSE on the logits of a classifier, cosine for an embedding; mse, kl, cosine
+    distill_alpha: float = 0.5  # weight of the distillation term when there are labels
+    distill_tau: float = 1.0  # temperature of --distill-loss kl
     oracle: bool = False  # the teacher's class attention chooses the kept tokens while training
     # bookkeeping
     save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: end of epoch only
@@ -237,7 +239,7 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
             adapter.set_class_names(model, data.class_names)
         mapping = None
     teacher, loss = build_teacher(cfg.distill, cfg.teacher, dense, head, adapter.num_classes(model),
-                                  data.class_names, data.labelled)
+                                  data.class_names, data.labelled, cfg.distill_loss, cfg.distill_tau)
     if teacher is not None:
         t_adapter = adapters.get_adapter(teacher.model)
         if t_adapter.img_size(teacher.model) != adapter.img_size(model):
@@ -265,13 +267,13 @@ def _oracle(s: Setup, dense: nn.Module, device: torch.device):
     return Oracle(s.model, dense.to(device)), "the dense model before conversion"
 
 
-def _teacher_logits(teacher, oracle, oracle_out, images):
-    """The teacher's logits for this batch; when the teacher is the oracle, from the forward it already ran."""
+def _teacher_outputs(teacher, oracle, oracle_out, images):
+    """The teacher's output for this batch; when the teacher is the oracle, from the forward it already ran."""
     if teacher is None:
         return None
     if oracle is not None and oracle.teacher is teacher.model:
         return teacher.from_output(oracle_out)
-    return teacher.logits(images)
+    return teacher.outputs(images)
 
 
 def head_note(s: Setup) -> str:
@@ -494,7 +496,6 @@ class Run:
     optimizer: object
     scaler: object
     notes: list[str]
-    mixup: object = None
     bad_images: object = None  # a data.BadImages that skips and counts undecodable images, or None
     net: nn.Module | None = None  # the model, or its DDP wrapper
     start: ckpt.Position = field(default_factory=ckpt.Position)
@@ -512,13 +513,17 @@ def _schedule(cfg: TrainConfig, s: Setup, sampler, d: Dist) -> tuple[Schedule, s
     return sched, lr_note
 
 
-def _mixup(cfg: TrainConfig, s: Setup):
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    from timm.data import Mixup
+def mixed(cfg: TrainConfig, s: Setup, images: torch.Tensor, target: torch.Tensor):
+    """The batch mixed as --mixup/--cutmix say (the same images for the student and the teacher),
+    and, with labels, its soft targets; unchanged when both are off."""
+    from .data import mix_batch, mixed_target
 
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
-                 num_classes=s.adapter.num_classes(s.model))
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return images, target
+    images, lam, perm = mix_batch(images, cfg.mixup, cfg.cutmix)
+    if s.data.labelled:
+        target = mixed_target(target, s.adapter.num_classes(s.model), lam, perm, cfg.smoothing)
+    return images, target
 
 
 def _start(cfg: TrainConfig, d: Dist, device: torch.device, bad_images=None) -> Run:
@@ -534,11 +539,10 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device, bad_images=None) -> 
     sched, lr_note = _schedule(cfg, s, loaders[2], d)
     if state is None and d.main:
         _create_folders(cfg, out, train_dir)
-    mixup = _mixup(cfg, s)
     optimizer = _optimizer(s.model, cfg, sched.base_lr)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
     notes = [lr_note] if lr_note else []
-    run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, mixup, bad_images)
+    run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, bad_images)
     if state is not None:
         _restore(run, state)
     if d.world > 1:
@@ -629,15 +633,15 @@ def _forward_backward(run: Run, images, target, rates: list[float], lr: float, t
     for g in run.optimizer.param_groups:
         g["lr"] = lr
     images, target = images.to(run.device, non_blocking=True), target.to(run.device, non_blocking=True)
-    if run.mixup is not None:
-        images, target = run.mixup(images, target if s.data.labelled else torch.zeros_like(target))
+    images, target = mixed(cfg, s, images, target)
     sync = (tally.micro + 1) % cfg.accum_steps == 0
     ctx = run.net.no_sync() if (run.d.world > 1 and not sync) else contextlib.nullcontext()
     guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
     with ctx, autocast(run.device, cfg.amp), guide as oracle_out:
-        logits = s.adapter.output(s.model, run.net(images)).float()
-        t_logits = _teacher_logits(s.teacher, s.oracle, oracle_out, images)
-        loss = training_loss(logits, target, t_logits, labelled=s.data.labelled, alpha=cfg.distill_alpha,
+        out = s.adapter.output(s.model, run.net(images)).float()
+        t_out = _teacher_outputs(s.teacher, s.oracle, oracle_out, images)
+        kind = s.teacher.kind if s.teacher is not None else None
+        loss = training_loss(out, target, t_out, labelled=s.data.labelled, alpha=cfg.distill_alpha, kind=kind,
                              tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
     run.scaler.scale(loss).backward()
     tally.loss += loss.item()
@@ -727,6 +731,8 @@ def describe_metrics(m: dict) -> str:
     parts = []
     if "agreement" in m:
         parts.append(f"agreement with the teacher {m['agreement']:.2f}%, KL {m['kl']:.4f}")
+    if "cosine" in m:
+        parts.append(f"cosine to the teacher's embedding {m['cosine']:.4f}")
     if "top1" in m:
         parts.append(f"val loss {m['val_loss']:.4f}, top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%")
     parts.append(f"keep {','.join(f'{r:.3f}' for r in m['keep_rate'])} ({m['images']} images: {m['split']})")
@@ -743,12 +749,12 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
 
     net.eval()
     loader = make_loader(val_ds, batch_size=cfg.batch_size, workers=cfg.workers, sampler=val_sampler)
-    tally = Tally()
+    tally = Tally(embedding=adapter.num_classes(model) == 0)
     for images, target in loader:
         images, target = images.to(device), target.to(device)
         with autocast(device, cfg.amp):
             logits = adapter.output(model, net(images)).float()
-            ref = teacher.logits(images) if teacher is not None else None
+            ref = teacher.outputs(images) if teacher is not None else None
         tally.add(logits, ref, target)
     keys = list(tally.sums)
     tally.sums = dict(zip(keys, _all_sum([tally.sums[k] for k in keys], d, device)))
@@ -769,13 +775,15 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
     """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
     t = s.teacher
     return {
-        "from": {"model": cfg.model, "checkpoint": cfg.checkpoint,  # pretrained None: a folder's own weights
+        # the dense model it started from (evaluate.origin_of), a folder by its absolute path; pretrained None: a folder's own weights
+        "from": {"model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model, "checkpoint": cfg.checkpoint,
                  "pretrained": None if Path(cfg.model).is_dir() and not cfg.checkpoint else cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
         "token_selection": f"oracle: {s.oracle_source}" if s.oracle_source else "own class attention",
         "distillation": None if t is None else {
-            "teacher": t.source, "alpha": cfg.distill_alpha if s.data.labelled else 1.0, "tau": cfg.distill_tau},
+            "teacher": t.source, "loss": t.kind, "alpha": cfg.distill_alpha if s.data.labelled else 1.0,
+            "tau": cfg.distill_tau, "mixup": cfg.mixup, "cutmix": cfg.cutmix},
         "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,
         "weight_decay": cfg.weight_decay, "img_size": s.adapter.img_size(s.model),
         "metrics_split": f"{final['split']}, {final['images']} images", "previous": s.previous,

@@ -267,6 +267,9 @@ def optional(check):
 
 # Every TrainConfig field a recipe or a flag can set, with its check. keep_rate and layers
 # are checked by config.make_config against the model, model/dataset/output by their loaders.
+DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")  # --distill-loss: distill.distill_kind says what each is
+
+
 TRAIN_CHECKS = {
     "val_fraction": open_fraction, "workers": non_negative_int, "steps_per_epoch": optional(positive_int),
     "randaugment": optional(randaugment), "mixup": non_negative, "cutmix": non_negative, "smoothing": below_one,
@@ -280,7 +283,7 @@ TRAIN_CHECKS = {
     "train_split": text, "val_split": optional(text), "image_column": optional(text),
     "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
     "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
-    "img_size": optional(positive_int), "oracle": optional(boolean),
+    "img_size": optional(positive_int), "oracle": optional(boolean), "distill_loss": one_of(*DISTILL_LOSSES),
 }
 
 

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from .. import loading
 from ..bench import bench
 from ..config import parse_keep_rates
-from ..core import dense_copy
 from ..data import BadImages, sample_size
 from ..device import resolve_device
 from ..errors import EvitError
-from ..evaluate import eval_report, evaluate_models, load_eval_data
+from ..evaluate import eval_report, evaluate_models, load_eval_data, reference_model
 from ..fsutil import check_report_dir, write_json, write_text
 from ..progress import Progress
 from ..report import eval_table, sweep_markdown, sweep_table
@@ -32,6 +31,9 @@ EvalDataset = o.dataset("Hub name, image folder, save_to_disk folder or parquet.
 EvalBatch = o.batch("Batch size for evaluation and throughput.")
 EvalReps = o.reps("Timed passes per model for throughput.")
 EvalReport = o.report("Write eval.json into this folder.")
+Reference = Annotated[Optional[str], typer.Option(
+    "--reference", help="The dense model to compare with (name, hub id or folder). [default: for a fine-tuned folder "
+    "the dense model it started from, else the model's own weights with EViT off]", show_default=False)]
 
 SweepModel = o.model_argument("A model `evit convert` takes, or an exported folder (its layers are used).")
 KeepRates = Annotated[str, typer.Option("--keep-rates", callback=o.KEEP_RATES, help="Keep rates to compare.")]
@@ -46,7 +48,7 @@ def evaluate(
     layers: o.Layers = None, pretrained: o.Pretrained = None, checkpoint: o.Checkpoint = None,
     batch: EvalBatch = 64, limit: o.Limit = None, workers: o.Workers = 2, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, device: o.Device = "cpu", reps: EvalReps = 5, report: EvalReport = None,
-    skip_bad_images: o.SkipBadImages = False, as_json: o.AsJson = False,
+    reference: Reference = None, skip_bad_images: o.SkipBadImages = False, as_json: o.AsJson = False,
 ):
     """Dense vs EViT on the same images: agreement and KL(dense || EViT) on any image folder, top-1/top-5
     with labels, throughput.
@@ -58,14 +60,15 @@ def evaluate(
         check_report_dir(report)
     dev = resolve_device(device)
     m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
+    ref, ref_says = reference_model(m, reference)
     bad = BadImages(skip_bad_images)
     data = load_eval_data(dataset, split, image_column, label_column)
     with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
-        acc = evaluate_models({"dense": dense_copy(m), "evit": m}, data, batch_size=batch, workers=workers,
+        acc = evaluate_models({"dense": ref.to(dev), "evit": m}, data, batch_size=batch, workers=workers,
                               limit=limit, device=dev, progress=advance, bad_images=bad)
     speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
     result = eval_report(acc, speed, dataset=dataset, labelled=data.labelled,
-                         training=getattr(m, "evit_training", None))
+                         training=getattr(m, "evit_training", None), reference=ref_says)
     if skip_bad_images:
         result["skipped_images"] = bad.count
     if report is not None:
