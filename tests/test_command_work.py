@@ -25,10 +25,11 @@ def test_eval_report_puts_accuracy_beside_speed():
     speed = {"model": "m", "evit": {"layers": [4]}, "speedup": 1.5, "batch": 8, "device_name": "cpu",
              "dense": {"gmacs": 4.0, "images_per_s": 100.0, "params": 5},
              "evit_model": {"gmacs": 2.5, "images_per_s": 150.0, "params": 5}}
-    report = eval_report(accuracy, speed, dataset="photos", labelled=True, training={"epochs": 1})
+    report = eval_report(accuracy, speed, dataset="photos", labelled=True, training={"epochs": 1},
+                         reference="reference: the dense model it started from")
     assert report == {
         "model": "m", "dataset": "photos", "images": 10, "evit": {"layers": [4]}, "labelled": True,
-        "training": {"epochs": 1},
+        "training": {"epochs": 1}, "reference": "reference: the dense model it started from",
         "dense": {"images": 10, "top1": 80.0, "gmacs": 4.0, "images_per_s": 100.0},
         "evit_model": {"images": 10, "top1": 70.0, "agreement": 90.0, "gmacs": 2.5, "images_per_s": 150.0},
         "speedup": 1.5, "batch": 8, "device_name": "cpu",
