@@ -443,10 +443,11 @@ def search(
     target_speedup: Optional[float] = typer.Option(None, "--target-speedup", callback=POSITIVE, help="Measured speedup over dense to reach."),
     layers: Optional[str] = typer.Option(None, "--layers", "-l", callback=LAYERS, help=LAYERS_HELP + " [default: 4,7,10, or an exported folder's own]"),
     search_layers: bool = typer.Option(False, "--search-layers", help="Also choose among sensible layer sets (by accuracy: any block from 2 on)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Images for --max-drop/--min-agreement (labelled or a flat folder); with a GMACs/speedup target, the found setting's fidelity on them."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Images for --max-drop/--min-agreement/--min-cosine (labelled or a flat folder); with a GMACs/speedup target, the found setting's fidelity on them."),
     split: Optional[str] = typer.Option(None, "--split", help="[default: validation/val/test if present, else all of train]"),
     max_drop: Optional[float] = typer.Option(None, "--max-drop", callback=NON_NEGATIVE, help="Fastest setting whose top-1 stays within this many points of the dense model's (needs labels)."),
     min_agreement: Optional[float] = typer.Option(None, "--min-agreement", callback=PERCENT, help="Fastest setting that agrees with the dense model's top-1 on at least this % of images (no labels needed)."),
+    min_cosine: Optional[float] = typer.Option(None, "--min-cosine", callback=_checked(validate.unit_interval), help="Headless (embedding) models: fastest setting whose embeddings keep at least this mean cosine to the dense model's (no labels needed)."),
     limit: int = typer.Option(256, "--limit", callback=POSITIVE_INT, help="Calibration sample: this many images (seeded)."),
     workers: int = typer.Option(2, "--workers", callback=NON_NEGATIVE_INT, help="DataLoader workers."),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained", help="For a model name (not for an exported folder). [default: pretrained]", show_default=False),
@@ -458,7 +459,7 @@ def search(
 ):
     """The cheapest EViT setting that meets a target, and the convert command for it.
 
-    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy constraint.
+    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement (--min-cosine for a headless model) with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy constraint.
     """
     from . import adapters
     from .device import resolve_device
@@ -466,25 +467,26 @@ def search(
     from .progress import Progress
     from .report import kv_table
 
-    accuracy = max_drop is not None or min_agreement is not None
+    constraints = sum(c is not None for c in (max_drop, min_agreement, min_cosine))
+    accuracy = constraints > 0
     if accuracy and (target_gmacs is not None or target_speedup is not None):
         raise EvitError("give an accuracy constraint or a GMACs/speedup target, not both")
-    if accuracy and max_drop is not None and min_agreement is not None:
-        raise EvitError("give one accuracy constraint: --max-drop (labels) or --min-agreement (no labels needed)")
+    if constraints > 1:
+        raise EvitError("give one accuracy constraint: --max-drop (labels), --min-agreement or --min-cosine (no labels needed)")
     if not accuracy and (target_gmacs is None) == (target_speedup is None):
-        raise EvitError("give one target: --target-gmacs or --target-speedup (or --max-drop/--min-agreement with --dataset)")
+        raise EvitError("give one target: --target-gmacs or --target-speedup (or --max-drop/--min-agreement/--min-cosine with --dataset)")
     if accuracy and dataset is None:
-        raise EvitError("--max-drop/--min-agreement need --dataset: the images to measure on")
+        raise EvitError("--max-drop/--min-agreement/--min-cosine need --dataset: the images to measure on")
     if search_layers and layers:
         raise EvitError("--search-layers chooses the layers: drop --layers, or drop --search-layers")
     resolve_device(device)
     m = _load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
     data = _data(dataset, split, None, None) if dataset else None
-    if max_drop is not None or min_agreement is not None:
+    if accuracy:
         from .search import search_by_accuracy
 
-        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, limit=limit,
-                                    search_layers=search_layers, batch=batch, device=device, workers=workers)
+        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+                                    limit=limit, search_layers=search_layers, batch=batch, device=device, workers=workers)
     else:
         sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
         with Progress() as p:
@@ -583,7 +585,7 @@ def info(
     metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
     if metrics.is_file():
         data = read_json(metrics, "metrics (evit finetune)")
-        result["metrics"] = {k: data[k] for k in ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split") if k in data}
+        result["metrics"] = {k: data[k] for k in ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5", "val_loss", "epoch", "split") if k in data}
     if bench.is_file():
         data = read_json(bench, "benchmark (evit bench)")
         result["bench"] = {name: data[k] for name, k in (("speedup", "speedup"), ("batch", "batch"), ("device", "device_name"))
