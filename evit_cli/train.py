@@ -61,6 +61,7 @@ class TrainConfig:
     fuse: bool | None = None
     pretrained: bool = True
     checkpoint: str | None = None
+    num_classes: int | None = None  # None: the model's or the checkpoint's; 0: headless (timm)
     head: str = "auto"  # auto | keep | new
     img_size: int | None = None
     # data
@@ -218,7 +219,8 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
     from .distill import build_teacher
     from .loading import load_model
 
-    model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    size = {} if cfg.num_classes is None else {"num_classes": cfg.num_classes}
+    model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **size)
     adapter = adapters.get_adapter(model)
     if cfg.img_size is not None:
         if cfg.img_size < 1:

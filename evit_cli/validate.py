@@ -179,7 +179,7 @@ TRAIN_CHECKS = {
     "train_split": text, "val_split": optional(text), "image_column": optional(text),
     "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
     "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
-    "img_size": optional(positive_int), "oracle": optional(boolean),
+    "img_size": optional(positive_int), "oracle": optional(boolean), "num_classes": optional(non_negative_int),
 }
 
 
