@@ -163,7 +163,8 @@ def training_lines(meta: dict) -> list[str]:
         dd = t["distillation"]
         lines.append(f"- distillation: teacher {dd['teacher']}, weight {dd['alpha']:g}, temperature {dd['tau']:g}")
     m = meta.get("metrics") or {}
-    shown = ", ".join(f"{k} {m[k]:.2f}" for k in ("agreement", "kl", "top1", "top5") if k in m)
+    keys = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
+    shown = ", ".join(f"{k} {m[k]:.{4 if k in ('kl', 'cosine') else 2}f}" for k in keys if k in m)
     if shown:
         lines.append(f"- metrics on {t['metrics_split']}: {shown}")
     return lines
@@ -270,7 +271,8 @@ def folder_summary(folder: str | os.PathLike) -> dict:
     metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
     if metrics.is_file():
         data = read_json(metrics, "metrics (evit finetune)")
-        keys = ("agreement", "kl", "top1", "top5", "val_loss", "epoch", "split")
+        keys = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5", "val_loss", "epoch",
+                "split")
         result["metrics"] = {k: data[k] for k in keys if k in data}
     if bench.is_file():
         data = read_json(bench, "benchmark (evit bench)")

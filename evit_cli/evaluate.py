@@ -17,9 +17,10 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
                     workers: int = 2, limit: int | None = None, device="cpu", progress=None,
                     bad_images: BadImages | None = None) -> dict[str, dict]:
     """Each model on the same images, against ``models[reference]`` (the dense model): agreement (%)
-    and KL(dense || model) per image, or the embeddings' cosine similarity for a headless model;
-    top-1/top-5 (%) when the data set has labels. A flat folder of images has none. Images that
-    cannot be decoded stop the run, or are skipped and counted when ``bad_images`` skips."""
+    and KL(dense || model) per image, top-1/top-5 (%) when the data set has labels; for a headless
+    (embedding) model, the embeddings' cosine similarity and neighbour overlap, and kNN top-1 (%)
+    with labels (see :mod:`.fidelity`). A flat folder of images has no labels. Images that cannot be
+    decoded stop the run, or are skipped and counted when ``bad_images`` skips."""
 
     ref_model = models[reference]
     adapter = adapters.get_adapter(ref_model)
@@ -28,8 +29,7 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
     ds = data.val
     if limit:
         ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # a seeded sample across classes
-    label_column = None if embedding else data.label_column
-    ds = with_transform(ds, data.image_column, label_column, transforms(adapter.data_config(ref_model), train=False),
+    ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(ref_model), train=False),
                         label_map=mapping, bad=bad_images)
     tallies = {name: Tally(embedding) for name in models}
     for images, target in make_loader(ds, batch_size=batch_size, workers=workers):

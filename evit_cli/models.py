@@ -185,7 +185,7 @@ def create_timm(
             "check the network, or use --no-pretrained for random weights, or --checkpoint FILE"
         ) from None
     if sd is not None:
-        load_weights(model, sd, f"checkpoint {checkpoint}")
+        load_weights(model, _without_head(model, sd) if kwargs.get("num_classes") == 0 else sd, f"checkpoint {checkpoint}")
     model.evit_source = {
         "family": "timm",
         "model": name,
@@ -194,6 +194,14 @@ def create_timm(
         "checkpoint": str(checkpoint) if checkpoint is not None else None,
     }
     return model.eval()
+
+
+def _without_head(model: nn.Module, sd: dict) -> dict:
+    """A classifier's weights for the same model built headless (``num_classes=0``): the head's dropped."""
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "head"
+    prefixes = tuple(f"{h}." for h in ((heads,) if isinstance(heads, str) else heads))
+    own = model.state_dict()
+    return {k: v for k, v in sd.items() if k in own or not k.startswith(prefixes)}
 
 
 # --------------------------------------------------------------------------- transformers
@@ -297,6 +305,9 @@ def create_transformers(
         attn_implementation = source.get("attn_implementation") if isinstance(source, dict) else None
     cls = _transformers_class(config, spec)
     config_kwargs = {}
+    if kwargs.get("num_classes") == 0:
+        raise EvitError(f"--num-classes 0 (headless) is for timm models; {spec} is a transformers model: save its "
+                        "headless class (transformers.AutoModel.from_pretrained(...).save_pretrained(DIR)) and give DIR")
     if "num_classes" in kwargs:
         n = kwargs.pop("num_classes")
         head_fits("--num-classes", n, _width(config))

@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from .fidelity import NEIGHBOURS
 from .fsutil import write_json, write_text
 
 BENCH_JSON = "bench.json"
@@ -160,7 +161,9 @@ def fmt_value(v) -> str:
 
 
 FIDELITY_COLUMNS = (("agreement", "agreement (%)", "{:.2f}"), ("kl", "KL(dense‖EViT)", "{:.4f}"),
-                    ("cosine", "cosine", "{:.4f}"), ("top1", "top-1 (%)", "{:.2f}"), ("top5", "top-5 (%)", "{:.2f}"))
+                    ("cosine", "cosine", "{:.4f}"), ("neighbour_overlap", f"{NEIGHBOURS}-NN overlap (%)", "{:.2f}"),
+                    ("knn_top1", "kNN top-1 (%)", "{:.2f}"), ("top1", "top-1 (%)", "{:.2f}"),
+                    ("top5", "top-5 (%)", "{:.2f}"))
 
 
 def _fidelity_columns(rows: list[dict]) -> list[tuple[str, str, str]]:

@@ -6,11 +6,12 @@ rates within a fidelity constraint.
 
 On a calibration sample (images decoded once, the dense model's outputs computed once), a greedy
 coordinate descent lowers one layer's keep rate by one step of a grid at a time: of the moves that
-keep the constraint (top-1 within ``max_drop`` points of the dense model with labels, or agreement
-with the dense model at least ``min_agreement`` % without), it takes the one that costs the least
-KL(dense || EViT) per counted MAC saved, until no move keeps the constraint. A layer whose rate
-stays 1.0 is not an EViT layer. For comparison it also finds the best single keep rate at the
-same layers.
+keep the constraint (top-1 within ``max_drop`` points of the dense model with labels, agreement
+with the dense model at least ``min_agreement`` % without, or for a headless (embedding) model the
+cosine to the dense embedding at least ``min_cosine``), it takes the one that costs the least
+KL(dense || EViT) (for an embedding model: 1 - cosine) per counted MAC saved, until no move keeps
+the constraint. A layer whose rate stays 1.0 is not an EViT layer. For comparison it also finds
+the best single keep rate at the same layers.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from .core import convert, dense_copy, get_config
 from .data import make_loader, transforms, with_transform
 from .errors import EvitError
 from .evaluate import evaluate_models
+from .fidelity import Tally
 from .macs import count_macs, largest_keep_rate_under
 from .progress import Progress
-from .validate import optional, positive
+from .validate import optional, positive, unit_interval
 
 
 def candidate_layer_sets(depth: int) -> list[tuple[int, ...]]:
@@ -100,10 +102,11 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
 
 
 def search_fidelity(model: nn.Module, data, *, limit: int, batch: int, workers: int, device) -> dict:
-    """Agreement and KL with the dense model (and top-1 with labels) of a found setting, on ``limit`` images."""
+    """Fidelity to the dense model (and accuracy with labels) of a found setting, on ``limit`` images:
+    agreement and KL, or for an embedding model cosine and neighbour overlap; top-1 or kNN top-1."""
     r = evaluate_models({"dense": dense_copy(model).to(device).eval(), "evit": model.to(device).eval()}, data,
                         batch_size=batch, workers=workers, limit=limit, device=device)
-    return {**r["evit"], **({"top1_dense": r["dense"]["top1"]} if "top1" in r["dense"] else {})}
+    return {**r["evit"], **{f"{k}_dense": r["dense"][k] for k in ("top1", "knn_top1") if k in r["dense"]}}
 
 
 def _search_speedup(model, target: float, *, batch: int, reps: int, device: str) -> float | None:
@@ -133,13 +136,20 @@ def _search_speedup(model, target: float, *, batch: int, reps: int, device: str)
 
 
 GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the paper's range, and a little below
+MEASURES = ("agreement", "kl", "top1", "cosine", "neighbour_overlap", "knn_top1")  # what a Scorer reports
+
+
+def is_embedding(model: nn.Module) -> bool:
+    """A headless model: its output is an embedding, not class logits."""
+    return adapters.get_adapter(model).num_classes(model) == 0
 
 
 def calibration_sample(model: nn.Module, data, limit: int, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A seeded sample of ``limit`` images (eval transform) and their labels in the model's classes."""
+    """A seeded sample of ``limit`` images (eval transform) and their labels: in the model's
+    classes, or for an embedding model the data set's own."""
 
     adapter = adapters.get_adapter(model)
-    mapping = eval_class_map(data.class_names, model) if data.labelled else None
+    mapping = eval_class_map(data.class_names, model) if data.labelled and not is_embedding(model) else None
     ds = data.val.shuffle(seed=0).select(range(min(limit, len(data.val))))
     ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(model), train=False),
                         label_map=mapping)
@@ -148,43 +158,50 @@ def calibration_sample(model: nn.Module, data, limit: int, *, workers: int = 0) 
 
 
 class Scorer:
-    """Fidelity of keep-rate settings of one model on a fixed sample, each setting evaluated once."""
+    """Fidelity of keep-rate settings of one model on a fixed sample, each setting evaluated once
+    (the measures of :class:`~.fidelity.Tally`)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, batch: int, device):
         self.model, self.images, self.targets, self.batch, self.device = model.to(device).eval(), images, targets, batch, device
         self.adapter = adapters.get_adapter(model)
+        self.embedding = is_embedding(model)
         self.img = self.adapter.img_size(model)
-        self.ref = self._logits(dense_copy(model).to(device).eval())
+        self.ref = self._outputs(dense_copy(model).to(device).eval())
         self.cache: dict[tuple, dict] = {}
 
     @torch.no_grad()
-    def _logits(self, m: nn.Module) -> torch.Tensor:
+    def _outputs(self, m: nn.Module) -> torch.Tensor:
         return torch.cat([self.adapter.outputs(m, self.images[i:i + self.batch].to(self.device)).float().cpu()
                           for i in range(0, len(self.images), self.batch)])
 
-    def top1(self, logits: torch.Tensor) -> float | None:
-        return None if self.targets is None else 100 * (logits.argmax(-1) == self.targets).float().mean().item()
+    def divergence(self, r: dict) -> float:
+        """What a move costs: KL(dense || EViT) of a classifier, 1 - cosine of an embedding model."""
+        return 1 - r["cosine"] if self.embedding else r["kl"]
 
     def __call__(self, rates: tuple[float, ...]) -> dict:
         if rates not in self.cache:
             adapters.set_keep_rates(self.model, rates)
-            out = self._logits(self.model)
-            p = self.ref.log_softmax(-1)
-            kl = (p.exp() * (p - out.log_softmax(-1))).sum(-1).mean().item()
+            tally = Tally(self.embedding)
+            tally.add(self._outputs(self.model), self.ref, self.targets)
+            r = tally.result()
+            if not self.embedding:
+                r.setdefault("top1", None)
             self.cache[rates] = {"keep_rates": list(rates), "gmacs": count_macs(self.model, self.img, self.device) / 1e9,
-                                 "agreement": 100 * (out.argmax(-1) == self.ref.argmax(-1)).float().mean().item(),
-                                 "kl": kl, "top1": self.top1(out)}
+                                 **{k: r[k] for k in MEASURES if k in r}}
         return self.cache[rates]
 
 
-def _meets(r: dict, dense_top1: float | None, max_drop: float | None, min_agreement: float | None) -> bool:
+def constraint(max_drop: float | None, min_agreement: float | None, min_cosine: float | None, dense: dict):
+    """Whether a scored setting keeps the constraint, and the constraint in words."""
     if max_drop is not None:
-        return dense_top1 - r["top1"] <= max_drop + 1e-9
-    return r["agreement"] >= min_agreement - 1e-9
+        return (lambda r: dense["top1"] - r["top1"] <= max_drop + 1e-9), f"top-1 drop <= {max_drop:g} points"
+    if min_cosine is not None:
+        return (lambda r: r["cosine"] >= min_cosine - 1e-9), f"cosine >= {min_cosine:g}"
+    return (lambda r: r["agreement"] >= min_agreement - 1e-9), f"agreement >= {min_agreement:g}%"
 
 
 def greedy(score: Scorer, n: int, ok) -> dict:
-    """Lower one layer's rate a grid step at a time, cheapest KL per MAC saved first, while ``ok``."""
+    """Lower one layer's rate a grid step at a time, cheapest divergence per MAC saved first, while ``ok``."""
     idx = [0] * n  # grid positions
     cur = score(tuple(GRID[i] for i in idx))
     while True:
@@ -198,7 +215,7 @@ def greedy(score: Scorer, n: int, ok) -> dict:
             saved = cur["gmacs"] - r["gmacs"]
             if saved <= 0 or not ok(r):
                 continue
-            cost = (r["kl"] - cur["kl"]) / saved
+            cost = (score.divergence(r) - score.divergence(cur)) / saved
             if best is None or cost < best[0]:
                 best = (cost, trial, r)
         if best is None:
@@ -218,16 +235,31 @@ def best_single_rate(score: Scorer, n: int, ok, step: float = 0.05) -> dict | No
     return found
 
 
-def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None, min_agreement: float | None = None,
-                       limit: int = 256, search_layers: bool = False, batch: int = 64, device="cpu",
-                       workers: int = 0) -> dict:
-    """The configuration with the fewest counted MACs found within the constraint (see the module)."""
-    if (max_drop is None) == (min_agreement is None):
-        raise EvitError("give one constraint: --max-drop (points of top-1, needs labels) or --min-agreement (%)")
+def _check_constraint(model: nn.Module, data, max_drop, min_agreement, min_cosine, limit: int) -> None:
+    """One constraint, one that fits the model (classes or an embedding) and the data, in one line."""
+    given = [c for c in (max_drop, min_agreement, min_cosine) if c is not None]
+    if len(given) != 1:
+        raise EvitError("give one constraint: --max-drop (points of top-1, needs labels), --min-agreement (%) "
+                        "or, for a headless model, --min-cosine")
+    if is_embedding(model) and min_cosine is None:
+        raise EvitError("the model is headless (its output is an embedding, not classes): constrain it with "
+                        "--min-cosine (cosine to the dense embedding)")
+    if not is_embedding(model) and min_cosine is not None:
+        raise EvitError("--min-cosine is for headless (embedding) models and this one is a classifier: use "
+                        "--min-agreement or --max-drop")
+    if min_cosine is not None:
+        unit_interval("--min-cosine", min_cosine)
     if max_drop is not None and not data.labelled:
         raise EvitError("--max-drop needs labels and this data set has none: use --min-agreement instead")
     if limit < 1:
         raise EvitError(f"--limit must be at least 1, got {limit}")
+
+
+def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None, min_agreement: float | None = None,
+                       min_cosine: float | None = None, limit: int = 256, search_layers: bool = False, batch: int = 64,
+                       device="cpu", workers: int = 0) -> dict:
+    """The configuration with the fewest counted MACs found within the constraint (see the module)."""
+    _check_constraint(model, data, max_drop, min_agreement, min_cosine, limit)
     cfg = get_config(model)
     depth = adapters.get_adapter(model).depth(model)
     positions = tuple(range(2, depth + 1)) if search_layers else tuple(cfg.layers)
@@ -236,23 +268,19 @@ def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None,
     images, targets = calibration_sample(m, data, limit, workers=workers)
     score = Scorer(m, images, targets, batch, device)
     dense = score((1.0,) * len(positions))
-    dense_top1 = dense["top1"]
-
-    def ok(r):
-        return _meets(r, dense_top1, max_drop, min_agreement)
-
+    ok, words = constraint(max_drop, min_agreement, min_cosine, dense)
     found = greedy(score, len(positions), ok)
     kept = [(p, r) for p, r in zip(positions, found["keep_rates"]) if r < 1.0]
     single_layers = tuple(p for p, _ in kept) if kept and not search_layers else tuple(cfg.layers)
     if not kept:
         raise EvitError(f"no keep rate below 1.0 keeps the constraint on these {len(images)} images: loosen it")
     single = _single_baseline(model, single_layers, images, targets, batch, device, ok, found["gmacs"])
+    accuracy = {f"{k}_dense": dense[k] for k in ("top1", "knn_top1") if k in dense}
     return {
         "layers": [p for p, _ in kept], "keep_rates": [r for _, r in kept], "fuse": cfg.fuse,
-        "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], "agreement": found["agreement"], "kl": found["kl"],
-        "top1": found["top1"], "top1_dense": dense_top1,
-        "constraint": f"top-1 drop <= {max_drop:g} points" if max_drop is not None else f"agreement >= {min_agreement:g}%",
-        "calibration_images": len(images), "evaluations": len(score.cache), "single_rate": single,
+        "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], **{k: found[k] for k in MEASURES if k in found},
+        **accuracy, "constraint": words, "calibration_images": len(images), "evaluations": len(score.cache),
+        "single_rate": single,
     }
 
 
@@ -265,8 +293,10 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
     n = len(layers)
 
     def row(r):
-        return None if r is None else {"keep_rate": r["keep_rates"][0], "gmacs": r["gmacs"], "agreement": r["agreement"],
-                                       "kl": r["kl"], "top1": r["top1"], "meets": ok(r)}
+        if r is None:
+            return None
+        return {"keep_rate": r["keep_rates"][0], "gmacs": r["gmacs"], **{k: r[k] for k in MEASURES if k in r},
+                "meets": ok(r)}
 
     try:
         equal = score((largest_keep_rate_under(m, gmacs * 1e9 + 0.5, step=0.01),) * n)

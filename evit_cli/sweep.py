@@ -20,7 +20,7 @@ from .macs import count_macs
 from .progress import Progress
 
 
-FIDELITY_KEYS = ("agreement", "kl", "cosine", "top1", "top5")
+FIDELITY_KEYS = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
 
 
 def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:

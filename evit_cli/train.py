@@ -36,6 +36,7 @@ from . import validate
 from .core import convert_keeping, dense_copy, get_config
 from .device import amp_dtype, autocast, resolve_device
 from .errors import EvitError
+from .fidelity import NEIGHBOURS
 from .fsutil import write_json
 from .schedule import Schedule, steps_per_epoch
 
@@ -62,6 +63,7 @@ class TrainConfig:
     fuse: bool | None = None
     pretrained: bool = True
     checkpoint: str | None = None
+    num_classes: int | None = None  # None: the model's or the checkpoint's; 0: headless (timm)
     head: str = "auto"  # auto | keep | new
     img_size: int | None = None
     # data
@@ -220,7 +222,8 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
     from .distill import build_teacher
     from .loading import load_model
 
-    model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    size = {} if cfg.num_classes is None else {"num_classes": cfg.num_classes}
+    model = load_model(cfg.model, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **size)
     adapter = adapters.get_adapter(model)
     if cfg.img_size is not None:
         if cfg.img_size < 1:
@@ -733,6 +736,10 @@ def describe_metrics(m: dict) -> str:
         parts.append(f"agreement with the teacher {m['agreement']:.2f}%, KL {m['kl']:.4f}")
     if "cosine" in m:
         parts.append(f"cosine to the teacher's embedding {m['cosine']:.4f}")
+    if "neighbour_overlap" in m:
+        parts.append(f"{NEIGHBOURS}-NN overlap {m['neighbour_overlap']:.2f}%")
+    if "knn_top1" in m:
+        parts.append(f"kNN top-1 {m['knn_top1']:.2f}%")
     if "top1" in m:
         parts.append(f"val loss {m['val_loss']:.4f}, top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%")
     parts.append(f"keep {','.join(f'{r:.3f}' for r in m['keep_rate'])} ({m['images']} images: {m['split']})")
@@ -743,7 +750,8 @@ def describe_metrics(m: dict) -> str:
 def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device, d: Dist, teacher=None,
              bad_images=None) -> dict:
     """On the validation split, summed over ranks: agreement and KL with the teacher when there is
-    one, val loss, top-1 and top-5 (%) when there are labels."""
+    one, val loss, top-1 and top-5 (%) when there are labels; for an embedding model, cosine and
+    neighbour overlap with the teacher's embedding and kNN top-1 (see :mod:`.fidelity`)."""
     from .data import make_loader
     from .fidelity import Tally
 
@@ -758,6 +766,10 @@ def evaluate(net, model, adapter, val_ds, val_sampler, cfg: TrainConfig, device,
         tally.add(logits, ref, target)
     keys = list(tally.sums)
     tally.sums = dict(zip(keys, _all_sum([tally.sums[k] for k in keys], d, device)))
+    if tally.embedding and d.world > 1:  # the set-level measures need every rank's embeddings
+        parts = [None] * d.world
+        dist.all_gather_object(parts, tally.kept)
+        tally.merge_kept(parts)
     if tally.sums["images"] == 0:
         _no_validation_image(bad_images)
     return tally.result()

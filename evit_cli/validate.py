@@ -284,6 +284,7 @@ TRAIN_CHECKS = {
     "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
     "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
     "img_size": optional(positive_int), "oracle": optional(boolean), "distill_loss": one_of(*DISTILL_LOSSES),
+    "num_classes": optional(non_negative_int),
 }
 
 

@@ -25,8 +25,9 @@ Pretrained = o.pretrained("Download pretrained weights, or start from random one
                           "[default: pretrained]")
 Checkpoint = o.checkpoint("Local weights (.safetensors, .pth, .pt, .bin) for MODEL (not for an exported folder).")
 NumClasses = Annotated[Optional[int], typer.Option(
-    "--num-classes", callback=o.POSITIVE_INT,
-    help="Classifier size (not for an exported folder). [default: the model's or the checkpoint's]")]
+    "--num-classes", callback=o.NON_NEGATIVE_INT,
+    help="Classifier size; 0: headless, the embedding (timm models; a checkpoint's head is dropped). Not for an "
+         "exported folder. [default: the model's or the checkpoint's]")]
 MatchMacs = Annotated[Optional[int], typer.Option(
     "--match-macs", callback=o.POSITIVE_INT,
     help="Pick the keep rate whose MACs come closest to the dense model at this resolution, without exceeding them.")]

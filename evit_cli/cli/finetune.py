@@ -46,6 +46,9 @@ Checkpoint = o.checkpoint("Local weights for MODEL.", kind=str)
 Head = _checked(str, "head", "auto: keep the model's head when the data set's classes map onto its classes (ImageNet "
                 "synset folders onto a 1000-class model, names in id2label) or there are no labels, else a new one; "
                 "keep; new. [default: auto]")
+NumClasses = _checked(int, "num_classes", "Classifier size; 0: headless, the embedding (timm models; a "
+                      "checkpoint's head is dropped). Not for an exported folder. [default: the model's or the "
+                      "checkpoint's]")
 ImgSize = _checked(int, "img_size", "Train and export at this resolution (position embeddings interpolated).")
 TrainSplit = Annotated[Optional[str], typer.Option("--train-split", help="[default: train]")]
 ValSplit = Annotated[Optional[str], typer.Option(
@@ -103,7 +106,7 @@ AsJson = o.as_json("Print the final metrics as JSON on stdout.")
 def finetune(
     model: Model = None, dataset: Dataset = None, output: Output = None, recipe: Recipe = None,
     keep_rate: KeepRate = None, layers: Layers = None, fuse: Fuse = None, pretrained: Pretrained = None,
-    checkpoint: Checkpoint = None, head: Head = None, img_size: ImgSize = None,
+    checkpoint: Checkpoint = None, num_classes: NumClasses = None, head: Head = None, img_size: ImgSize = None,
     train_split: TrainSplit = None, val_split: ValSplit = None, val_fraction: ValFraction = None,
     image_column: o.ImageColumn = None, label_column: o.LabelColumn = None, streaming: Streaming = None,
     steps_per_epoch: StepsPerEpoch = None, workers: Workers = None,

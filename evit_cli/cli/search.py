@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import adapters, loading
+from .. import adapters, loading, validate
 from ..device import resolve_device
 from ..errors import EvitError
 from ..evaluate import load_eval_data
@@ -26,8 +26,8 @@ TargetSpeedup = Annotated[Optional[float], typer.Option("--target-speedup", call
                                                         help="Measured speedup over dense to reach.")]
 SearchLayers = Annotated[bool, typer.Option(
     "--search-layers", help="Also choose among sensible layer sets (by accuracy: any block from 2 on).")]
-Dataset = o.dataset("Images for --max-drop/--min-agreement (labelled or a flat folder); with a GMACs/speedup "
-                    "target, the found setting's fidelity on them.")
+Dataset = o.dataset("Images for --max-drop/--min-agreement/--min-cosine (labelled or a flat folder); with a "
+                    "GMACs/speedup target, the found setting's fidelity on them.")
 MaxDrop = Annotated[Optional[float], typer.Option(
     "--max-drop", callback=o.NON_NEGATIVE,
     help="Fastest setting whose top-1 stays within this many points of the dense model's (needs labels).")]
@@ -35,24 +35,29 @@ MinAgreement = Annotated[Optional[float], typer.Option(
     "--min-agreement", callback=o.PERCENT,
     help="Fastest setting that agrees with the dense model's top-1 on at least this % of images "
          "(no labels needed).")]
+MinCosine = Annotated[Optional[float], typer.Option(
+    "--min-cosine", callback=o.checked(validate.unit_interval),
+    help="Headless (embedding) models: fastest setting whose embeddings keep at least this mean cosine to the "
+         "dense model's (no labels needed).")]
 Limit = Annotated[int, typer.Option("--limit", callback=o.POSITIVE_INT,
                                     help="Calibration sample: this many images (seeded).")]
 Batch = o.batch("Batch for timing.")
 Reps = o.reps("Timed passes per model and candidate.")
 
 
-def _check_goal(target_gmacs, target_speedup, max_drop, min_agreement, dataset, layers, search_layers) -> None:
+def _check_goal(target_gmacs, target_speedup, constraints, dataset, layers, search_layers) -> None:
     """One goal, and what it needs: an accuracy constraint with images, or one GMACs/speedup target."""
-    accuracy = max_drop is not None or min_agreement is not None
-    if accuracy and (target_gmacs is not None or target_speedup is not None):
+    given = sum(c is not None for c in constraints)
+    if given and (target_gmacs is not None or target_speedup is not None):
         raise EvitError("give an accuracy constraint or a GMACs/speedup target, not both")
-    if accuracy and max_drop is not None and min_agreement is not None:
-        raise EvitError("give one accuracy constraint: --max-drop (labels) or --min-agreement (no labels needed)")
-    if not accuracy and (target_gmacs is None) == (target_speedup is None):
+    if given > 1:
+        raise EvitError("give one accuracy constraint: --max-drop (labels), --min-agreement or --min-cosine "
+                        "(no labels needed)")
+    if not given and (target_gmacs is None) == (target_speedup is None):
         raise EvitError("give one target: --target-gmacs or --target-speedup "
-                        "(or --max-drop/--min-agreement with --dataset)")
-    if accuracy and dataset is None:
-        raise EvitError("--max-drop/--min-agreement need --dataset: the images to measure on")
+                        "(or --max-drop/--min-agreement/--min-cosine with --dataset)")
+    if given and dataset is None:
+        raise EvitError("--max-drop/--min-agreement/--min-cosine need --dataset: the images to measure on")
     if search_layers and layers:
         raise EvitError("--search-layers chooses the layers: drop --layers, or drop --search-layers")
 
@@ -60,23 +65,26 @@ def _check_goal(target_gmacs, target_speedup, max_drop, min_agreement, dataset, 
 def search(
     model: Model, target_gmacs: TargetGmacs = None, target_speedup: TargetSpeedup = None, layers: o.Layers = None,
     search_layers: SearchLayers = False, dataset: Dataset = None, split: o.Split = None, max_drop: MaxDrop = None,
-    min_agreement: MinAgreement = None, limit: Limit = 256, workers: o.Workers = 2, pretrained: o.Pretrained = None,
+    min_agreement: MinAgreement = None, min_cosine: MinCosine = None, limit: Limit = 256, workers: o.Workers = 2,
+    pretrained: o.Pretrained = None,
     checkpoint: o.Checkpoint = None, batch: Batch = 64, reps: Reps = 3, device: o.Device = "cpu",
     as_json: o.AsJson = False,
 ):
     """The cheapest EViT setting that meets a target, and the convert command for it.
 
-    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement with
-    --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy
+    --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement
+    (--min-cosine for a headless model) with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy
     constraint.
     """
-    _check_goal(target_gmacs, target_speedup, max_drop, min_agreement, dataset, layers, search_layers)
+    constraints = (max_drop, min_agreement, min_cosine)
+    _check_goal(target_gmacs, target_speedup, constraints, dataset, layers, search_layers)
     resolve_device(device)
     m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
     data = load_eval_data(dataset, split) if dataset else None
-    if max_drop is not None or min_agreement is not None:
-        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, limit=limit,
-                                    search_layers=search_layers, batch=batch, device=device, workers=workers)
+    if any(c is not None for c in constraints):
+        result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
+                                    limit=limit, search_layers=search_layers, batch=batch, device=device,
+                                    workers=workers)
     else:
         sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
         with Progress() as p:
