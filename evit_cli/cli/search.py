@@ -73,8 +73,8 @@ def search(
     """The cheapest EViT setting that meets a target, and the convert command for it.
 
     --target-gmacs/--target-speedup: the largest keep rate (and layer set). --max-drop/--min-agreement
-    (--min-cosine for a headless model) with --dataset: layer set and per-layer keep rates, by a greedy search on counted GMACs within the accuracy
-    constraint.
+    (--min-cosine for a headless model) with --dataset: layer set and per-layer keep rates, by a greedy search
+    on counted GMACs within the accuracy constraint.
     """
     constraints = (max_drop, min_agreement, min_cosine)
     _check_goal(target_gmacs, target_speedup, constraints, dataset, layers, search_layers)
