@@ -44,7 +44,24 @@ def evit_class(name: str, adapter: Adapter, module: str) -> type:
         apply_config(self, adapter, config)
 
     doc = f"transformers' {name} with EViT token reorganization, as ``config.evit`` says."
-    return type(PREFIX + name, (base,), {"__init__": __init__, "__module__": module, "__doc__": doc})
+    cls = type(PREFIX + name, (base,), {"__init__": __init__, "__module__": module, "__doc__": doc})
+    _share_key_renaming(base, cls)
+    return cls
+
+
+def _share_key_renaming(base: type, cls: type) -> None:
+    """transformers renames older checkpoints' keys on load (ViT-MAE's ``encoder.layer.N.attention.attention.query``
+    to ``layers.N.attention.q_proj``), by class name or model type, but skips code it does not ship:
+    the subclass is given its base's renaming."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping as get
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping as register
+    except ImportError:  # a transformers without renaming
+        return
+    model_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = get(base.__name__) or (get(model_type) if model_type else None)
+    if mapping:
+        register(cls.__name__, mapping, overwrite=True)
 
 
 def class_getter(adapter: Adapter, module: str):
