@@ -192,8 +192,7 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
     ``layout="transformers"`` writes a timm model in transformers' TimmWrapper layout; a
     transformers model is always written in its own."""
     meta = metadata(model, extra)
-    if layout not in (None, *LAYOUTS):
-        raise EvitError(f"unknown layout {layout!r}: use one of {', '.join(LAYOUTS)}")
+    check_layout(layout)
     if meta["family"] == "transformers" and layout == "timm":
         raise EvitError("a transformers model is written in transformers' layout: drop --layout timm")
     with atomic_dir(folder, overwrite) as tmp:
@@ -206,6 +205,11 @@ def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False
         write_json(tmp / META_FILE, meta)
         write_text(tmp / CARD_FILE, model_card(meta))
     return Path(folder)
+
+
+def check_layout(layout: str | None) -> None:
+    if layout not in (None, *LAYOUTS):
+        raise EvitError(f"unknown layout {layout!r}: use --layout {' or '.join(LAYOUTS)}")
 
 
 def _save_weights(state: dict, tmp: Path, prefix: str = "") -> None:
@@ -273,8 +277,9 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild the EViT model of an exported folder, from the folder alone."""
-    folder = Path(folder)
+    """Rebuild the EViT model of an exported folder, from the folder alone; or of its hub repository
+    (``org/name``, from the hub or its local cache)."""
+    folder = locate(str(folder))
     meta = read_meta(folder)
     src = meta["source"]
     if meta["family"] == "timm":
@@ -295,6 +300,38 @@ def load(folder: str | os.PathLike) -> nn.Module:
         cfg = EViTConfig.from_dict(meta["evit"])
         convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse)
     return model.eval()
+
+
+def from_hub(repo_id: str) -> Path | None:
+    """The local snapshot of the hub repository ``repo_id`` when it holds an evit export (its
+    ``evit.json``), downloaded or, when the hub does not answer within seconds, from the cache
+    (``HF_HUB_CACHE``); ``None`` when no such export can be had."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    offline = go_offline_if_unreachable()
+    try:
+        hf_hub_download(repo_id, META_FILE, local_files_only=offline)
+    except Exception:  # noqa: BLE001 - no such repo, no evit.json, not cached: not an export we can read
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001
+        raise EvitError(f"cannot get the files of {repo_id} from the Hugging Face hub ({first_line(e)}): "
+                        "retry, or download the repository and give its folder") from None
+
+
+def locate(spec: str) -> Path:
+    """The folder of an export: ``spec`` itself, or the snapshot of the hub repository ``org/name``."""
+    path = Path(spec)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return path
+    folder = from_hub(spec)
+    if folder is not None:
+        return folder
+    if go_offline_if_unreachable():
+        raise EvitError(f"{spec} is not a folder here, and no evit export {spec} is in the local Hugging Face cache "
+                        "(the hub cannot be reached): give the exported folder")
+    raise EvitError(f"{spec} is neither a folder here nor a hub repository holding an evit export ({META_FILE})")
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:

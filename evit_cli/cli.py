@@ -116,6 +116,7 @@ def convert(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Folder to write (default: MODEL_evit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the output folder if it exists."),
     push_to_hub: Optional[str] = typer.Option(None, "--push-to-hub", help="Also upload the folder to this hub repo (org/name)."),
+    layout: Optional[str] = typer.Option(None, "--layout", help="timm models: timm (its own) or transformers (TimmWrapper: loads with transformers' AutoModel* and trust_remote_code, without evit). [default: the model's own]", show_default=False),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
     attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", help="transformers models: eager or sdpa attention (default: the model's own)."),
 ):
@@ -128,6 +129,7 @@ def convert(
 
     output = output or Path(f"{Path(model).name}_evit")
     fsutil.check_output_dir(output, overwrite)
+    artifact.check_layout(layout)
     if match_macs is not None and keep_rate is not None:
         raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
@@ -145,7 +147,8 @@ def convert(
     summary = model_summary(m)
     if match_macs is not None:
         summary["matched_to"] = f"dense @{match_macs}px"
-    artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
+    artifact.save(m, output, overwrite=overwrite, extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]},
+                  layout=layout)
     summary["output"] = str(output)
     if push_to_hub:
         summary["hub_url"] = artifact.push_to_hub(output, push_to_hub)
@@ -561,7 +564,7 @@ def export_cmd(
 
 @app.command(epilog="Example: evit info deit_s_evit")
 def info(
-    folder: Path = typer.Argument(..., help="A folder written by `evit convert` or `evit finetune`."),
+    folder: Path = typer.Argument(..., help="A folder written by `evit convert` or `evit finetune`, or its hub repo (org/name)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON on stdout."),
 ):
     """What an exported folder holds: source, layers, keep rates, token counts, GMACs, metrics if trained."""
@@ -569,6 +572,7 @@ def info(
     from .fsutil import read_json
     from .report import kv_table
 
+    folder = artifact.locate(str(folder))
     meta = artifact.read_meta(folder)
     e = meta.get("evit") or {}
     src = meta["source"]
