@@ -164,6 +164,7 @@ def bench_cmd(
     compile_: bool = typer.Option(False, "--compile", help="Also time both models under torch.compile, beside the eager ones."),
     compile_mode: Optional[str] = typer.Option(None, "--compile-mode", help="torch.compile mode (implies --compile): default, reduce-overhead (CUDA graphs), max-autotune. [default: default]", show_default=False),
     train: bool = typer.Option(False, "--train", help="Also time a training step (forward, backward, AdamW) of both models."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also export both models to ONNX and time them in ONNX Runtime (CPU, torch's thread count), side by side."),
     warmup: int = typer.Option(2, "--warmup", callback=NON_NEGATIVE_INT, help="Untimed passes first (compiling happens here)."),
     reps: int = typer.Option(10, "--reps", callback=POSITIVE_INT, help="Timed passes per model (batch-1 latency takes 3x as many)."),
     keep_rate: Optional[str] = typer.Option(None, "--keep-rate", "-k", callback=KEEP_RATES, help=KEEP_HELP + " [default: 0.7, or an exported folder's own]"),
@@ -188,8 +189,8 @@ def bench_cmd(
     resolve_device(device)
     mode = compile_mode_of(compile_mode or compile_)
     m = _load_converted(model, keep_rate, layers, pretrained=None if (Path(model) / META_FILE).is_file() else False)
-    result = bench(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup, reps=reps,
-                   progress=True)
+    result = bench(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, onnx=onnx, warmup=warmup,
+                   reps=reps, progress=True)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     _emit(result, as_json, bench_table(result))
