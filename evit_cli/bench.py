@@ -202,12 +202,12 @@ def bench(
         result["training"] = _training_report(t_train, batch)
     if onnx:
         result["onnxruntime"] = time_onnxruntime(evit, batch=batch, warmup=warmup, reps=reps,
-                                                 latency_reps=runs.latency_reps)
+                                                 latency_reps=runs.latency_reps, progress=progress)
     return result
 
 
 def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, latency_reps: int,
-                     threads: int | None = None) -> dict:
+                     threads: int | None = None, progress: bool = False) -> dict:
     """Dense and EViT exported to ONNX (each checked against PyTorch) and timed in ONNX Runtime's
     CPU provider with ``threads`` threads (default: torch's), interleaved, at ``batch`` and at 1."""
     import copy
@@ -215,6 +215,7 @@ def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, la
     from pathlib import Path
 
     from .export import export, onnx_session
+    from .progress import Progress
 
     evit = copy.deepcopy(model).cpu().eval()
     img = adapters.get_adapter(evit).img_size(evit)
@@ -225,10 +226,12 @@ def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, la
             export(m, "onnx", Path(tmp) / f"{name}.onnx", check_batches=(1,))
             sessions[name] = onnx_session(Path(tmp) / f"{name}.onnx", threads)
         x = torch.randn(batch, 3, img, img).numpy()
-        at_batch, at_one = (
-            _interleaved(list(sessions), lambda k, xb=xb: sessions[k].run(None, {sessions[k].get_inputs()[0].name: xb}),
-                         warmup=warmup, reps=n, device=torch.device("cpu"))
-            for xb, n in ((x, reps), (x[:1].copy(), latency_reps)))
+        steps = 2 * (2 * warmup + reps + latency_reps)
+        with Progress(enabled=progress) as bar, bar.task("ONNX Runtime dense vs EViT", steps, unit="passes") as advance:
+            at_batch, at_one = (
+                _interleaved(list(sessions), lambda k, xb=xb: sessions[k].run(None, {sessions[k].get_inputs()[0].name: xb}),
+                             warmup=warmup, reps=n, device=torch.device("cpu"), advance=advance)
+                for xb, n in ((x, reps), (x[:1].copy(), latency_reps)))
     import onnxruntime  # onnx_session has checked that it is installed
 
     d, e = (_timing(at_batch[k], at_one[k], batch) for k in ("dense", "evit"))
