@@ -5,31 +5,39 @@
 - transformers: what ``save_pretrained`` writes (``config.json`` +
   ``model.safetensors``, readable by ``from_pretrained`` as the dense model),
   plus ``evit.json``.
+- timm in transformers' TimmWrapper layout (``layout="transformers"``): timm's
+  hub ``config.json`` (model type ``timm_wrapper``) and the weights under
+  ``timm_model.``, plus ``evit.json``.
 
-Both get a ``README.md`` model card. Loading needs nothing but the folder.
+The transformers layouts also carry their modeling code (:mod:`.bundle`,
+``auto_map`` in ``config.json``): ``from_pretrained(folder, trust_remote_code=True)``
+gives the EViT model without evit installed. Every folder gets a ``README.md``
+model card. Loading needs nothing but the folder (or its hub repository).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 from torch import nn
 
-from . import adapters
+from . import adapters, bundle, validate
 from ._version import __version__
 from .config import EViTConfig
 from .core import convert, get_config, tokens_after_layers
 from .errors import EvitError, first_line
-from . import validate
 from .fsutil import atomic_dir, read_json, write_json, write_text
-from .hub import hub_reachable
+from .hub import go_offline_if_unreachable, hub_reachable
 from .models import create_timm, create_transformers, load_state_dict, load_weights
 
 META_FILE = "evit.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
+LAYOUTS = ("timm", "transformers")  # a timm model's: timm's own, or transformers' TimmWrapper
+WRAPPER_PREFIX = "timm_model."  # TimmWrapper's key prefix of the timm model's weights
 
 
 def source_of(model: nn.Module) -> dict:
@@ -75,7 +83,7 @@ def model_card(meta: dict) -> str:
     src, e = meta["source"], meta["evit"]
     lines = [
         "---",
-        "library_name: " + ("timm" if meta["family"] == "timm" else "transformers"),
+        "library_name: " + ("timm" if meta["family"] == "timm" and meta.get("layout") != "transformers" else "transformers"),
         "tags: [image-classification, vision-transformer, evit]",
         "---",
         "",
@@ -99,18 +107,26 @@ def model_card(meta: dict) -> str:
         f"- image size: {meta['img_size']}, classes: {meta['num_classes']}",
     ]
     lines += training_lines(meta)
-    lines += [
-        "",
-        "Load the EViT model:",
-        "",
-        "```python",
-        "import evit_cli",
-        'model = evit_cli.load("path/to/this/folder")',
-        "```",
+    return "\n".join(lines + loading_lines(meta)) + "\n"
+
+
+def loading_lines(meta: dict) -> list[str]:
+    """The model card's account of what loads how: with evit, with transformers' remote code, dense."""
+    lines = ["", "## Loading", "", "With evit installed (`pip install evit-cli`), the EViT model:", "",
+             "```python", "import evit_cli", 'model = evit_cli.load("path/to/this/folder")  # or "org/name" on the hub',
+             "```"]
+    auto = meta.get("auto_class")
+    if not auto:
+        return lines
+    return lines + [
+        "", "Without evit, the EViT model through transformers: the folder carries its modeling code "
+        f"(`{bundle.ENTRY_FILE}` and the `evit_*.py` files it imports, evit's own EViT code), which "
+        "`trust_remote_code=True` runs:", "",
+        "```python", f"from transformers import {auto}",
+        f'model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)', "```", "",
+        f"Without `trust_remote_code`, `{auto}.from_pretrained` gives the **dense** model with the same "
+        "weights: correct outputs, but none of EViT's speed.",
     ]
-    if meta["family"] == "transformers":
-        lines += ["", "`from_pretrained` on this folder gives the dense model with the same weights."]
-    return "\n".join(lines) + "\n"
 
 
 def weights_of(meta: dict) -> str:
@@ -170,26 +186,77 @@ def training_lines(meta: dict) -> list[str]:
     return lines
 
 
-def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None) -> Path:
-    """Export ``model`` to ``folder`` atomically: the folder appears complete or not at all."""
+def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None,
+         layout: str | None = None) -> Path:
+    """Export ``model`` to ``folder`` atomically: the folder appears complete or not at all.
+
+    ``layout="transformers"`` writes a timm model in transformers' TimmWrapper layout; a
+    transformers model is always written in its own."""
     meta = metadata(model, extra)
+    check_layout(layout)
+    if meta["family"] == "transformers" and layout == "timm":
+        raise EvitError("a transformers model is written in transformers' layout: drop --layout timm")
     with atomic_dir(folder, overwrite) as tmp:
         if meta["family"] == "transformers":
-            import transformers
-
-            transformers.utils.logging.disable_progress_bar()
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            proc = getattr(model, "evit_preprocessor", None)
-            if proc:
-                write_json(tmp / "preprocessor_config.json", proc)
+            _save_transformers(model, tmp, meta)
+        elif layout == "transformers":
+            _save_timm_wrapper(model, tmp, meta)
         else:
-            from safetensors.torch import save_file
-
-            state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+            _save_weights(model.state_dict(), tmp)
         write_json(tmp / META_FILE, meta)
         write_text(tmp / CARD_FILE, model_card(meta))
     return Path(folder)
+
+
+def check_layout(layout: str | None) -> None:
+    if layout not in (None, *LAYOUTS):
+        raise EvitError(f"unknown layout {layout!r}: use --layout {' or '.join(LAYOUTS)}")
+
+
+def _save_weights(state: dict, tmp: Path, prefix: str = "") -> None:
+    from safetensors.torch import save_file
+
+    state = {prefix + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _save_transformers(model: nn.Module, tmp: Path, meta: dict) -> None:
+    import transformers
+
+    from .adapters.swap import original
+
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    proc = getattr(model, "evit_preprocessor", None)
+    if proc:
+        write_json(tmp / "preprocessor_config.json", proc)
+    entry = "evit_cli.remote_timm" if adapters.get_adapter(model) is adapters.TIMM_WRAPPER else "evit_cli.remote"
+    _ship_code(tmp, meta, original(type(model)).__name__, entry)
+
+
+def _save_timm_wrapper(model: nn.Module, tmp: Path, meta: dict) -> None:
+    """timm's hub config (what TimmWrapperConfig reads) with transformers' model type, the weights under
+    ``timm_model.``, and the TimmWrapper modeling code."""
+    from timm.models._hub import save_config_for_hf
+
+    args = {k: v for k, v in (meta["source"].get("kwargs") or {}).items() if k != "num_classes"}
+    labels = {"label_names": meta["class_names"]} if meta["class_names"] else None
+    save_config_for_hf(model, str(tmp / "config.json"), model_config=labels, model_args=args)
+    cls = "TimmWrapperForImageClassification" if meta["num_classes"] else "TimmWrapperModel"
+    config = json.loads((tmp / "config.json").read_text())
+    config["model_args"] = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    write_json(tmp / "config.json", {**config, "model_type": "timm_wrapper", "architectures": [cls]})
+    _save_weights(model.state_dict(), tmp, WRAPPER_PREFIX)
+    meta["layout"] = "transformers"
+    _ship_code(tmp, meta, cls, "evit_cli.remote_timm")
+
+
+def _ship_code(tmp: Path, meta: dict, model_class: str, entry: str) -> None:
+    """The modeling code, and ``config.json``'s pointer to it (see :mod:`.bundle`)."""
+    auto = "AutoModelForImageClassification" if meta["num_classes"] else "AutoModel"
+    meta["remote_code"] = bundle.write(tmp, entry)
+    meta["auto_class"] = auto
+    bundle.add_auto_map(tmp / "config.json", auto, model_class, meta["evit"])
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -209,15 +276,19 @@ def read_meta(folder: str | os.PathLike) -> dict:
 
 
 def load(folder: str | os.PathLike) -> nn.Module:
-    """Rebuild the EViT model of an exported folder, from the folder alone."""
-    folder = Path(folder)
+    """Rebuild the EViT model of an exported folder, from the folder alone; or of its hub repository
+    (``org/name``, from the hub or its local cache)."""
+    folder = locate(str(folder))
     meta = read_meta(folder)
     src = meta["source"]
     if meta["family"] == "timm":
         if not (folder / WEIGHTS_FILE).is_file():
             raise EvitError(f"{folder} has no {WEIGHTS_FILE} file (its weights): export the model again")
         model = create_timm(src["model"], pretrained=False, **src.get("kwargs", {}))
-        load_weights(model, load_state_dict(folder / WEIGHTS_FILE), f"{folder / WEIGHTS_FILE}")
+        state = load_state_dict(folder / WEIGHTS_FILE)
+        if meta.get("layout") == "transformers":  # TimmWrapper's keys
+            state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
+        load_weights(model, state, f"{folder / WEIGHTS_FILE}")
         if meta.get("class_names"):
             model.evit_class_names = meta["class_names"]
     elif meta["family"] == "transformers":
@@ -230,6 +301,38 @@ def load(folder: str | os.PathLike) -> nn.Module:
         cfg = EViTConfig.from_dict(meta["evit"])
         convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse)
     return model.eval()
+
+
+def from_hub(repo_id: str) -> Path | None:
+    """The local snapshot of the hub repository ``repo_id`` when it holds an evit export (its
+    ``evit.json``), downloaded or, when the hub does not answer within seconds, from the cache
+    (``HF_HUB_CACHE``); ``None`` when no such export can be had."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    offline = go_offline_if_unreachable()
+    try:
+        hf_hub_download(repo_id, META_FILE, local_files_only=offline)
+    except Exception:  # noqa: BLE001 - no such repo, no evit.json, not cached: not an export we can read
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001
+        raise EvitError(f"cannot get the files of {repo_id} from the Hugging Face hub ({first_line(e)}): "
+                        "retry, or download the repository and give its folder") from None
+
+
+def locate(spec: str) -> Path:
+    """The folder of an export: ``spec`` itself, or the snapshot of the hub repository ``org/name``."""
+    path = Path(spec)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return path
+    folder = from_hub(spec)
+    if folder is not None:
+        return folder
+    if go_offline_if_unreachable():
+        raise EvitError(f"{spec} is not a folder here, and no evit export {spec} is in the local Hugging Face cache "
+                        "(the hub cannot be reached): give the exported folder")
+    raise EvitError(f"{spec} is neither a folder here nor a hub repository holding an evit export ({META_FILE})")
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:

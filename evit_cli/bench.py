@@ -161,6 +161,7 @@ def bench(
     amp: bool = False,
     compile: bool | str = False,
     train: bool = False,
+    onnx: bool = False,
     warmup: int = 2,
     reps: int = 10,
     latency_reps: int | None = None,
@@ -175,7 +176,8 @@ def bench(
     kernels each model ran, speedups. ``compile`` (True, or a torch.compile
     mode such as ``"reduce-overhead"`` for CUDA graphs) adds the same figures
     for both models compiled, timed beside the eager ones; ``train`` adds
-    training-step throughput (forward, backward, AdamW step) at ``batch``.
+    training-step throughput (forward, backward, AdamW step) at ``batch``; ``onnx`` adds both models
+    exported to ONNX and timed in ONNX Runtime (CPU provider, torch's thread count), interleaved.
     """
     if batch < 1:
         raise EvitError(f"--batch must be at least 1, got {batch}")
@@ -199,7 +201,43 @@ def bench(
         result["compiled"] = _compiled_report(mode, {n: _timing(t_batch[n], t_one[n], batch) for n in compiled})
     if train:
         result["training"] = _training_report(t_train, batch)
+    if onnx:
+        result["onnxruntime"] = time_onnxruntime(evit, batch=batch, warmup=warmup, reps=reps,
+                                                 latency_reps=runs.latency_reps, progress=progress)
     return result
+
+
+def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, latency_reps: int,
+                     threads: int | None = None, progress: bool = False) -> dict:
+    """Dense and EViT exported to ONNX (each checked against PyTorch) and timed in ONNX Runtime's
+    CPU provider with ``threads`` threads (default: torch's), interleaved, at ``batch`` and at 1."""
+    import copy
+    import tempfile
+    from pathlib import Path
+
+    from .export import export, onnx_session
+    from .progress import Progress
+
+    evit = copy.deepcopy(model).cpu().eval()
+    img = adapters.get_adapter(evit).img_size(evit)
+    threads = threads or torch.get_num_threads()
+    with tempfile.TemporaryDirectory(prefix="evit-onnx-") as tmp:
+        sessions = {}
+        for name, m in (("dense", dense_copy(evit)), ("evit", evit)):
+            export(m, "onnx", Path(tmp) / f"{name}.onnx", check_batches=(1,))
+            sessions[name] = onnx_session(Path(tmp) / f"{name}.onnx", threads)
+        x = torch.randn(batch, 3, img, img).numpy()
+        steps = 2 * (2 * warmup + reps + latency_reps)
+        with Progress(enabled=progress) as bar, bar.task("ONNX Runtime dense vs EViT", steps, unit="passes") as advance:
+            at_batch, at_one = (
+                _interleaved(list(sessions), lambda k, xb=xb: sessions[k].run(None, {sessions[k].get_inputs()[0].name: xb}),
+                             warmup=warmup, reps=n, device=torch.device("cpu"), advance=advance)
+                for xb, n in ((x, reps), (x[:1].copy(), latency_reps)))
+    import onnxruntime  # onnx_session has checked that it is installed
+
+    d, e = (_timing(at_batch[k], at_one[k], batch) for k in ("dense", "evit"))
+    return {"onnxruntime": onnxruntime.__version__, "provider": "CPUExecutionProvider", "threads": threads,
+            "dense": d, "evit_model": e, **_speedups(d, e)}
 
 
 def _evit_model(model, device: str) -> tuple[nn.Module, torch.device]:

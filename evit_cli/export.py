@@ -46,12 +46,20 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
                       dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
 
 
-def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+def onnx_session(path: Path, threads: int | None = None):
+    """An ONNX Runtime session on the CPU provider (``threads`` intra-op threads; default: its own choice)."""
     try:
         import onnxruntime as ort
     except ImportError:
-        raise EvitError("checking the ONNX file needs onnxruntime: pip install 'evit-cli[onnx]'") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        raise EvitError("running an ONNX file needs onnxruntime: pip install 'evit-cli[onnx]'") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    session = onnx_session(path)
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 

@@ -79,6 +79,9 @@ def _load_model(
     if path.is_file():
         raise EvitError(f"{path} is a file: name the architecture and pass the file as --checkpoint {path}")
     if spec.startswith("hf-hub:") or (not timm.is_model(spec) and spec.count("/") == 1):
+        exported = None if spec.startswith("hf-hub:") else artifact.from_hub(spec)
+        if exported is not None:  # an exported folder pushed to the hub
+            return _load_model(exported, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
         return load_hub(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     return create_timm(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
 

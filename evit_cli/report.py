@@ -30,11 +30,11 @@ def bench_rows(r: dict) -> list[list[str]]:
         "model", "GMACs", "params (M)", "tokens", f"images/s @{r['batch']}",
         f"ms/batch @{r['batch']}", "ms @1",
     ]]
-    compiled = r.get("compiled") or {}
+    compiled, ort = r.get("compiled") or {}, r.get("onnxruntime") or {}
     for label, key in (("dense", "dense"), ("EViT", "evit_model")):
         m = r[key]
         static = [f"{m['gmacs']:.2f}", f"{m['params_m']:.1f}", "→".join(map(str, m["tokens"]))]
-        for suffix, t in (("", m), (" compiled", compiled.get(key))):
+        for suffix, t in (("", m), (" compiled", compiled.get(key)), (" ONNX Runtime", ort.get(key))):
             if t is not None:
                 rows.append([label + suffix, *static, f"{t['images_per_s']:.1f}",
                              _fmt_latency(t["latency"]), _fmt_latency(t["latency_b1"])])
@@ -52,6 +52,10 @@ def bench_notes(r: dict) -> list[str]:
         c = r["compiled"]
         notes.append(f"torch.compile (mode {c['mode']}): speedup {c['speedup']:.2f}x at batch {r['batch']}, "
                      f"{c['speedup_b1']:.2f}x at batch 1")
+    if r.get("onnxruntime"):
+        o = r["onnxruntime"]
+        notes.append(f"ONNX Runtime {o['onnxruntime']} ({o['provider']}, {o['threads']} threads): speedup "
+                     f"{o['speedup']:.2f}x at batch {r['batch']}, {o['speedup_b1']:.2f}x at batch 1")
     if r.get("training"):
         t = r["training"]
         notes.append(f"training step (forward, backward, AdamW) at batch {r['batch']}: dense "

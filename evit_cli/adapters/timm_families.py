@@ -51,7 +51,16 @@ from timm.models.vision_transformer import (
     VisionTransformer,
 )
 
-from . import timm_blocks as tb
+from .timm_blocks import (
+    Terms,
+    eva_qkv,
+    fused_qkv,
+    fused_qkv_biases,
+    parallel_branches,
+    parallel_scaling,
+    post_norm,
+    pre_norm,
+)
 from .base import Sequence
 
 
@@ -107,28 +116,28 @@ class ModelSpec:
         return next((b for b in self.blocks if b.block is cls), None)
 
 
-def vit_terms(blk, attn_mask=None, is_causal=False) -> tb.Terms:
-    return tb.Terms(masked=attn_mask is not None or bool(is_causal))
+def vit_terms(blk, attn_mask=None, is_causal=False) -> Terms:
+    return Terms(masked=attn_mask is not None or bool(is_causal))
 
 
-def eva_terms(blk, rope=None, attn_mask=None, is_causal=False) -> tb.Terms:
-    return tb.Terms(rope=rope, masked=attn_mask is not None or bool(is_causal))
+def eva_terms(blk, rope=None, attn_mask=None, is_causal=False) -> Terms:
+    return Terms(rope=rope, masked=attn_mask is not None or bool(is_causal))
 
 
-def beit_terms(blk, shared_rel_pos_bias=None) -> tb.Terms:
+def beit_terms(blk, shared_rel_pos_bias=None) -> Terms:
     """BEiT's bias: the block's own relative-position table, plus the model's shared one."""
     bias = blk.attn._get_rel_pos_bias() if blk.attn.relative_position_bias_table is not None else None
     if shared_rel_pos_bias is not None:
         bias = shared_rel_pos_bias if bias is None else bias + shared_rel_pos_bias
     if bias is not None and bias.dim() == 3:  # the shared module's (H, N, N)
         bias = bias.unsqueeze(0)
-    return tb.Terms(bias=bias)
+    return Terms(bias=bias)
 
 
-def relpos_terms(blk, shared_rel_pos=None) -> tb.Terms:
+def relpos_terms(blk, shared_rel_pos=None) -> Terms:
     """timm's ``RelPosAttention``: its own bias (zero rows for the prefix tokens) or else the model's shared one."""
     rel = blk.attn.rel_pos
-    return tb.Terms(bias=rel.get_bias() if rel is not None else shared_rel_pos)
+    return Terms(bias=rel.get_bias() if rel is not None else shared_rel_pos)
 
 
 def naflex_img_size(model) -> int:
@@ -176,18 +185,18 @@ def crossvit_img_size(model) -> int:
     return int(model.img_size[0])
 
 
-VIT_ATTENTION = {Attention: tb.fused_qkv}
-EVA_ATTENTION = {EvaAttention: tb.eva_qkv, AttentionRope: tb.eva_qkv}
+VIT_ATTENTION = {Attention: fused_qkv}
+EVA_ATTENTION = {EvaAttention: eva_qkv, AttentionRope: eva_qkv}
 
 FAMILIES = (
     ModelSpec(
         name="ViT",
         model=VisionTransformer,
         blocks=(
-            BlockSpec(Block, tb.pre_norm, VIT_ATTENTION),
-            BlockSpec(ResPostBlock, tb.post_norm, VIT_ATTENTION),
-            BlockSpec(ParallelThingsBlock, tb.parallel_branches, VIT_ATTENTION, attn_path="attns"),
-            BlockSpec(ParallelScalingBlock, tb.parallel_scaling, attn_path=None),
+            BlockSpec(Block, pre_norm, VIT_ATTENTION),
+            BlockSpec(ResPostBlock, post_norm, VIT_ATTENTION),
+            BlockSpec(ParallelThingsBlock, parallel_branches, VIT_ATTENTION, attn_path="attns"),
+            BlockSpec(ParallelScalingBlock, parallel_scaling, attn_path=None),
         ),
         terms=vit_terms,
     ),
@@ -195,8 +204,8 @@ FAMILIES = (
         name="EVA",
         model=Eva,
         blocks=(
-            BlockSpec(EvaBlock, tb.pre_norm, EVA_ATTENTION, layer_scale=("gamma_1", "gamma_2")),
-            BlockSpec(EvaBlockPostNorm, tb.post_norm, EVA_ATTENTION),
+            BlockSpec(EvaBlock, pre_norm, EVA_ATTENTION, layer_scale=("gamma_1", "gamma_2")),
+            BlockSpec(EvaBlockPostNorm, post_norm, EVA_ATTENTION),
         ),
         terms=eva_terms,
         position="rope",
@@ -204,7 +213,7 @@ FAMILIES = (
     ModelSpec(
         name="BEiT",
         model=Beit,
-        blocks=(BlockSpec(BeitBlock, tb.pre_norm, {BeitAttention: tb.fused_qkv_biases}, layer_scale=("gamma_1", "gamma_2")),),
+        blocks=(BlockSpec(BeitBlock, pre_norm, {BeitAttention: fused_qkv_biases}, layer_scale=("gamma_1", "gamma_2")),),
         terms=beit_terms,
         position="relpos",
     ),
@@ -212,8 +221,8 @@ FAMILIES = (
         name="ViT-RelPos",
         model=VisionTransformerRelPos,
         blocks=(
-            BlockSpec(RelPosBlock, tb.pre_norm, {RelPosAttention: tb.fused_qkv}),
-            BlockSpec(ResPostRelPosBlock, tb.post_norm, {RelPosAttention: tb.fused_qkv}),
+            BlockSpec(RelPosBlock, pre_norm, {RelPosAttention: fused_qkv}),
+            BlockSpec(ResPostRelPosBlock, post_norm, {RelPosAttention: fused_qkv}),
         ),
         terms=relpos_terms,
         position="relpos",
@@ -221,7 +230,7 @@ FAMILIES = (
     ModelSpec(
         name="NaFlexViT",
         model=NaFlexVit,
-        blocks=(BlockSpec(Block, tb.pre_norm, VIT_ATTENTION), BlockSpec(ResPostBlock, tb.post_norm, VIT_ATTENTION)),
+        blocks=(BlockSpec(Block, pre_norm, VIT_ATTENTION), BlockSpec(ResPostBlock, post_norm, VIT_ATTENTION)),
         terms=vit_terms,
         sequences=naflex_sequences,
         img_size=naflex_img_size,
@@ -232,7 +241,7 @@ FAMILIES = (
     ModelSpec(
         name="CrossViT",
         model=CrossVit,
-        blocks=(BlockSpec(Block, tb.pre_norm, VIT_ATTENTION),),
+        blocks=(BlockSpec(Block, pre_norm, VIT_ATTENTION),),
         terms=vit_terms,
         layers=crossvit_layers,
         sequences=crossvit_sequences,

@@ -20,7 +20,11 @@ EXAMPLE = "Example: evit bench deit_s_evit --batch 256 --report reports/"
 
 Model = o.model_argument("Exported folder, or anything `evit convert` takes (converted on the fly).")
 Batch = o.batch("Batch size for throughput.")
-Amp = Annotated[bool, typer.Option("--amp", help="Autocast: bf16 on CPU, fp16 on CUDA.")]
+Amp = Annotated[bool, typer.Option(
+    "--amp", help="Autocast: bf16 where the device has it (CPUs, recent GPUs), else fp16.")]
+Onnx = Annotated[bool, typer.Option(
+    "--onnx", help="Also export both models to ONNX and time them in ONNX Runtime (CPU, torch's thread count), "
+    "side by side.")]
 Compile = Annotated[bool, typer.Option("--compile",
                                        help="Also time both models under torch.compile, beside the eager ones.")]
 CompileMode = Annotated[Optional[str], typer.Option(
@@ -37,7 +41,7 @@ Report = o.report("Write bench.json and bench.md here (an exported folder gets t
 
 def bench(
     model: Model, batch: Batch = 256, device: o.Device = "cpu", amp: Amp = False, compile_: Compile = False,
-    compile_mode: CompileMode = None, train: Train = False, warmup: Warmup = 2, reps: Reps = 10,
+    compile_mode: CompileMode = None, train: Train = False, onnx: Onnx = False, warmup: Warmup = 2, reps: Reps = 10,
     keep_rate: o.KeepRate = None, layers: o.Layers = None, report: Report = None, as_json: o.AsJson = False,
 ):
     """Dense vs EViT side by side: images/s, latency (batch and batch 1), GMACs, tokens, speedup.
@@ -52,7 +56,7 @@ def bench(
     resolve_device(device)
     mode = compile_mode_of(compile_mode or compile_)
     m = loading.load_converted(model, keep_rate, layers, pretrained=None if exported else False)
-    result = run(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, warmup=warmup,
+    result = run(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, onnx=onnx, warmup=warmup,
                  reps=reps, progress=True)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]

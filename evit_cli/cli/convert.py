@@ -38,16 +38,23 @@ PushToHub = Annotated[Optional[str], typer.Option("--push-to-hub",
 AttnImplementation = Annotated[Optional[str], typer.Option(
     "--attn-implementation", help="transformers models: eager or sdpa attention (default: the model's own).")]
 
+Layout = Annotated[Optional[str], typer.Option(
+    "--layout", show_default=False,
+    help="timm models: timm (its own) or transformers (TimmWrapper: loads with transformers' AutoModel* and "
+         "trust_remote_code, without evit). [default: the model's own]")]
+
 
 def convert(
     model: Model, keep_rate: o.KeepRate = None, layers: o.Layers = None, fuse: Fuse = None,
     pretrained: Pretrained = None, checkpoint: Checkpoint = None, num_classes: NumClasses = None,
     img_size: o.ImgSize = None, match_macs: MatchMacs = None, output: Output = None, overwrite: Overwrite = False,
     push_to_hub: PushToHub = None, as_json: o.AsJson = False, attn_implementation: AttnImplementation = None,
+    layout: Layout = None,
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
     output = output or Path(f"{Path(model).name}_evit")
     fsutil.check_output_dir(output, overwrite)
+    artifact.check_layout(layout)
     if match_macs is not None and keep_rate is not None:
         raise EvitError("--match-macs picks the keep rate: drop --keep-rate, or drop --match-macs")
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
@@ -66,7 +73,7 @@ def convert(
     if match_macs is not None:
         summary["matched_to"] = f"dense @{match_macs}px"
     artifact.save(m, output, overwrite=overwrite,
-                  extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]})
+                  extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]}, layout=layout)
     summary["output"] = str(output)
     if push_to_hub:
         summary["hub_url"] = artifact.push_to_hub(output, push_to_hub)

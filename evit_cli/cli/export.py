@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -42,7 +43,12 @@ def export(
     emit(result, as_json, kv_table(f"exported {fmt}", result))
 
 
-def info(folder: o.FolderArgument, as_json: o.AsJson = False):
+InfoFolder = Annotated[Path, typer.Argument(
+    help="A folder written by `evit convert` or `evit finetune`, or its hub repo (org/name).")]
+
+
+def info(folder: InfoFolder, as_json: o.AsJson = False):
     """What an exported folder holds: source, layers, keep rates, token counts, GMACs, metrics if trained."""
+    folder = artifact.locate(str(folder))
     result = artifact.folder_summary(folder)
     emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))

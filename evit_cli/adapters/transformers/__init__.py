@@ -1,10 +1,9 @@
-"""EViT for Hugging Face transformers ViTs: every family of :mod:`.families`, and ``TimmWrapper*``.
+"""EViT for Hugging Face transformers ViTs: every family of :mod:`.families`.
 
 The vision encoder's layers get EViT subclasses swapped in (see :mod:`.layer`),
 so weights, keys and ``save_pretrained`` stay those of transformers; only the
-vision tower of a CLIP model is touched. ``TimmWrapperModel`` /
-``TimmWrapperForImageClassification`` are converted through the timm adapter
-on their ``timm_model``. Works with the model's attention implementation
+vision tower of a CLIP model is touched (``TimmWrapper*`` models: see
+:mod:`..timm_wrapper`). Works with the model's attention implementation
 (eager or sdpa). Any other transformers model is refused with its reason.
 
 Outputs of a converted model: ``last_hidden_state`` is ``(B, N_last, C)``,
@@ -26,11 +25,14 @@ from torch import nn
 
 from ...config import EViTConfig
 from ...errors import EvitError
-from ..base import Adapter, Sequence
+from ..base import Adapter
 from ..block import BlockState, PositionState
-from ..timm import TIMM
-from . import layer as hf_layer
-from . import preprocess, relpos
+from .layer import family_of, is_evit_layer, refuse_attention_mask
+from .layer import swap_in as swap_layer_in
+from .layer import swap_out as swap_layer_out
+from .preprocess import data_config as processor_data_config
+from .preprocess import input_size as processor_input_size
+from .relpos import tables as bias_tables
 from .families import Family, refusal, refused_class, resolve
 
 # --------------------------------------------------------------------------- where things live
@@ -59,7 +61,7 @@ def _layers(model: nn.Module) -> nn.ModuleList:
 
 def family(model: nn.Module) -> Family | None:
     layers = _find_layers(vision_root(model))
-    return hf_layer.family_of(layers[0]) if layers is not None else None
+    return family_of(layers[0]) if layers is not None else None
 
 
 def _family(model: nn.Module) -> Family:
@@ -137,7 +139,7 @@ class TransformersAdapter(Adapter):
         spec = family(model)
         proc = getattr(model, "evit_preprocessor", None)
         if spec is not None and spec.any_input_size and proc:
-            return int(preprocess.input_size(proc, spec.processor))
+            return int(processor_input_size(proc, spec.processor))
         size = _config(model).image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
@@ -147,7 +149,7 @@ class TransformersAdapter(Adapter):
     def data_config(self, model: nn.Module) -> dict:
         """timm-style preprocessing equal to the model's transformers image processor (its defaults without a file)."""
         proc = getattr(model, "evit_preprocessor", None)
-        return preprocess.data_config(proc, _family(model).processor, self.img_size(model))
+        return processor_data_config(proc, _family(model).processor, self.img_size(model))
 
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
         self.remove(model)
@@ -155,22 +157,22 @@ class TransformersAdapter(Adapter):
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
         positions = PositionState() if spec.relative_position_bias else None
         for i, layer in enumerate(layers):
-            tables = relpos.tables(layer, spec, root) if positions is not None else ()
-            hf_layer.swap_in(layer, BlockState(index=i, num_prefix=prefix, family=spec, positions=positions,
+            tables = bias_tables(layer, spec, root) if positions is not None else ()
+            swap_layer_in(layer, BlockState(index=i, num_prefix=prefix, family=spec, positions=positions,
                                                keep_rate=rates.get(i), fuse=cfg.fuse, bias_tables=tables,
                                                patch_size=_patch(model)))
-        if type(root).__name__ == "ViTMAEModel":
+        if any(c.__name__ == "ViTMAEModel" for c in type(root).__mro__):  # also a subclass (remote code)
             _masking_off(root)
-        if hf_layer.refuse_attention_mask not in root._forward_pre_hooks.values():
-            root.register_forward_pre_hook(hf_layer.refuse_attention_mask, with_kwargs=True)
+        if refuse_attention_mask not in root._forward_pre_hooks.values():
+            root.register_forward_pre_hook(refuse_attention_mask, with_kwargs=True)
 
     def remove(self, model: nn.Module) -> None:
         root, layers = vision_root(model), _layers(model)
         for layer in layers if layers is not None else ():
-            if hf_layer.is_evit_layer(layer):
-                hf_layer.swap_out(layer)
+            if is_evit_layer(layer):
+                swap_layer_out(layer)
         hooks = root._forward_pre_hooks
-        for key in [k for k, fn in hooks.items() if fn is hf_layer.refuse_attention_mask]:
+        for key in [k for k, fn in hooks.items() if fn is refuse_attention_mask]:
             hooks.pop(key)
             root._forward_pre_hooks_with_kwargs.pop(key, None)
 
@@ -241,49 +243,4 @@ class TransformersAdapter(Adapter):
         return raw.last_hidden_state[:, 0]
 
 
-class TimmWrapperAdapter(TransformersAdapter):
-    """``TimmWrapperModel`` / ``TimmWrapperForImageClassification``: converted through the timm
-    adapter on their ``timm_model``; names, outputs and the config are transformers'."""
-
-    def matches(self, model: nn.Module) -> bool:
-        return type(model).__name__ in ("TimmWrapperModel", "TimmWrapperForImageClassification")
-
-    def check(self, model: nn.Module) -> None:
-        TIMM.check(model.timm_model)
-
-    def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
-        TIMM.apply(model.timm_model, cfg)
-
-    def remove(self, model: nn.Module) -> None:
-        TIMM.remove(model.timm_model)
-
-    def depth(self, model: nn.Module) -> int:
-        return TIMM.depth(model.timm_model)
-
-    def sequences(self, model: nn.Module) -> list[Sequence]:
-        return TIMM.sequences(model.timm_model)
-
-    def num_prefix_tokens(self, model: nn.Module) -> int:
-        return TIMM.num_prefix_tokens(model.timm_model)
-
-    def num_tokens(self, model: nn.Module) -> int:
-        return TIMM.num_tokens(model.timm_model)
-
-    def img_size(self, model: nn.Module) -> int:
-        return TIMM.img_size(model.timm_model)
-
-    def data_config(self, model: nn.Module) -> dict:
-        return TIMM.data_config(model.timm_model)
-
-    def num_classes(self, model: nn.Module) -> int:
-        return TIMM.num_classes(model.timm_model)
-
-    def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
-        raise EvitError("replacing the head of a TimmWrapper model is not supported: convert the timm model by name")
-
-    def set_img_size(self, model: nn.Module, size: int) -> None:
-        raise EvitError(f"--img-size is not supported for {type(model).__name__} yet: convert it at its own size")
-
-
 TRANSFORMERS = TransformersAdapter()
-TIMM_WRAPPER = TimmWrapperAdapter()

@@ -24,7 +24,7 @@ from ...errors import EvitError
 from ...reorg import class_attention
 from ..block import BlockState, EViTBlock, clear_block, reorganize_tokens, runs_dense
 from ..swap import original, swap_in as swap_class, swap_out as restore_class
-from . import relpos
+from .relpos import bias_for
 from .families import FAMILIES, Family, module_chain, resolve
 
 
@@ -103,7 +103,7 @@ class EViTLayerMixin(EViTBlock):
         if spec.legacy:  # the older call; the shared table's full bias is recomputed below for the tokens that remain
             want_weights = bool(kwargs.pop("output_attentions", False))
             kwargs.pop("relative_position_bias", None)
-        bias = relpos.bias_for(self, kwargs) if spec.relative_position_bias else None
+        bias = bias_for(self, kwargs) if spec.relative_position_bias else None
         # int(...) sizes are constants when traced; a rank hook makes it run at keep 1.0 too
         reduce = st.reorganizes and not runs_dense(st, int(hidden_states.shape[1]))
         if st.reorganizes:
