@@ -53,7 +53,7 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/test_oracle.py trains the same way on tiny models)",
 }
 SETUP = ("python3 -m venv", ".venv/bin/pip install")
-SUITE = ".venv/bin/python -m pytest"
+SUITE = (".venv/bin/python -m pytest", ".venv/bin/ruff check")
 
 
 def readme_commands() -> list[str]:
