@@ -1,4 +1,4 @@
-"""The EViT token reorganization, on tensors only (see EVIT.md).
+"""The EViT token reorganization, on tensors only (see docs/algorithm.md).
 
 Nothing in this file knows about a model: adapters compute the class-token
 query and the keys inside their attention, and call these functions.

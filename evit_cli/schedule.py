@@ -1,5 +1,5 @@
 """The step arithmetic of a fine-tune: how many optimizer steps, and the keep rate and learning
-rate at each one (the keep-rate schedule of EVIT.md: 1.0, then a cosine down to the target).
+rate at each one (the keep-rate schedule of docs/algorithm.md: 1.0, then a cosine down to the target).
 
 Everything here is a pure function of its arguments, so that a resumed run computes the same
 values as an uninterrupted one.

@@ -1,4 +1,4 @@
-"""Fine-tune an EViT model with the keep-rate schedule of EVIT.md.
+"""Fine-tune an EViT model with the keep-rate schedule of docs/algorithm.md.
 
 By default it distils the EViT model from the dense model it was made from: labels are optional
 (a flat folder of photos is enough), the head is kept when the data set's classes map onto the

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive EViT forward for timm ViTs, written from EVIT.md.
+"""An independent, deliberately naive EViT forward for timm ViTs, written from docs/algorithm.md.
 
 Per image, per head, with the explicit N x N attention matrix and Python-level
 sorting: nothing here shares code with evit_cli.

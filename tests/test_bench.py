@@ -1,4 +1,4 @@
-"""Counting: MACs and token counts against EVIT.md and against a formula."""
+"""Counting: MACs and token counts against docs/algorithm.md and against a formula."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ def test_higher_resolution_at_the_dense_models_macs(tmp_path, capsys):
                              "--match-macs", 224, "-o", tmp_path / "hr", "--json"], capsys)
     assert code == 0, err
     s = json.loads(stdout)
-    dense224 = 4.599  # counted dense DeiT-S at 224 (EVIT.md: 4.6)
+    dense224 = 4.599  # counted dense DeiT-S at 224 (docs/algorithm.md: 4.6)
     assert s["img_size"] == 288 and s["tokens"][0] == 1 + 18 * 18
     assert s["gmacs_evit"] <= dense224 and s["gmacs_evit"] >= 0.95 * dense224
     # and it runs, rebuilt from the folder at 288 px

@@ -1,4 +1,4 @@
-"""The algorithm of EVIT.md, checked against an independent computation."""
+"""The algorithm of docs/algorithm.md, checked against an independent computation."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_num_kept_is_ceil_without_float_noise():
 
 
 def test_token_counts_for_deit_small_follow_evit_md():
-    # EVIT.md: 197 -> 140 (1 + 138 + 1) -> 100 (1 + 98 + 1) -> 72 (1 + 70 + 1)
+    # docs/algorithm.md: 197 -> 140 (1 + 138 + 1) -> 100 (1 + 98 + 1) -> 72 (1 + 70 + 1)
     assert token_counts(197, 1, [4, 7, 10], [0.7] * 3) == [140, 100, 72]
     # without fusion: no extra token
     assert token_counts(197, 1, [4, 7, 10], [0.7] * 3, fuse=False) == [139, 98, 69]

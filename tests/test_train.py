@@ -78,7 +78,7 @@ def test_logged_keep_rate_follows_the_formula_every_step(tiny_model, colours, tm
     assert [r["step"] for r in rows] == list(range(4 * per_epoch))
     for r in rows:
         for target, got in zip((0.7, 0.4), r["keep_rate"]):
-            # EVIT.md, written out independently: 1.0, then a cosine over 1.5 epochs, then the target
+            # docs/algorithm.md, written out independently: 1.0, then a cosine over 1.5 epochs, then the target
             epochs_done = r["step"] / per_epoch
             if epochs_done < 1:
                 want = 1.0

@@ -108,7 +108,7 @@ def test_save_pretrained_folder_converts_and_exports(cls, cfg_cls, tmp_path, ima
         assert (out(same) - expected).abs().max() < 1e-5
         evit = evit_cli.convert(tmp_path / "src", keep_rate=0.7, layers=(2, 4, 5))
         prefix = 2 if cfg_cls is DeiTConfig else 1
-        # EVIT.md: [prefix, ceil(0.7 M), fused] with M = 64 patches, then 46/47, ...
+        # docs/algorithm.md: [prefix, ceil(0.7 M), fused] with M = 64 patches, then 46/47, ...
         m1 = 64
         n1 = prefix + -(-7 * m1 // 10) + 1
         assert evit_cli.tokens_after_layers(evit)[0] == n1
