@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
+from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 import evit_cli  # noqa: E402
 from evit_cli.core import dense_copy  # noqa: E402
-from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 LAYERS, KEEP = (4, 7, 10), 0.7
 

@@ -19,7 +19,6 @@ from .fsutil import write_bytes
 from .macs import count_macs
 from .progress import Progress
 
-
 FIDELITY_KEYS = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
 
 

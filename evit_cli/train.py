@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import adapters
+from . import adapters, validate
 from . import checkpoint as ckpt
-from . import validate
 from .core import convert_keeping, dense_copy, get_config
 from .device import amp_dtype, autocast, resolve_device
 from .errors import EvitError

@@ -13,7 +13,6 @@ from .data import open_image, transforms
 from .errors import EvitError
 from .fsutil import write_bytes
 
-
 BLANK = (255, 0, 255)  # the colour of fused patches: magenta, rare in photos
 
 

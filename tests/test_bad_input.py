@@ -9,12 +9,12 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import tiny_timm
+from safetensors.torch import save_file
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 
 class _RunsCode:

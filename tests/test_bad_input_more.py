@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import tiny_timm
+from safetensors.torch import save_file
 from test_bad_input import test_bad_input as check_bad_input
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,6 @@ def _exported_folders(root):
 
 def _data_sets(root):
     import datasets
-
     from PIL import Image
 
     ds = datasets.load_dataset("imagefolder", data_dir=str(root / "colours"))["train"]

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-
-import evit_cli
 from conftest import tiny_timm
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 M = "m"
 RUN = ["--dataset", "colours", "--workers", "0", "--no-bench", "--epochs", "2", "-b", "4", "--lr", "1e-3"]

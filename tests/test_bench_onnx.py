@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.bench import bench
 from evit_cli.report import bench_notes, bench_rows
-from conftest import tiny_timm
 
 
 def test_bench_times_dense_and_evit_in_onnxruntime(tmp_path):

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.cli import main
-from conftest import tiny_timm
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 

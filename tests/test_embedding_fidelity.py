@@ -10,17 +10,15 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import evit_cli
-from evit_cli import fidelity
-from evit_cli.core import dense_copy
-from evit_cli.fidelity import Tally, knn_top1, neighbour_overlap
 from conftest import tiny_timm
 from test_cli import run
 from test_fidelity import independent_logits, write_flat_folder
 from test_train import COLORS, write_colour_folder
 
+import evit_cli
+from evit_cli import fidelity
+from evit_cli.core import dense_copy
+from evit_cli.fidelity import Tally, knn_top1, neighbour_overlap
 
 # --------------------------------------------------------------------------- naive references
 

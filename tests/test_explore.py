@@ -8,15 +8,15 @@ import shlex
 
 import numpy as np
 import pytest
+from conftest import tiny_timm
 from PIL import Image
+from test_cli import run
+from test_train import write_colour_folder
 
 import evit_cli
 from evit_cli.classes import eval_class_map
 from evit_cli.search import candidate_layer_sets
 from evit_cli.visualize import BLANK
-from conftest import tiny_timm
-from test_cli import run
-from test_train import write_colour_folder
 
 
 @pytest.fixture

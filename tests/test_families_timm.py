@@ -15,12 +15,12 @@ import math
 import pytest
 import timm
 import torch
+from conftest import randomize
 from timm.models.vision_transformer import ResPostBlock
 
 import evit_cli
 from evit_cli.adapters import record_kept
 from evit_cli.adapters.block import state_of
-from conftest import randomize
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 LAYERS = (2, 3)
@@ -161,8 +161,8 @@ def test_each_evit_block_keeps_the_dense_blocks_outputs(family, fuse, x):
     model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS, fuse=fuse)
     p = model.num_prefix_tokens
     calls = {}
-    hooks = [b.register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw, o)), with_kwargs=True)
-             for i, b in enumerate(model.blocks)]
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw, o)), with_kwargs=True)
     record_kept(model)
     with torch.no_grad():
         model(x)

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_timm
 from PIL import Image
+from test_cli import run
+from test_train import write_colour_folder
 
 import evit_cli
 from evit_cli.core import dense_copy
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
-from test_cli import run
-from test_train import write_colour_folder
 
 SYNSETS = ["n01440764", "n02102040", "n03888257"]  # ImageNet classes 0, 217, 701
 

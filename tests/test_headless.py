@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import TINY, tiny_timm
+from safetensors.torch import save_file
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 ARGS = {k: v for k, v in TINY.items() if k != "num_classes"}
 

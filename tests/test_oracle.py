@@ -6,12 +6,12 @@ import copy
 import math
 
 import torch
+from conftest import tiny_timm
+from reference import _attention
 
 import evit_cli
 from evit_cli import adapters
 from evit_cli.oracle import Oracle
-from conftest import tiny_timm
-from reference import _attention
 
 
 def _kept(model):
@@ -120,9 +120,10 @@ def test_finetune_with_the_oracle_trains_and_the_folder_says_so(tmp_path):
     and --no-distill (the dense model is the oracle only)."""
     import json
 
-    from evit_cli.train import TrainConfig, finetune
     from test_fidelity import write_flat_folder
     from test_train import write_colour_folder
+
+    from evit_cli.train import TrainConfig, finetune
 
     start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2, 4)), tmp_path / "m")
     flat = write_flat_folder(tmp_path / "flat", 24)

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]

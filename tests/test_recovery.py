@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_timm
 from PIL import Image
 
 import evit_cli
@@ -16,7 +17,6 @@ from evit_cli import distill
 from evit_cli.data import mix_batch, mixed_target
 from evit_cli.errors import EvitError
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
 
 
 def _batch(n=4, seed=0):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_timm
+from test_cli import run
+from test_recovery import _flat_folder
 
 import evit_cli
 from evit_cli.evaluate import origin_of
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
-from test_cli import run
-from test_recovery import _flat_folder
 
 
 def test_origin_follows_the_chain_of_training_records():

@@ -7,13 +7,13 @@ import shlex
 
 import pytest
 import torch
-
-import evit_cli
-from evit_cli.core import dense_copy
 from conftest import tiny_timm
 from test_cli import run
 from test_fidelity import independent_logits, write_flat_folder
 from test_train import write_colour_folder
+
+import evit_cli
+from evit_cli.core import dense_copy
 
 
 @pytest.fixture

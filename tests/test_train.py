@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_timm
 from PIL import Image
 from safetensors.torch import load_file
 
 import evit_cli
 from evit_cli.train import TrainConfig, finetune, load_recipe
-from conftest import tiny_timm
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}

@@ -7,17 +7,23 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
+from conftest import randomize, tiny_timm
 from safetensors.torch import save_file
-from functools import partial
-
-from transformers import (Data2VecVisionConfig, Data2VecVisionForImageClassification, DeiTConfig,
-                          DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification, ViTModel)
+from transformers import (
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 import evit_cli
-from conftest import randomize, tiny_timm
 
 HF_TINY = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=6, num_attention_heads=3,
                intermediate_size=192, layer_norm_eps=1e-6, hidden_act="gelu")

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_export import _onnx_run
+from test_transformers_families import _build, _out
 
 import evit_cli
 from evit_cli.export import export
-from test_export import _onnx_run
-from test_transformers_families import _build, _out
 
 
 @pytest.mark.parametrize("name", ["deit_teacher", "vit_mae", "dinov2_reg_cls", "clip", "beit", "data2vec"])  # one per layout

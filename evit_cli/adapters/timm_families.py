@@ -42,7 +42,6 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.crossvit import CrossVit
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.naflexvit import NaFlexVit
-from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer import (
     Block,
     ParallelScalingBlock,
@@ -50,7 +49,14 @@ from timm.models.vision_transformer import (
     ResPostBlock,
     VisionTransformer,
 )
+from timm.models.vision_transformer_relpos import (
+    RelPosAttention,
+    RelPosBlock,
+    ResPostRelPosBlock,
+    VisionTransformerRelPos,
+)
 
+from .base import Sequence
 from .timm_blocks import (
     Terms,
     eva_qkv,
@@ -61,7 +67,6 @@ from .timm_blocks import (
     post_norm,
     pre_norm,
 )
-from .base import Sequence
 
 
 @dataclass(frozen=True)
