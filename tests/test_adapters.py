@@ -58,7 +58,8 @@ def _hf(name: str):
         "dinov2": lambda: tf.Dinov2Model(tf.Dinov2Config(**SIZE, mlp_ratio=2)),
         "vit_pooler": lambda: tf.ViTModel(tf.ViTConfig(**SIZE, intermediate_size=96)),
         "vit_no_pooler": lambda: tf.ViTModel(tf.ViTConfig(**SIZE, intermediate_size=96), add_pooling_layer=False),
-        "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**SIZE, intermediate_size=96, num_labels=5)),
+        "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**SIZE, intermediate_size=96,
+                                                                            num_labels=5)),
     }[name]
     return randomize(build())
 
@@ -73,7 +74,8 @@ def _library_output(name: str, model, x):
     return out.logits if name == "vit_classifier" else out.pooler_output
 
 
-@pytest.mark.parametrize("name", ["clip_model", "clip_vision", "dinov2", "vit_pooler", "vit_no_pooler", "vit_classifier"])
+@pytest.mark.parametrize("name",
+                         ["clip_model", "clip_vision", "dinov2", "vit_pooler", "vit_no_pooler", "vit_classifier"])
 def test_the_output_of_each_transformers_family_is_what_its_users_take(name, x):
     model = _hf(name)
     with torch.no_grad():

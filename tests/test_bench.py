@@ -117,7 +117,8 @@ def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch, bf16):
     assert seen == {"cuda": torch.bfloat16 if bf16 else torch.float16, "cpu": torch.bfloat16}
     gpu = "bf16" if bf16 else "fp16"
     assert bench_mod.precision(torch.device("cuda"), True, None) == f"{gpu} autocast, eager"
-    assert bench_mod.precision(torch.device("cpu"), True, "default") == "bf16 autocast, eager and torch.compile (mode default)"
+    assert bench_mod.precision(torch.device("cpu"), True,
+                               "default") == "bf16 autocast, eager and torch.compile (mode default)"
     assert bench_mod.precision(torch.device("cuda"), False, None) == "fp32, eager"
 
 

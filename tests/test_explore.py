@@ -21,7 +21,8 @@ from evit_cli.visualize import BLANK
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    return evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)), tmp_path / "tiny")
+    return evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)),
+                         tmp_path / "tiny")
 
 
 def test_higher_resolution_at_the_dense_models_macs(tmp_path, capsys):

@@ -48,7 +48,8 @@ def test_onnx_of_deit_small_keep_07_matches_pytorch(tmp_path):
 def test_torchscript_of_a_transformers_model(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
-    hf = evit_cli.convert(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=4)).eval(), keep_rate=0.5, layers=(3,))
+    hf = evit_cli.convert(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=4)).eval(), keep_rate=0.5,
+                          layers=(3,))
     r = export(hf, "torchscript", tmp_path / "m.pt")
     assert max(r["max_abs_diff"].values()) < 1e-4
     ts = torch.jit.load(str(tmp_path / "m.pt"))
@@ -73,7 +74,8 @@ def test_export_of_position_dependent_families(name, fmt, tmp_path):
 
     from evit_cli.models import create_timm
 
-    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5, layers=(2, 3))
+    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5,
+                             layers=(2, 3))
     path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
     r = export(model, fmt, path)
     assert r["tokens_after_layers"] == [model.num_prefix_tokens + 33, model.num_prefix_tokens + 18]

@@ -26,7 +26,8 @@ def test_origin_follows_the_chain_of_training_records():
 def drifted(tmp_path_factory):
     """A tiny EViT folder, and the same fine-tuned hard (lr 1e-2) on a flat folder: its weights drifted."""
     tmp = tmp_path_factory.mktemp("ref")
-    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)), tmp / "start")
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)),
+                          tmp / "start")
     photos = _flat_folder(tmp / "photos", 24)
     out = tmp / "rec"
     finetune(TrainConfig(model=str(start), dataset=str(photos), output=str(out), epochs=1, batch_size=8, lr=1e-2,

@@ -66,7 +66,8 @@ def timm_to_hf(sd: dict, prefix: str, distilled: bool) -> dict:
     if distilled:
         out[f"{prefix}.embeddings.distillation_token"] = sd["dist_token"]
         out["cls_classifier.weight"], out["cls_classifier.bias"] = sd["head.weight"], sd["head.bias"]
-        out["distillation_classifier.weight"], out["distillation_classifier.bias"] = sd["head_dist.weight"], sd["head_dist.bias"]
+        out["distillation_classifier.weight"], out["distillation_classifier.bias"] = (sd["head_dist.weight"],
+                                                                                      sd["head_dist.bias"])
     else:
         out["classifier.weight"], out["classifier.bias"] = sd["head.weight"], sd["head.bias"]
     return out
@@ -159,7 +160,8 @@ def test_offline_hub_ids_load_from_cache_and_fail_fast_otherwise(tmp_path):
     })
     timm_model = tiny_timm("vit")
     timm_cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 10,
-                "model_args": {k: v for k, v in dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3).items()}}
+                "model_args": {k: v
+                               for k, v in dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3).items()}}
     _fake_cache(home, "timm/tiny-vit", {
         "config.json": lambda p: p.write_text(json.dumps(timm_cfg)),
         "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, p),
@@ -193,7 +195,8 @@ def test_push_to_hub_without_network_keeps_the_export(tmp_path):
 def test_non_vit_transformers_model_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
     with pytest.raises(evit_cli.EvitError, match="BertModel.*does not support yet"):
         evit_cli.load_model(tmp_path / "bert")
 
