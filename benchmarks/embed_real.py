@@ -46,7 +46,8 @@ def parse_args(argv):
         args.classes = g.parse_classes(args.train)
         args.layer_list = [int(x) for x in args.layers.split(",")]
     except ValueError:
-        ap.error(f"--train {args.train!r} / --layers {args.layers!r}: expected classes such as 0-4, layers such as 4,7,10")
+        ap.error(f"--train {args.train!r} / --layers {args.layers!r}: expected classes such as 0-4, layers such as "
+                 f"4,7,10")
     if len(args.classes) == 10:
         ap.error("--train must leave at least one class unseen")
     return args
@@ -98,7 +99,8 @@ def recover(folder: Path, data: Path, out: Path, args, log: Path) -> float:
            *shlex.split(args.finetune_args)]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=g.ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1",
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=g.ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1",
                                                                                        "PYTHONPATH": str(g.ROOT)})
     if rc:
         raise RuntimeError(f"evit finetune failed ({rc}): {' | '.join(log.read_text().strip().splitlines()[-5:])}")
@@ -106,11 +108,13 @@ def recover(folder: Path, data: Path, out: Path, args, log: Path) -> float:
 
 
 def markdown(r: dict) -> str:
-    lines = ["# Headless DeiT-Tiny recovered without labels, scored on classes it never saw (benchmarks/embed_real.py)", "",
+    lines = ["# Headless DeiT-Tiny recovered without labels, scored on classes it never saw (benchmarks/embed_real.py)",
+             "",
              f"EViT keep {r['keep']:g} at {r['layers']}; recovered with `evit finetune` ({r['epochs']:g} epoch"
              f"{', ' + r['finetune_args'] if r['finetune_args'] else ''}) on {r['train_photos']} photos of classes "
              f"{r['train']} (flat folder, 10% held out by finetune for validation). Figures: cosine to the dense "
-             f"embedding / top-{K} neighbour overlap with the dense embedding (%) / kNN top-1 (%, {K}-NN leave-one-out) "
+             f"embedding / top-{K} neighbour overlap with the dense embedding (%) / kNN top-1 (%, {K}-NN "
+             f"leave-one-out) "
              "(photos). " + f"{r['machine']}, torch {r['torch']}.", "",
              "| model | classes it saw | classes it never saw | train time (s) |", "|---|---|---|---|"]
     for row in r["rows"]:
@@ -132,9 +136,12 @@ def run(args) -> dict:
     classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
     seen = torch.tensor([int(c) in args.classes for c in classes])
     cached = [x.half() for x in g.eval_images(paths, test_idx, dense, 64)]
-    result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "train": args.train, "train_photos": None,
-              "finetune_args": args.finetune_args, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-              "torch": torch.__version__, "command": "python benchmarks/embed_real.py " + shlex.join(sys.argv[1:]), "rows": []}
+    result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "train": args.train,
+              "train_photos": None,
+              "finetune_args": args.finetune_args,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+              "torch": torch.__version__, "command": "python benchmarks/embed_real.py " + shlex.join(sys.argv[1:]),
+              "rows": []}
     dense_e = embed(dense, cached)
 
     def add(name, e, secs=None):

@@ -32,10 +32,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/real beside the checkout (or beside a folder above it, for a worktree)
-REAL = next((p / "shared" / "real" for p in ROOT.parents if (p / "shared" / "real").is_dir()), ROOT.parent / "shared" / "real")
+REAL = next((p / "shared" / "real" for p in ROOT.parents if (p / "shared" / "real").is_dir()),
+            ROOT.parent / "shared" / "real")
 WEIGHTS = REAL / "deit_tiny_patch16_224.safetensors"
 PHOTOS = REAL / "imagenette-val"
 # ImageNet-1k index of each Imagenette synset (../shared/real/README.md)
@@ -83,7 +88,8 @@ def parse_args(argv):
         if any(len(c) == 10 for c in args.split_classes):
             raise ValueError(args.splits)
     except ValueError:
-        ap.error(f"--splits {args.splits!r}: expected class sets such as 0-4/5-9 or 0,2,4,6,8/1,3,5,7,9 (classes 0..9, each split leaving at least one class unseen)")
+        ap.error(f"--splits {args.splits!r}: expected class sets such as 0-4/5-9 or 0,2,4,6,8/1,3,5,7,9 (classes 0..9, "
+                 f"each split leaving at least one class unseen)")
     for name in ("train_limit", "limit", "batch"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -165,7 +171,8 @@ def score(logits, dense_logits, labels, mask) -> dict:
     kl = F.kl_div(F.log_softmax(lg, -1), F.log_softmax(dl, -1), reduction="none", log_target=True).sum(-1)
     n = int(mask.sum())
     return {"photos": n, "top1": 100.0 * float((pred == y).float().mean()), "agreement":
-            100.0 * float((pred == dpred).float().mean()), "kl": float(kl.mean()), "top1_correct": int((pred == y).sum()),
+            100.0 * float((pred == dpred).float().mean()), "kl": float(kl.mean()),
+            "top1_correct": int((pred == y).sum()),
             "agree_count": int((pred == dpred).sum()), "dense_top1": 100.0 * float((dpred == y).float().mean())}
 
 
@@ -232,12 +239,14 @@ def markdown(result: dict) -> str:
     lines = [
         "# Recovery on some classes, scored on the classes it never saw (benchmarks/generalize_real.py)",
         "",
-        f"DeiT-Tiny (../shared/real), EViT keep {result['keep']:g} at layers {result['layers']}. Photos sorted by path; "
+        f"DeiT-Tiny (../shared/real), EViT keep {result['keep']:g} at layers {result['layers']}. Photos sorted by "
+        f"path; "
         f"index % 4 == 0 held out ({result['test_photos']} photos). Each split recovers with `evit finetune` "
         f"({result['epochs']:g} epochs{', ' + result['finetune_args'] if result['finetune_args'] else ''}) on a flat "
         "folder (no labels) of the other photos of its classes only. Figures: 1000-way top-1 (%) / agreement with the "
         "ORIGINAL dense model (%) / KL(dense || model), (number of photos): one photo of 490 is 0.2 points. "
-        "`evit finetune` holds out 10% of the folder for its own validation, so it trains on 90% of the photos counted.",
+        "`evit finetune` holds out 10% of the folder for its own validation, so it trains on 90% of the photos "
+        "counted.",
         f"{result['machine']}, torch {result['torch']}.",
         "",
         "| split (classes trained on) | model | training photos | seen classes | never-seen classes | train time (s) |",
@@ -252,7 +261,8 @@ def markdown(result: dict) -> str:
 
 
 def write(out: Path, result: dict) -> None:
-    for name, text in (("generalize_real.json", json.dumps(result, indent=2) + "\n"), ("generalize_real.md", markdown(result))):
+    for name, text in (("generalize_real.json", json.dumps(result, indent=2) + "\n"),
+                       ("generalize_real.md", markdown(result))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)
         tmp.replace(out / name)
@@ -296,7 +306,8 @@ def run(args) -> dict:
             split = ",".join(map(str, classes))
             result["rows"] += [row("dense", split, ctx["dense"], ctx, classes, None, None),
                                row(f"EViT {args.keep:g} off the shelf", split, shelf_logits, ctx, classes, None, None)]
-            runs = [(f"EViT {args.keep:g} recovered", args.keep)] + ([] if args.no_control else [("dense recovered (control)", 1.0)])
+            runs = [(f"EViT {args.keep:g} recovered", args.keep)] + ([] if args.no_control
+                                                                     else [("dense recovered (control)", 1.0)])
             for name, keep in runs:
                 dest = work / f"model_{k}_{keep:g}"
                 secs = recover(keep, args.layer_list, folder, dest, args, work / f"log_{k}_{keep:g}.txt")

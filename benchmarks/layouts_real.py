@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import torch  # noqa: E402
+from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 import evit_cli  # noqa: E402
 from evit_cli.core import dense_copy  # noqa: E402
-from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 LAYERS, KEEP = (4, 7, 10), 0.7
 
@@ -46,7 +46,8 @@ def compare(models: dict, timm_evit, files, batch_size: int) -> list[dict]:
                 a, st = evit(x).logits, stats[name]
                 st["top1_agree"] += int((a.argmax(1) == ref.argmax(1)).sum())
                 st["logit_diff_over_1e-3"] += int(((a - ref).abs().amax(1) > 1e-3).sum())
-                st["dense_max_logit_diff"] = max(st["dense_max_logit_diff"], float((dense(x).logits - ref_dense).abs().max()))
+                st["dense_max_logit_diff"] = max(st["dense_max_logit_diff"],
+                                                 float((dense(x).logits - ref_dense).abs().max()))
             print(f"{min(i + batch_size, len(files))}/{len(files)} photos", flush=True)
     return [{"layout": name, "photos": len(files), **stats[name], "tokens": evit_cli.tokens_after_layers(models[name])}
             for name in models]
@@ -74,7 +75,8 @@ def main() -> None:
         models[f"transformers Data2Vec-vision, {attn}"] = evit_cli.convert(data2vec_deit_tiny(attn), keep_rate=KEEP,
                                                                            layers=LAYERS)
     rows = compare(models, timm_evit, files, args.batch)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    machine = (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+               f"torch {torch.__version__}")
     result = {"keep_rate": KEEP, "layers": list(LAYERS), "machine": machine, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "layouts_real.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -92,7 +92,8 @@ def evit_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> Path:
 
 def dense_self_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> Path:
     """The control: the dense model distilled from itself the same way (keep 1.0)."""
-    return distilled(ctx["base"][1.0], ctx["train"], ctx["work"] / f"dense_e{epochs:g}", epochs, {**extra, "keep_rate": 1.0})
+    return distilled(ctx["base"][1.0], ctx["train"], ctx["work"] / f"dense_e{epochs:g}", epochs,
+                     {**extra, "keep_rate": 1.0})
 
 
 def oracle_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> Path:
@@ -101,11 +102,13 @@ def oracle_distilled(ctx: dict, keep: float, epochs: float, extra: dict) -> Path
                      {**extra, "oracle": True})
 
 
-VARIANTS = {"off the shelf": off_the_shelf, "distilled": evit_distilled, "distilled, oracle selection": oracle_distilled,
+VARIANTS = {"off the shelf": off_the_shelf, "distilled": evit_distilled,
+            "distilled, oracle selection": oracle_distilled,
             "dense distilled (control)": dense_self_distilled}
 
 
-def plan(keeps: list[float], epochs: list[float], control: bool = True, oracle: bool = False) -> list[tuple[str, float, float]]:
+def plan(keeps: list[float], epochs: list[float], control: bool = True,
+         oracle: bool = False) -> list[tuple[str, float, float]]:
     rows = [("dense", 1.0, 0)]
     for e in epochs if control else []:
         rows.append(("dense distilled (control)", 1.0, e))
@@ -131,7 +134,8 @@ def markdown(result: dict) -> str:
         f"`evit finetune` defaults (distillation from the dense model, AdamW lr 5e-5, wd 0.05, batch 32, "
         f"random-resized crop + flip, cosine); {result['machine']}, torch {result['torch']}.",
         "",
-        "| model | keep rate | epochs | top-1 (%) | top-5 (%) | agreement with dense (%) | KL(dense‖model) | train time (s) |",
+        "| model | keep rate | epochs | top-1 (%) | top-5 (%) | agreement with dense (%) | KL(dense‖model) | train "
+        "time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -145,10 +149,12 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep-rates", default="0.7,0.5")
     ap.add_argument("--epochs", default="1,2", help="Separate runs, each with its own cosine schedule.")
-    ap.add_argument("--subset", type=int, default=None, help="Use only the first N training and N test photos (a smoke run).")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="Use only the first N training and N test photos (a smoke run).")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-control", action="store_true", help="Skip the dense model distilled from itself.")
-    ap.add_argument("--oracle", action="store_true", help="Also fine-tune with oracle token selection (finetune --oracle).")
+    ap.add_argument("--oracle", action="store_true",
+                    help="Also fine-tune with oracle token selection (finetune --oracle).")
     ap.add_argument("--extra", default="{}", help="JSON of extra TrainConfig fields for every fine-tune.")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="Folder for recover_real.{json,md}.")
     args = ap.parse_args(argv)
@@ -166,7 +172,8 @@ def main(argv=None) -> None:
         dense = dense_copy(evit_cli.load(ctx["base"][1.0]))
         result = {"train_images": n_train, "test_images": n_test, "layers": list(LAYERS), "extra": extra,
                   "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                  "torch": torch.__version__, "command": "python benchmarks/recover_real.py " + " ".join(argv or sys.argv[1:]),
+                  "torch": torch.__version__, "command": "python benchmarks/recover_real.py "
+                  + " ".join(argv or sys.argv[1:]),
                   "rows": []}
         for variant, keep, e in plan(keeps, epochs, not args.no_control, args.oracle):
             t0 = time.perf_counter()

@@ -49,12 +49,14 @@ def main() -> None:
     for r in results:
         for row in sorted(r["rows"], key=lambda x: -x["keep_rate"] if x["model"] == "evit" else -2):
             label = "dense" if row["model"] == "dense" else f"{row['keep_rate']:g}"
-            lines.append(f"| {r['model']} | {label} | {row['gmacs']:.2f} | {row['images_per_s']:.1f} | {row['speedup']:.2f}x |")
+            lines.append(f"| {r['model']} | {label} | {row['gmacs']:.2f} | {row['images_per_s']:.1f} | "
+                         f"{row['speedup']:.2f}x |")
     table = header + "\n".join(lines) + "\n"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{dev.type}-b{args.batch}{'-amp' if args.amp else ''}"
-    (out / f"{stem}.json").write_text(json.dumps({"device": describe_device(dev), "precision": precision, "results": results}, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps({"device": describe_device(dev), "precision": precision,
+                                                  "results": results}, indent=2))
     (out / f"{stem}.md").write_text(table)
     print(table)
 

@@ -51,7 +51,8 @@ def source_of(model: nn.Module) -> dict:
                 "class": type(model).__name__, "pretrained": None, "checkpoint": None}
     arch = getattr(model, "pretrained_cfg", {}).get("architecture")
     if arch is None:
-        raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before converting")
+        raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before "
+                        "converting")
     kwargs = {"num_classes": int(model.num_classes), "img_size": adapter.img_size(model)}
     return {"family": "timm", "model": arch, "kwargs": kwargs, "pretrained": None, "checkpoint": None}
 
@@ -83,7 +84,8 @@ def model_card(meta: dict) -> str:
     src, e = meta["source"], meta["evit"]
     lines = [
         "---",
-        "library_name: " + ("timm" if meta["family"] == "timm" and meta.get("layout") != "transformers" else "transformers"),
+        "library_name: "
+        + ("timm" if meta["family"] == "timm" and meta.get("layout") != "transformers" else "transformers"),
         "tags: [image-classification, vision-transformer, evit]",
         "---",
         "",
@@ -141,7 +143,8 @@ def weights_of(meta: dict) -> str:
 
 def describe_start(start: dict) -> str:
     pretrained = start.get("pretrained")
-    w = start.get("checkpoint") or {True: "pretrained weights", False: "random weights", None: "its weights"}[pretrained]
+    w = start.get("checkpoint") or {True: "pretrained weights", False: "random weights",
+                                    None: "its weights"}[pretrained]
     return f"{start.get('model')} ({w})"
 
 
@@ -167,7 +170,8 @@ def training_lines(meta: dict) -> list[str]:
         "## Fine-tuning",
         "",
         f"- from: {describe_start(t['from'])}",
-        f"- data: {t['dataset']}, split {t['train_split']!r}" + (f", {t['train_images']} images" if t.get("train_images") else ""),
+        f"- data: {t['dataset']}, split {t['train_split']!r}"
+        + (f", {t['train_images']} images" if t.get("train_images") else ""),
         f"- labels: {'used' if t['labels'] else 'none (unlabelled images)'}; loss: {t['loss']}",
         f"- head: {t['head']}",
         f"- steps: {t['steps']} ({t['epochs']:g} epochs at batch {t['global_batch']}, peak lr {t['lr']:g})",
@@ -266,7 +270,8 @@ def read_meta(folder: str | os.PathLike) -> dict:
     meta = read_json(path, META_FILE, fix="export the model again")
     if meta.get("format") != "evit":
         raise EvitError(f"{path} is not an evit export file")
-    missing = [k for k in ("family", "source", "num_classes", "img_size", "num_tokens", "tool_version") if k not in meta]
+    missing = [k for k in ("family", "source", "num_classes", "img_size", "num_tokens", "tool_version")
+               if k not in meta]
     if missing or not isinstance(meta["source"], dict):
         raise EvitError(f"{path} is incomplete (missing {', '.join(missing) or 'source'}): export the model again")
     validate.export_meta(path, meta)

@@ -45,7 +45,8 @@ def measure_tokens(model: nn.Module, img_size: int, device="cpu") -> list[int]:
 # --------------------------------------------------------------------------- timing
 
 
-def _interleaved(names: list[str], run, *, warmup: int, reps: int, device: torch.device, advance=None) -> dict[str, list[float]]:
+def _interleaved(names: list[str], run, *, warmup: int, reps: int, device: torch.device,
+                 advance=None) -> dict[str, list[float]]:
     """Seconds of ``run(name)`` for each name, interleaved rep by rep (order reversed every other
     rep) so that drift hits all alike; the first ``warmup`` reps are not kept."""
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -108,7 +109,8 @@ class _AttentionOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
         kind = SDPA_KERNELS.get(name)
-        if kind is None and name in ("_softmax", "softmax") and args[0].dim() >= 2 and args[0].shape[-1] == args[0].shape[-2] > 1:
+        if (kind is None and name in ("_softmax", "softmax") and args[0].dim() >= 2
+                and args[0].shape[-1] == args[0].shape[-2] > 1):
             kind = "math (explicit N x N softmax)"
         if kind is not None:
             self.counts[kind] = self.counts.get(kind, 0) + 1
@@ -230,7 +232,8 @@ def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, la
         steps = 2 * (2 * warmup + reps + latency_reps)
         with Progress(enabled=progress) as bar, bar.task("ONNX Runtime dense vs EViT", steps, unit="passes") as advance:
             at_batch, at_one = (
-                _interleaved(list(sessions), lambda k, xb=xb: sessions[k].run(None, {sessions[k].get_inputs()[0].name: xb}),
+                _interleaved(list(sessions),
+                             lambda k, xb=xb: sessions[k].run(None, {sessions[k].get_inputs()[0].name: xb}),
                              warmup=warmup, reps=n, device=torch.device("cpu"), advance=advance)
                 for xb, n in ((x, reps), (x[:1].copy(), latency_reps)))
     import onnxruntime  # onnx_session has checked that it is installed
@@ -269,7 +272,8 @@ def _time_all(models: dict, compiled: dict, x: torch.Tensor, r: _Runs, *, train:
     steps = len(timed) * ((r.warmup + r.reps) + (r.warmup + r.latency_reps)) + (2 * (r.warmup + r.reps) if train else 0)
     with Progress(enabled=progress) as bar, bar.task("bench dense vs EViT", steps, unit="passes") as advance:
         t_batch = time_side_by_side(timed, x, warmup=r.warmup, reps=r.reps, amp=r.amp, advance=advance)
-        t_one = time_side_by_side(timed, x[:1].clone(), warmup=r.warmup, reps=r.latency_reps, amp=r.amp, advance=advance)
+        t_one = time_side_by_side(timed, x[:1].clone(), warmup=r.warmup, reps=r.latency_reps, amp=r.amp,
+                                  advance=advance)
         t_train = time_training(models, x, warmup=r.warmup, reps=r.reps, amp=r.amp, advance=advance) if train else None
     return t_batch, t_one, t_train
 
@@ -277,7 +281,8 @@ def _time_all(models: dict, compiled: dict, x: torch.Tensor, r: _Runs, *, train:
 def precision(dev: torch.device, amp: bool, mode: str | None) -> str:
     """The precision and execution the figures were taken in, in words."""
     dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype(dev)]
-    return (f"{dtype} autocast" if amp else "fp32") + (f", eager and torch.compile (mode {mode})" if mode else ", eager")
+    return (f"{dtype} autocast" if amp else "fp32") + (f", eager and torch.compile (mode {mode})" if mode
+                                                       else ", eager")
 
 
 def _report(model: nn.Module, figures: dict, *, batch: int, dev: torch.device, amp: bool, mode: str | None,

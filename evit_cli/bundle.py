@@ -90,7 +90,8 @@ def flat_source(module: str, entry: str) -> str:
         i, col = node.lineno - 1, node.col_offset
         lines[i] = lines[i][:col] + _FROM.sub(f"from .{flat_name(target, entry)} import", lines[i][col:], count=1)
     rel = module_path(module).relative_to(ROOT.parent).as_posix()
-    return f"# {rel} of evit {__version__}, its imports made flat: the package's own code, shipped with the model.\n" + "".join(lines)
+    return (f"# {rel} of evit {__version__}, its imports made flat: the package's own code, shipped with the model.\n"
+            + "".join(lines))
 
 
 def write(folder: Path, entry: str) -> list[str]:

@@ -104,7 +104,8 @@ def save(folder: Path, state: dict) -> None:
 
 
 def write_progress(folder: Path, state: dict) -> None:
-    write_json(folder / PROGRESS, {"epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"]})
+    write_json(folder / PROGRESS,
+               {"epoch": state["epoch"], "step": state["step"], "step_in_epoch": state["step_in_epoch"]})
 
 
 def append(path: Path, row: dict) -> None:

@@ -66,7 +66,8 @@ def choose_head(mode: str, data_names: list[str], model: nn.Module) -> tuple[str
     count = adapters.get_adapter(model).num_classes(model)
     if not data_names:  # no labels: the model's own output (its head, or its embedding) is distilled
         if mode == "new":
-            raise EvitError("--head new needs labels, and the data set has none: drop --head new to keep the model's head")
+            raise EvitError("--head new needs labels, and the data set has none: drop --head new to keep the model's "
+                            "head")
         return "keep", None
     mapping = class_map(data_names, model)
     if mode == "new" or (mode == "auto" and mapping is None):

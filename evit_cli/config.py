@@ -49,7 +49,8 @@ def parse_layers(value, option: str = "--layers") -> tuple[int, ...]:
             raise EvitError(f"{option} must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
     else:
         values = (value,) if isinstance(value, int) else value
-        if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in values):
             raise EvitError(f"--layers must be block numbers such as 4,7,10, got {value!r}")
         layers = tuple(int(v) for v in values)
     if not layers:
@@ -67,7 +68,8 @@ def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
         try:
             rates = tuple(float(p) for p in parts)
         except ValueError:
-            raise EvitError(f"{option} must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, got {value!r}") from None
+            raise EvitError(f"{option} must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, "
+                            f"got {value!r}") from None
     else:
         values = value if isinstance(value, (list, tuple)) else [value]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):

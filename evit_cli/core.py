@@ -41,7 +41,8 @@ def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | 
 def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
     adapter = adapters.get_adapter(model)
     n, p = adapter.num_tokens(model), adapter.num_prefix_tokens(model)
-    for layer, rate, after in zip(cfg.layers, cfg.keep_rates, [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.fuse)):
+    for layer, rate, after in zip(cfg.layers, cfg.keep_rates,
+                                  [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.fuse)):
         if num_kept(after - p, rate) < 1:
             raise EvitError(f"keep rate {rate} at layer {layer} keeps no token out of {after - p}: raise it")
 
@@ -68,4 +69,5 @@ def tokens_after_layers(model: nn.Module) -> list[int]:
     if cfg is None:
         return []
     adapter = adapters.get_adapter(model)
-    return token_counts(adapter.num_tokens(model), adapter.num_prefix_tokens(model), cfg.layers, cfg.keep_rates, cfg.fuse)
+    return token_counts(adapter.num_tokens(model), adapter.num_prefix_tokens(model), cfg.layers, cfg.keep_rates,
+                        cfg.fuse)

@@ -90,7 +90,8 @@ def _imagefolder_splits(root: Path) -> dict[str, list[str]]:
     def images(d: Path) -> list[str]:
         return sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
 
-    splits = {d.name.lower(): images(d) for d in root.iterdir() if d.is_dir() and d.name.lower() in ("train",) + VAL_SPLITS}
+    splits = {d.name.lower(): images(d) for d in root.iterdir()
+              if d.is_dir() and d.name.lower() in ("train",) + VAL_SPLITS}
     splits = {k: v for k, v in splits.items() if v} or {"train": images(root)}
     if not any(splits.values()):
         raise EvitError(f"no images under {root}: an image folder has a subfolder of images per class")
@@ -469,7 +470,8 @@ def mix_batch(images: torch.Tensor, mixup: float, cutmix: float):
     return mixed, 1 - (y1 - y0) * (x1 - x0) / (h * w), perm
 
 
-def mixed_target(target: torch.Tensor, num_classes: int, lam: float, perm: torch.Tensor, smoothing: float) -> torch.Tensor:
+def mixed_target(target: torch.Tensor, num_classes: int, lam: float, perm: torch.Tensor,
+                 smoothing: float) -> torch.Tensor:
     """Soft targets of a mixed batch: each image's label smoothed, mixed in the share of its pixels."""
     off = smoothing / num_classes
     one_hot = torch.full((target.shape[0], num_classes), off, device=target.device)

@@ -77,7 +77,8 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
     if why_not is not None:
         if distill or teacher_name is not None or not labelled:
             hint = "" if labelled else " (the data set has no labels, so distillation is the only loss)"
-            raise EvitError(f"cannot distil: {why_not}{hint}: pass --teacher MODEL with this data set's classes, or --no-distill")
+            raise EvitError(f"cannot distil: {why_not}{hint}: pass --teacher MODEL with this data set's classes, or "
+                            f"--no-distill")
         return None, f"labels only: no distillation, {why_not}"
     kind = distill_kind(loss, embedding=student_classes == 0)
     teacher = Teacher(dense.eval(), mapping, source, kind)

@@ -29,7 +29,8 @@ def evaluate_models(models: dict[str, nn.Module], data, *, reference: str = "den
     ds = data.val
     if limit:
         ds = ds.shuffle(seed=0).select(range(min(limit, len(ds))))  # a seeded sample across classes
-    ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(ref_model), train=False),
+    ds = with_transform(ds, data.image_column, data.label_column,
+                        transforms(adapter.data_config(ref_model), train=False),
                         label_map=mapping, bad=bad_images)
     tallies = {name: Tally(embedding) for name in models}
     for images, target in make_loader(ds, batch_size=batch_size, workers=workers):

@@ -80,7 +80,8 @@ def _run_torchscript(path: Path, x: torch.Tensor) -> torch.Tensor:
         return torch.jit.load(str(path), map_location="cpu")(x)
 
 
-def export(model: nn.Module, fmt: str, output: str | os.PathLike, *, check_batches=(1, 8), overwrite: bool = False) -> dict:
+def export(model: nn.Module, fmt: str, output: str | os.PathLike, *, check_batches=(1, 8),
+           overwrite: bool = False) -> dict:
     """Write ``model`` as ``fmt`` (onnx or torchscript) to ``output``, then run the file on random
     batches and compare it with PyTorch; fails (and leaves nothing) above 1e-3."""
     if fmt not in FORMATS:
@@ -108,7 +109,8 @@ def export(model: nn.Module, fmt: str, output: str | os.PathLike, *, check_batch
                 diffs[str(b)] = float((got - wrapped(xb)).abs().max())
         worst = max(diffs.values())
         if not worst <= TOLERANCE:
-            raise EvitError(f"the {fmt} file differs from PyTorch by {worst:.2e} (> {TOLERANCE}): not written; please report it")
+            raise EvitError(f"the {fmt} file differs from PyTorch by {worst:.2e} (> {TOLERANCE}): not written; please "
+                            f"report it")
         apply_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, output)
     except OSError as e:

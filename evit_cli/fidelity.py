@@ -90,7 +90,8 @@ class Tally:
                 s["cosine"] += F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1).sum().item()
             else:
                 s["agree"] += (out.argmax(-1) == ref.argmax(-1)).sum().item()
-                s["kl"] += F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), reduction="sum", log_target=True).item()
+                s["kl"] += F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), reduction="sum",
+                                    log_target=True).item()
         if self.embedding:
             self._keep(out, ref, target)
         elif target is not None and (target >= 0).any():

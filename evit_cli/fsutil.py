@@ -37,7 +37,8 @@ def apply_umask(path: str | os.PathLike) -> None:
 
 def _disk_message(path: Path, e: OSError) -> str:
     if e.errno == errno.ENOSPC:
-        return f"could not write {path}: the disk is full (No space left on device); free some space or choose another place"
+        return (f"could not write {path}: the disk is full (No space left on device); free some space or choose "
+                "another place")
     return f"could not write {path}: {e.strerror or e}; choose another place"
 
 

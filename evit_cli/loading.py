@@ -27,7 +27,8 @@ def load_model(
     """Any model the tool takes (see :func:`_load_model`); ``attn_implementation`` (``eager`` or ``sdpa``)
     sets a transformers model's attention and is refused for timm models."""
     if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
-        raise EvitError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn_implementation!r}")
+        raise EvitError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got "
+                        f"{attn_implementation!r}")
     model = _load_model(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
     if attn_implementation is not None:
         from transformers import PreTrainedModel
@@ -61,7 +62,8 @@ def _load_model(
     if path.is_dir():
         if (path / artifact.META_FILE).is_file():
             if checkpoint is not None or kwargs:
-                given = ", ".join(["--checkpoint"] * (checkpoint is not None) + [f"--{k.replace('_', '-')}" for k in kwargs])
+                given = ", ".join(["--checkpoint"] * (checkpoint is not None)
+                                  + [f"--{k.replace('_', '-')}" for k in kwargs])
                 raise EvitError(f"{path} is an exported folder, which holds its own weights and classes: drop {given}, "
                                 "or give the original model name")
             return artifact.load(path)

@@ -60,7 +60,8 @@ def largest_keep_rate_under(model: nn.Module, budget: float, step: float = 0.001
     if macs_at(model, hi * step) <= budget:
         return 1.0
     if macs_at(model, lo * step) > budget:
-        raise EvitError(f"no keep rate meets {budget / 1e9:.3f} GMACs at these layers: choose earlier layers or a larger target")
+        raise EvitError(f"no keep rate meets {budget / 1e9:.3f} GMACs at these layers: choose earlier layers or a "
+                        f"larger target")
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if macs_at(model, mid * step) <= budget:

@@ -61,9 +61,11 @@ class Oracle:
         ps = sa.num_tokens(student) - sa.num_prefix_tokens(student)
         pt = ta.num_tokens(teacher) - ta.num_prefix_tokens(teacher)
         if ps != pt:
-            raise EvitError(f"the oracle sees {pt} patches and the student {ps}: give an oracle with the student's patch grid")
+            raise EvitError(f"the oracle sees {pt} patches and the student {ps}: give an oracle with the student's "
+                            f"patch grid")
         if ta.depth(teacher) < last_layer:
-            raise EvitError(f"the oracle has {ta.depth(teacher)} blocks, the student reorganizes at block {last_layer}: give a deeper oracle")
+            raise EvitError(f"the oracle has {ta.depth(teacher)} blocks, the student reorganizes at block "
+                            f"{last_layer}: give a deeper oracle")
 
     def observe(self, images: Tensor):
         """Run the oracle dense on ``images``; keep its class attention; return its output."""

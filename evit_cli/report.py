@@ -200,7 +200,8 @@ def eval_table(r: dict) -> Table:
     e = r["evit"]
     labels = "" if r.get("labelled", True) else ", no labels"
     skipped = f", {r['skipped_images']} unreadable skipped" if r.get("skipped_images") else ""
-    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers {','.join(map(str, e['layers']))} "
+    caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers "
+               f"{','.join(map(str, e['layers']))} "
                f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, {training_note(r.get('training'))}; "
                f"{r.get('reference', 'reference: the dense model')}; speedup {r['speedup']:.2f}x; {r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
@@ -223,4 +224,5 @@ def sweep_table(r: dict) -> Table:
 
 
 def sweep_markdown(r: dict) -> str:
-    return f"# evit sweep\n\n{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}\n\n{markdown_table(sweep_rows(r))}"
+    return (f"# evit sweep\n\n{r.get('model', '')} @{r['img_size']}px, EViT layers {','.join(map(str, r['layers']))}"
+            f"\n\n{markdown_table(sweep_rows(r))}")

@@ -82,9 +82,11 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
     if best is None:
         where = "at any of the layer sets tried" if searched else "at these layers"
         if target_gmacs is not None:
-            advice = "raise the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+            advice = "raise the target or choose earlier layers" + ("" if searched
+                                                                    else " (--search-layers tries other sets)")
             raise EvitError(f"no keep rate reaches {target_gmacs:g} GMACs {where}: {advice}")
-        advice = "lower the target or choose earlier layers" + ("" if searched else " (--search-layers tries other sets)")
+        advice = "lower the target or choose earlier layers" + ("" if searched
+                                                                else " (--search-layers tries other sets)")
         raise EvitError(f"no keep rate reaches a {target_speedup:g}x speedup {where}: {advice}")
     rate, layers = best
     convert(model, keep_rate=rate, layers=layers, fuse=cfg.fuse)
@@ -144,7 +146,8 @@ def is_embedding(model: nn.Module) -> bool:
     return adapters.get_adapter(model).num_classes(model) == 0
 
 
-def calibration_sample(model: nn.Module, data, limit: int, *, workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+def calibration_sample(model: nn.Module, data, limit: int, *,
+                       workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A seeded sample of ``limit`` images (eval transform) and their labels: in the model's
     classes, or for an embedding model the data set's own."""
 
@@ -162,7 +165,8 @@ class Scorer:
     (the measures of :class:`~.fidelity.Tally`)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, batch: int, device):
-        self.model, self.images, self.targets, self.batch, self.device = model.to(device).eval(), images, targets, batch, device
+        self.model, self.images, self.targets, self.batch, self.device = (model.to(device).eval(), images, targets,
+                                                                          batch, device)
         self.adapter = adapters.get_adapter(model)
         self.embedding = is_embedding(model)
         self.img = self.adapter.img_size(model)
@@ -186,7 +190,8 @@ class Scorer:
             r = tally.result()
             if not self.embedding:
                 r.setdefault("top1", None)
-            self.cache[rates] = {"keep_rates": list(rates), "gmacs": count_macs(self.model, self.img, self.device) / 1e9,
+            self.cache[rates] = {"keep_rates": list(rates),
+                                 "gmacs": count_macs(self.model, self.img, self.device) / 1e9,
                                  **{k: r[k] for k in MEASURES if k in r}}
         return self.cache[rates]
 
@@ -302,7 +307,8 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
         equal = score((largest_keep_rate_under(m, gmacs * 1e9 + 0.5, step=0.01),) * n)
     except EvitError:  # no single rate gets that cheap at these layers
         equal = None
-    return {"layers": list(layers), "within_constraint": row(best_single_rate(score, n, ok)), "at_equal_gmacs": row(equal)}
+    return {"layers": list(layers), "within_constraint": row(best_single_rate(score, n, ok)),
+            "at_equal_gmacs": row(equal)}
 
 
 def reproduce_command(model: str, result: dict, *, pretrained: bool | None = None,

@@ -19,7 +19,6 @@ from .fsutil import write_bytes
 from .macs import count_macs
 from .progress import Progress
 
-
 FIDELITY_KEYS = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
 
 
@@ -100,7 +99,8 @@ def plot_sweep(result: dict, path: str | os.PathLike, title: str = "") -> Path:
     for ax, (key, label) in zip(axes[0][::-1] if has_acc else axes[0], panels):
         ax.plot([r["gmacs"] for r in rows], [r[key] for r in rows], "o-", label="EViT")
         for r in rows:
-            ax.annotate(f"{r['keep_rate']:g}", (r["gmacs"], r[key]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(f"{r['keep_rate']:g}", (r["gmacs"], r[key]), textcoords="offset points", xytext=(4, 4),
+                        fontsize=8)
         ax.plot([dense["gmacs"]], [dense[key]], "s", color="black", label="dense")
         ax.set_xlabel("GMACs per image")
         ax.set_ylabel(label)

@@ -30,9 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import adapters
+from . import adapters, validate
 from . import checkpoint as ckpt
-from . import validate
 from .core import convert_keeping, dense_copy, get_config
 from .device import amp_dtype, autocast, resolve_device
 from .errors import EvitError
@@ -344,7 +343,8 @@ def _datasets(cfg: TrainConfig, s: Setup, d, bad_images=None):
     val_ds = with_transform(s.data.val, *cols, transforms(data_config, train=False), label_map=s.label_map,
                             bad=bad_images)
     if not cfg.streaming:
-        return (train_ds, val_ds, ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world),
+        return (train_ds, val_ds,
+                ResumableSampler(len(train_ds), seed=cfg.seed, shuffle=True, rank=d.rank, world=d.world),
                 ResumableSampler(len(val_ds), seed=0, shuffle=False, rank=d.rank, world=d.world))
     from datasets.distributed import split_dataset_by_node
 
@@ -365,7 +365,8 @@ def check_data(s: Setup) -> None:
     data set and, for a new head, at least two of them."""
     data = s.data
     if hasattr(data.val, "__len__") and len(data.val) == 0:
-        raise EvitError(f"the validation split ({data.val_source}) has no images: give --val-split, or a larger --val-fraction")
+        raise EvitError(f"the validation split ({data.val_source}) has no images: give --val-split, or a larger "
+                        f"--val-fraction")
     if not data.labelled or not hasattr(data.train, "select_columns") or not hasattr(data.train, "__len__"):
         return
     n = data.num_classes
@@ -445,7 +446,8 @@ def read_resume(cfg: TrainConfig, out: Path, train_dir: Path) -> dict:
     if changed:
         raise EvitError(f"{out} was started with {changed}: resume with the same settings, or {ckpt.START_AGAIN}")
     pos = ckpt.Position.of(state)
-    for name, done, key, want in ((STEP_LOG, pos.step, "step", pos.step), (METRICS_LOG, pos.epoch + 1, "epoch", pos.epoch)):
+    for name, done, key, want in ((STEP_LOG, pos.step, "step", pos.step),
+                                  (METRICS_LOG, pos.epoch + 1, "epoch", pos.epoch)):
         rows = ckpt.log_rows(out / name, done, key) or []
         if len(rows) < want:
             raise EvitError(f"{out / name} holds {len(rows)} of the {want} {key}s the checkpoint holds: the run folder "
@@ -543,7 +545,8 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device, bad_images=None) -> 
     if state is None and d.main:
         _create_folders(cfg, out, train_dir)
     optimizer = _optimizer(s.model, cfg, sched.base_lr)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda" and amp_dtype(device) == torch.float16)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda"
+                                  and amp_dtype(device) == torch.float16)
     notes = [lr_note] if lr_note else []
     run = Run(cfg, d, device, s, out, train_dir, sched, loaders, optimizer, scaler, notes, bad_images)
     if state is not None:
@@ -552,7 +555,8 @@ def _start(cfg: TrainConfig, d: Dist, device: torch.device, bad_images=None) -> 
         dist.barrier()
     run.net = s.model
     if d.world > 1:
-        run.net = nn.parallel.DistributedDataParallel(s.model, device_ids=[device.index] if device.type == "cuda" else None)
+        run.net = nn.parallel.DistributedDataParallel(s.model, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
     return run
 
 
@@ -668,7 +672,8 @@ def _log_step(run: Run, epoch: int, rates: list[float], lr: float, tally: _Tally
     """The step's row in the log and the progress line; then the step is done."""
     ips = tally.seen * run.d.world / (time.perf_counter() - tally.t0)
     if run.d.main:
-        ckpt.append(run.out / STEP_LOG, {"step": run.step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": tally.loss})
+        ckpt.append(run.out / STEP_LOG,
+                    {"step": run.step, "epoch": epoch, "lr": lr, "keep_rate": rates, "loss": tally.loss})
     progress.update(task, advance=1, loss=tally.loss, lr=lr, keep=",".join(f"{r:.3f}" for r in rates), ips=ips)
     run.step += 1
     tally.in_epoch += 1
@@ -787,8 +792,10 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
     """What the fine-tuned folder says about how it was made (evit.json, model card, info, eval)."""
     t = s.teacher
     return {
-        # the dense model it started from (evaluate.origin_of), a folder by its absolute path; pretrained None: a folder's own weights
-        "from": {"model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model, "checkpoint": cfg.checkpoint,
+        # the dense model it started from (evaluate.origin_of), a folder by its absolute path;
+        # pretrained None: a folder's own weights
+        "from": {"model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
+                 "checkpoint": cfg.checkpoint,
                  "pretrained": None if Path(cfg.model).is_dir() and not cfg.checkpoint else cfg.pretrained},
         "dataset": cfg.dataset, "train_split": cfg.train_split, "train_images": train_images,
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),

@@ -235,7 +235,8 @@ _META_TYPES = {
     "num_tokens": ("a positive integer", lambda v: _is_int(v, 1)),
     "tool_version": ("a text", lambda v: isinstance(v, str)),
     "token_counts": ("a list of positive integers", lambda v: v is None or _int_list(v)),
-    "class_names": ("a list of texts", lambda v: v is None or (isinstance(v, list) and all(isinstance(c, str) for c in v))),
+    "class_names": ("a list of texts", lambda v: v is None
+                    or (isinstance(v, list) and all(isinstance(c, str) for c in v))),
     "evit": ("an object with layers and keep_rates", lambda v: v is None or (
         isinstance(v, dict) and _int_list(v.get("layers")) and _number_list(v.get("keep_rates")))),
     "data_config": ("an object", lambda v: v is None or isinstance(v, dict)),

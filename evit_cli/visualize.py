@@ -13,7 +13,6 @@ from .data import open_image, transforms
 from .errors import EvitError
 from .fsutil import write_bytes
 
-
 BLANK = (255, 0, 255)  # the colour of fused patches: magenta, rare in photos
 
 
@@ -41,7 +40,8 @@ def patch_fates(model: nn.Module, x: torch.Tensor) -> list[list[set[int]]]:
     return fates
 
 
-def visualize(model: nn.Module, images: list[str | os.PathLike], out: str | os.PathLike, scale: int | None = None) -> dict:
+def visualize(model: nn.Module, images: list[str | os.PathLike], out: str | os.PathLike,
+              scale: int | None = None) -> dict:
     """One row per image: the image as the model sees it, then one panel per EViT layer with the
     patches that no longer have a token of their own (fused or dropped) blanked out."""
     from PIL import Image, ImageDraw

@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 import transformers as tf
+from conftest import randomize
 from timm.models.vision_transformer import VisionTransformer
 
 import evit_cli
@@ -17,7 +18,6 @@ from evit_cli import adapters
 from evit_cli.adapters import timm_families
 from evit_cli.export import _Logits
 from evit_cli.fidelity import outputs
-from conftest import randomize
 
 SIZE = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3)
 TIMM = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)
@@ -58,7 +58,8 @@ def _hf(name: str):
         "dinov2": lambda: tf.Dinov2Model(tf.Dinov2Config(**SIZE, mlp_ratio=2)),
         "vit_pooler": lambda: tf.ViTModel(tf.ViTConfig(**SIZE, intermediate_size=96)),
         "vit_no_pooler": lambda: tf.ViTModel(tf.ViTConfig(**SIZE, intermediate_size=96), add_pooling_layer=False),
-        "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**SIZE, intermediate_size=96, num_labels=5)),
+        "vit_classifier": lambda: tf.ViTForImageClassification(tf.ViTConfig(**SIZE, intermediate_size=96,
+                                                                            num_labels=5)),
     }[name]
     return randomize(build())
 
@@ -73,7 +74,8 @@ def _library_output(name: str, model, x):
     return out.logits if name == "vit_classifier" else out.pooler_output
 
 
-@pytest.mark.parametrize("name", ["clip_model", "clip_vision", "dinov2", "vit_pooler", "vit_no_pooler", "vit_classifier"])
+@pytest.mark.parametrize("name",
+                         ["clip_model", "clip_vision", "dinov2", "vit_pooler", "vit_no_pooler", "vit_classifier"])
 def test_the_output_of_each_transformers_family_is_what_its_users_take(name, x):
     model = _hf(name)
     with torch.no_grad():

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_timm
 from safetensors.torch import load_file
 
 import evit_cli
-from conftest import tiny_timm
 
 
 @pytest.mark.parametrize("kind", ["vit", "distilled", "registers"])

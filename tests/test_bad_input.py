@@ -9,12 +9,12 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import tiny_timm
+from safetensors.torch import save_file
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 
 class _RunsCode:
@@ -81,7 +81,8 @@ CASES = [
     # models and checkpoints
     ("unknown name", ["convert", "deit_smal_patch16_224", "--no-pretrained", "-o", "o"], "Did you mean"),
     ("not a ViT", ["convert", "resnet18", "--no-pretrained", "-o", "o"], "not a supported Vision Transformer"),
-    ("ViT without class token", ["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained", "-o", "o"], "no class token"),
+    ("ViT without class token", ["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained", "-o", "o"],
+     "no class token"),
     ("missing local folder", ["convert", "./nope", "-o", "o"], "does not exist"),
     ("missing checkpoint", ["convert", "deit_tiny_patch16_224", "-c", "missing.pth", "-o", "o"], "does not exist"),
     ("truncated checkpoint", ["convert", "vit_tiny_patch16_224", "-c", "cut.safetensors", "-o", "o"], "truncated"),
@@ -98,7 +99,8 @@ CASES = [
     ("keep rate above 1", ["convert", M, "-k", "1.2", "-o", "o"], "outside (0, 1]"),
     ("keep rate keeps nothing", ["convert", M, "-k", "1e-9", "-o", "o"], "keeps no token"),
     ("keep rate not a number", ["convert", M, "-k", "high", "-o", "o"], "must be a number"),
-    ("rates and layers mismatch", ["convert", M, "-k", "0.9,0.8,0.7", "-l", "2,4", "-o", "o"], "3 keep rates for 2 layers"),
+    ("rates and layers mismatch", ["convert", M, "-k", "0.9,0.8,0.7", "-l", "2,4", "-o", "o"],
+     "3 keep rates for 2 layers"),
     ("match-macs with keep-rate", ["convert", M, "--match-macs", "32", "-k", "0.5", "-o", "o"], "drop --keep-rate"),
     ("image size 0", ["convert", M, "--img-size", "0", "-o", "o"], "--img-size must be at least 1"),
     ("output exists", ["convert", M, "-o", "existing"], "--overwrite"),
@@ -116,10 +118,14 @@ CASES = [
     ("unreadable image", ["visualize", M, "bad.jpg", "-o", "v.png"], "cannot read image"),
     # finetune
     ("finetune without data set", ["finetune", M, "-o", "ft"], "no data set"),
-    ("new head without labels", ["finetune", M, "--dataset", "nolabel", "--head", "new", "-o", "ft", "--workers", "0"], "--head new needs labels"),
-    ("finetune batch 0", ["finetune", M, "--dataset", "colours", "-b", "0", "-o", "ft", "--workers", "0"], "at least 1"),
-    ("unknown recipe key", ["finetune", M, "--recipe", "bad.yaml", "--dataset", "colours", "-o", "ft"], "unknown recipe keys"),
-    ("recipe not YAML", ["finetune", M, "--recipe", "notyaml.yaml", "--dataset", "colours", "-o", "ft"], "not valid YAML"),
+    ("new head without labels", ["finetune", M, "--dataset", "nolabel", "--head", "new", "-o", "ft", "--workers", "0"],
+     "--head new needs labels"),
+    ("finetune batch 0", ["finetune", M, "--dataset", "colours", "-b", "0", "-o", "ft", "--workers", "0"],
+     "at least 1"),
+    ("unknown recipe key", ["finetune", M, "--recipe", "bad.yaml", "--dataset", "colours", "-o", "ft"],
+     "unknown recipe keys"),
+    ("recipe not YAML", ["finetune", M, "--recipe", "notyaml.yaml", "--dataset", "colours", "-o", "ft"],
+     "not valid YAML"),
     ("missing recipe", ["finetune", M, "--recipe", "none.yaml", "--dataset", "colours", "-o", "ft"], "does not exist"),
     ("resume with nothing", ["finetune", M, "--dataset", "colours", "-o", "ft", "--resume"], "nothing to resume"),
     # export and info
@@ -153,13 +159,16 @@ NEW_CASES = [
     ("image size not a number", ["convert", M, "--img-size", "big", "-o", "o"], "Invalid value for '--img-size'"),
     ("match-macs 0", ["convert", M, "--match-macs", "0", "-o", "o"], "--match-macs must be at least 1"),
     ("match-macs off the patch grid", ["convert", M, "--match-macs", "30", "-o", "o"], "not a multiple"),
-    ("num-classes negative", ["convert", "deit_tiny_patch16_224", "--no-pretrained", "--num-classes", "-3", "-o", "o"], "--num-classes must be 0 or more"),
+    ("num-classes negative", ["convert", "deit_tiny_patch16_224", "--no-pretrained", "--num-classes", "-3", "-o", "o"],
+     "--num-classes must be 0 or more"),
     ("num-classes with exported folder", ["convert", M, "--num-classes", "4", "-o", "o"], "drop --num-classes"),
     ("checkpoint with exported folder", ["convert", M, "-c", "tiny.safetensors", "-o", "o"], "drop --checkpoint"),
-    ("checkpoint with exported folder, eval", ["eval", M, "-d", "colours", "-c", "tiny.safetensors"], "drop --checkpoint"),
+    ("checkpoint with exported folder, eval", ["eval", M, "-d", "colours", "-c", "tiny.safetensors"],
+     "drop --checkpoint"),
     ("no-pretrained with exported folder", ["convert", M, "--no-pretrained", "-o", "o"], "drop --no-pretrained"),
     ("pretrained with exported folder, sweep", ["sweep", M, "--pretrained", "-o", "sw"], "drop --pretrained"),
-    ("no-pretrained with exported folder, finetune", ["finetune", M, "--dataset", "colours", "--no-pretrained", "-o", "ft"], "drop --no-pretrained"),
+    ("no-pretrained with exported folder, finetune",
+     ["finetune", M, "--dataset", "colours", "--no-pretrained", "-o", "ft"], "drop --no-pretrained"),
     # convert: keep rates and layers
     ("empty keep-rate entry", ["convert", M, "-k", "0.7,,0.5", "-o", "o"], "has an empty entry"),
     ("leading comma in keep rates", ["convert", M, "-k", ",0.7", "-o", "o"], "has an empty entry"),
@@ -172,9 +181,11 @@ NEW_CASES = [
     ("layers decreasing", ["convert", M, "-l", "4,2", "-o", "o"], "increasing order"),
     ("layer not an integer", ["convert", M, "-l", "2.5", "-o", "o"], "comma-separated block numbers"),
     # convert: checkpoints and exported folders
-    ("integer weights", ["convert", "vit_tiny_patch16_224", "-c", "int.safetensors", "-o", "o"], "holds integer tensors where weights should be float"),
+    ("integer weights", ["convert", "vit_tiny_patch16_224", "-c", "int.safetensors", "-o", "o"],
+     "holds integer tensors where weights should be float"),
     ("safetensors named .pth", ["convert", "deit_tiny_patch16_224", "-c", "st_named.pth", "-o", "o"], "does not fit"),
-    ("checkpoint is text", ["convert", "deit_tiny_patch16_224", "-c", "afile", "-o", "o"], "not a readable PyTorch checkpoint"),
+    ("checkpoint is text", ["convert", "deit_tiny_patch16_224", "-c", "afile", "-o", "o"],
+     "not a readable PyTorch checkpoint"),
     ("evit.json not JSON", ["convert", "notjson", "-o", "o"], "is not valid JSON"),
     ("evit.json incomplete", ["convert", "nokeys", "-o", "o"], "is incomplete"),
     ("missing folder with brackets", ["convert", "./data[v2]", "-o", "o"], "data[v2] does not exist"),
@@ -201,10 +212,12 @@ NEW_CASES = [
     ("eval unreadable image, workers", ["eval", M, "-d", "badcol", "--workers", "1"], "cannot read image"),
     ("eval decompression bomb", ["eval", M, "-d", "bombcol", "--workers", "0"], "larger than PIL's safety limit"),
     ("eval report is a file", ["eval", M, "-d", "colours", "--report", "afile"], "is a file, not a folder"),
-    ("eval unknown split", ["eval", M, "-d", "colours", "--split", "nosuch", "--workers", "0"], "has no split 'nosuch'"),
+    ("eval unknown split", ["eval", M, "-d", "colours", "--split", "nosuch", "--workers", "0"],
+     "has no split 'nosuch'"),
     ("eval data set with brackets", ["eval", M, "-d", "./data[v2]"], "./data[v2] does not exist"),
     ("eval empty layers", ["eval", M, "-d", "colours", "-l", ""], "--layers is empty"),
-    ("eval wrong image column", ["eval", M, "-d", "colours", "--image-column", "pic", "--workers", "0"], "'pic' is not a column"),
+    ("eval wrong image column", ["eval", M, "-d", "colours", "--image-column", "pic", "--workers", "0"],
+     "'pic' is not a column"),
     # sweep
     ("sweep keep rates empty", ["sweep", M, "--keep-rates", "", "-o", "sw"], "--keep-rates is empty"),
     ("sweep empty entry", ["sweep", M, "--keep-rates", "0.5,,0.7", "-o", "sw"], "has an empty entry"),
@@ -217,7 +230,8 @@ NEW_CASES = [
     ("sweep device mps", ["sweep", M, "--device", "mps", "-o", "sw"], "unknown device 'mps'"),
     ("sweep output is a file", ["sweep", M, "-o", "afile"], "is a file, not a folder"),
     ("sweep output below a file", ["sweep", M, "-o", "afile/sw"], "afile is a file"),
-    ("sweep unreadable image", ["sweep", M, "-d", "badcol", "--workers", "0", "--reps", "1", "--keep-rates", "0.5", "-o", "sw"], "broken.png"),
+    ("sweep unreadable image",
+     ["sweep", M, "-d", "badcol", "--workers", "0", "--reps", "1", "--keep-rates", "0.5", "-o", "sw"], "broken.png"),
     ("sweep skip without data set", ["sweep", M, "--skip-bad-images", "-o", "sw"], "give --dataset"),
     # search
     ("search target nan", ["search", M, "--target-gmacs", "nan"], "--target-gmacs must be a finite number"),
@@ -229,8 +243,10 @@ NEW_CASES = [
     ("search reps 0", ["search", M, "--target-gmacs", "1", "--reps", "0"], "--reps must be at least 1"),
     ("search batch 0", ["search", M, "--target-gmacs", "1", "--batch", "0"], "--batch must be at least 1"),
     ("search device mps", ["search", M, "--target-gmacs", "1", "--device", "mps"], "unknown device"),
-    ("search unreachable: raise it", ["search", M, "--target-gmacs", "0.0001"], "raise the target or choose earlier layers"),
-    ("search layers and search-layers", ["search", M, "--target-gmacs", "1", "--search-layers", "-l", "2,4"], "drop --layers"),
+    ("search unreachable: raise it", ["search", M, "--target-gmacs", "0.0001"],
+     "raise the target or choose earlier layers"),
+    ("search layers and search-layers", ["search", M, "--target-gmacs", "1", "--search-layers", "-l", "2,4"],
+     "drop --layers"),
     # visualize
     ("visualize decompression bomb", ["visualize", M, "bomb.png", "-o", "v.png"], "larger than PIL's safety limit"),
     ("visualize missing image", ["visualize", M, "nope.jpg", "-o", "v.png"], "cannot read image nope.jpg"),
@@ -487,7 +503,8 @@ def test_tables_fit_80_columns_without_ellipsis(ws):
              "top1": 79.5, "top5": 94.2} for k in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)]
     sweep = {"model": "deit_small_patch16_224", "img_size": 224, "layers": [4, 7, 10], "batch": 64, "rows": rows}
     info = kv_table("evit info ./data[v2]", {"gmacs": 4.60123456789123, "tokens": [197, 140],
-                                               "bench": {"speedup": 1.61234567, "device_name": "AMD EPYC 7B13, 2 threads"}})
+                                               "bench": {"speedup": 1.61234567,
+                                                         "device_name": "AMD EPYC 7B13, 2 threads"}})
     buf = io.StringIO()
     console = Console(file=buf, width=80)
     for table in (bench_table(r), sweep_table(sweep), info):

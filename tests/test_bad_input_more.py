@@ -11,13 +11,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import tiny_timm
+from safetensors.torch import save_file
 from test_bad_input import test_bad_input as check_bad_input
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +101,6 @@ def _exported_folders(root):
 
 def _data_sets(root):
     import datasets
-
     from PIL import Image
 
     ds = datasets.load_dataset("imagefolder", data_dir=str(root / "colours"))["train"]
@@ -128,67 +127,96 @@ T = ["deit_tiny_patch16_224", "--no-pretrained"]  # a timm name that takes --che
 C = ["convert"] + T
 CASES = [
     # a folder where a file is expected, and a file where a folder is
-    ("checkpoint is a folder", C + ["-c", "weights", "-o", "o"], "checkpoint weights is a folder, not a weights file: give the file inside it (--checkpoint weights/model.safetensors)"),
+    ("checkpoint is a folder", C + ["-c", "weights", "-o", "o"],
+     "checkpoint weights is a folder, not a weights file: give the file inside it (--checkpoint "
+     "weights/model.safetensors)"),
     ("checkpoint is an empty folder", C + ["-c", "emptydir", "-o", "o"], "emptydir is a folder, not a weights file"),
-    ("checkpoint is a folder, eval", ["eval"] + T + ["-c", "weights", "-d", "colours"], "is a folder, not a weights file"),
+    ("checkpoint is a folder, eval", ["eval"] + T + ["-c", "weights", "-d", "colours"],
+     "is a folder, not a weights file"),
     ("checkpoint is a folder, sweep", ["sweep"] + T + ["-c", "weights", "-o", "sw"], "is a folder, not a weights file"),
-    ("checkpoint is a folder, search", ["search"] + T + ["-c", "weights", "--target-gmacs", "1"], "is a folder, not a weights file"),
-    ("checkpoint is a folder, visualize", ["visualize"] + T + ["ok.png", "-c", "weights", "-o", "v.png"], "is a folder, not a weights file"),
+    ("checkpoint is a folder, search", ["search"] + T + ["-c", "weights", "--target-gmacs", "1"],
+     "is a folder, not a weights file"),
+    ("checkpoint is a folder, visualize", ["visualize"] + T + ["ok.png", "-c", "weights", "-o", "v.png"],
+     "is a folder, not a weights file"),
     ("evit.json is a folder", ["convert", "m_meta_dir", "-o", "o"], "m_meta_dir/evit.json is a folder, not a file"),
     ("config.json is a folder", ["convert", "hf_cfg_dir", "-o", "o"], "hf_cfg_dir/config.json is a folder, not a file"),
     ("weights of an export are a folder", ["convert", "m_w_dir", "-o", "o"], "m_w_dir has no model.safetensors file"),
     ("weights of an export missing", ["bench", "m_w_missing"], "export the model again"),
-    ("data set is a text file", ["eval", M, "-d", "afile", "--workers", "0"], "data set afile is a file, not a data set"),
-    ("data set is an image file", ["eval", M, "-d", "ok.png", "--workers", "0"], "data set ok.png is a file, not a data set"),
+    ("data set is a text file", ["eval", M, "-d", "afile", "--workers", "0"],
+     "data set afile is a file, not a data set"),
+    ("data set is an image file", ["eval", M, "-d", "ok.png", "--workers", "0"],
+     "data set ok.png is a file, not a data set"),
     ("data set is a file, sweep", ["sweep", M, "-d", "afile", "-o", "sw"], "is a file, not a data set"),
-    ("image is a folder", ["visualize", M, "emptydir", "-o", "v.png"], "cannot read image emptydir: it is a folder, not an image file"),
-    ("image missing, beside a good one", ["visualize", M, "ok.png", "gone.png", "-o", "v.png"], "cannot read image gone.png: it does not exist"),
+    ("image is a folder", ["visualize", M, "emptydir", "-o", "v.png"],
+     "cannot read image emptydir: it is a folder, not an image file"),
+    ("image missing, beside a good one", ["visualize", M, "ok.png", "gone.png", "-o", "v.png"],
+     "cannot read image gone.png: it does not exist"),
     ("eval report below a file", ["eval", M, "-d", "colours", "--report", "afile/r"], "afile is a file"),
     ("bench report is a file", ["bench", M, "--report", "afile"], "is a file, not a folder"),
-    ("export output in a missing folder below a file", ["export", M, "-f", "torchscript", "-o", "afile/x/m.pt"], "afile is a file"),
+    ("export output in a missing folder below a file", ["export", M, "-f", "torchscript", "-o", "afile/x/m.pt"],
+     "afile is a file"),
     ("convert output is the current folder", ["convert", M, "-o", "."], "already exists"),
     # corrupt, empty and truncated weights
-    ("checkpoint zero-byte safetensors", C + ["-c", "zero.safetensors", "-o", "o"], "checkpoint zero.safetensors is empty (0 bytes)"),
+    ("checkpoint zero-byte safetensors", C + ["-c", "zero.safetensors", "-o", "o"],
+     "checkpoint zero.safetensors is empty (0 bytes)"),
     ("checkpoint zero-byte pth", C + ["-c", "zero.pth", "-o", "o"], "checkpoint zero.pth is empty (0 bytes)"),
     ("checkpoint zero-byte bin", C + ["-c", "zero.bin", "-o", "o"], "is empty (0 bytes)"),
     ("checkpoint truncated pth", C + ["-c", "cut.pth", "-o", "o"], "cut.pth is not a readable PyTorch checkpoint"),
-    ("checkpoint is JSON named pth", C + ["-c", "json.pth", "-o", "o"], "json.pth is not a readable PyTorch checkpoint or safetensors file (it holds text)"),
+    ("checkpoint is JSON named pth", C + ["-c", "json.pth", "-o", "o"],
+     "json.pth is not a readable PyTorch checkpoint or safetensors file (it holds text)"),
     ("checkpoint is JSON named safetensors", C + ["-c", "json.safetensors", "-o", "o"], "(it holds text)"),
     ("checkpoint is binary noise", C + ["-c", "noise.bin", "-o", "o"], "its first bytes are neither's"),
     ("export's weights zero bytes", ["convert", "m_w_zero", "-o", "o"], "model.safetensors is empty (0 bytes)"),
     ("transformers weights zero bytes", ["convert", "hf_w_zero", "-l", "2", "-o", "o"], "download or save it again"),
-    ("transformers weights truncated", ["convert", "hf_w_cut", "-l", "2", "-o", "o"], "cannot load hf_w_cut with transformers"),
+    ("transformers weights truncated", ["convert", "hf_w_cut", "-l", "2", "-o", "o"],
+     "cannot load hf_w_cut with transformers"),
     # config.json, preprocessor_config.json, evit.json
     ("config.json empty", ["convert", "hf_cfg_empty", "-o", "o"], "hf_cfg_empty/config.json is not valid JSON"),
-    ("config.json a list", ["convert", "hf_cfg_list", "-o", "o"], "config.json does not hold a JSON object (it holds a list)"),
-    ("config.json not UTF-8", ["convert", "hf_cfg_latin1", "-o", "o"], "config.json is not valid JSON (UnicodeDecodeError"),
+    ("config.json a list", ["convert", "hf_cfg_list", "-o", "o"],
+     "config.json does not hold a JSON object (it holds a list)"),
+    ("config.json not UTF-8", ["convert", "hf_cfg_latin1", "-o", "o"],
+     "config.json is not valid JSON (UnicodeDecodeError"),
     ("config.json wrong types", ["convert", "hf_cfg_types", "-o", "o"], "Field 'hidden_size' expected int"),
-    ("preprocessor config not JSON", ["convert", "hf_proc_bad", "-l", "2", "-o", "o"], "preprocessor_config.json is not valid JSON"),
-    ("preprocessor config a list", ["convert", "hf_proc_list", "-l", "2", "-o", "o"], "preprocessor_config.json does not hold a JSON object"),
-    ("preprocessor config not UTF-8", ["convert", "hf_proc_latin1", "-l", "2", "-o", "o"], "preprocessor_config.json is not valid JSON"),
+    ("preprocessor config not JSON", ["convert", "hf_proc_bad", "-l", "2", "-o", "o"],
+     "preprocessor_config.json is not valid JSON"),
+    ("preprocessor config a list", ["convert", "hf_proc_list", "-l", "2", "-o", "o"],
+     "preprocessor_config.json does not hold a JSON object"),
+    ("preprocessor config not UTF-8", ["convert", "hf_proc_latin1", "-l", "2", "-o", "o"],
+     "preprocessor_config.json is not valid JSON"),
     ("evit.json empty", ["convert", "m_meta_empty", "-o", "o"], "evit.json is not valid JSON"),
-    ("evit.json a list", ["info", "m_meta_list"], "evit.json does not hold a JSON object (it holds a list): export the model again"),
+    ("evit.json a list", ["info", "m_meta_list"],
+     "evit.json does not hold a JSON object (it holds a list): export the model again"),
     ("evit.json not UTF-8", ["bench", "m_meta_latin1"], "evit.json is not valid JSON (UnicodeDecodeError"),
-    ("evit.json classes as text", ["convert", "m_classes_text", "-o", "o"], "num_classes must be an integer, 0 or more, got 'three'"),
+    ("evit.json classes as text", ["convert", "m_classes_text", "-o", "o"],
+     "num_classes must be an integer, 0 or more, got 'three'"),
     ("evit.json classes as text, info", ["info", "m_classes_text"], "num_classes must be an integer"),
-    ("evit.json classes as text, export", ["export", "m_classes_text", "-f", "torchscript"], "num_classes must be an integer"),
-    ("evit.json negative image size", ["eval", "m_size_negative", "-d", "colours"], "img_size must be a positive integer, got -32"),
-    ("evit.json layers as text", ["convert", "m_layers_text", "-o", "o"], "evit must be an object with layers and keep_rates"),
-    ("evit.json model a number", ["convert", "m_source_model_number", "-o", "o"], "source.model must be a text, got 42"),
+    ("evit.json classes as text, export", ["export", "m_classes_text", "-f", "torchscript"],
+     "num_classes must be an integer"),
+    ("evit.json negative image size", ["eval", "m_size_negative", "-d", "colours"],
+     "img_size must be a positive integer, got -32"),
+    ("evit.json layers as text", ["convert", "m_layers_text", "-o", "o"],
+     "evit must be an object with layers and keep_rates"),
+    ("evit.json model a number", ["convert", "m_source_model_number", "-o", "o"],
+     "source.model must be a text, got 42"),
     ("evit.json unknown family", ["info", "m_family_keras"], "family must be 'timm' or 'transformers', got 'keras'"),
     # corrupt data sets and images
     ("parquet zero bytes", ["eval", M, "-d", "zero.parquet", "--workers", "0"], "cannot read data set zero.parquet"),
     ("parquet truncated", ["eval", M, "-d", "cut.parquet", "--workers", "0"], "is it complete? write or copy it again"),
     ("parquet folder truncated", ["eval", M, "-d", "pq_dir", "--workers", "0"], "cannot read data set pq_dir"),
-    ("save_to_disk state corrupt", ["eval", M, "-d", "saved_badstate", "--workers", "0"], "cannot read data set saved_badstate"),
+    ("save_to_disk state corrupt", ["eval", M, "-d", "saved_badstate", "--workers", "0"],
+     "cannot read data set saved_badstate"),
     ("folder without images", ["eval", M, "-d", "textonly", "--workers", "0"], "no images under textonly"),
-    ("zero-byte image in a data set", ["eval", M, "-d", "col_zero_image", "--workers", "0"], "zero.jpg: it cannot be decoded"),
-    ("zero-byte image", ["visualize", M, "zero.png", "-o", "v.png"], "cannot read image zero.png: it cannot be decoded"),
+    ("zero-byte image in a data set", ["eval", M, "-d", "col_zero_image", "--workers", "0"],
+     "zero.jpg: it cannot be decoded"),
+    ("zero-byte image", ["visualize", M, "zero.png", "-o", "v.png"],
+     "cannot read image zero.png: it cannot be decoded"),
     ("text named png", ["visualize", M, "text.png", "-o", "v.png"], "cannot read image text.png"),
     ("recipe not UTF-8", ["finetune", M, "-d", "colours", "-o", "ft", "--recipe", "latin1.yaml"], "is not UTF-8 text"),
     # sizes that cannot fit in memory, refused before anything is allocated
-    ("image size 100000", ["convert", M, "--img-size", "100000", "-o", "o"], "--img-size 100000 needs at least 840 GB of memory for one pass"),
-    ("image size 100000, transformers", ["convert", HF, "--img-size", "100000", "-o", "o"], "--img-size 100000 needs at least"),
+    ("image size 100000", ["convert", M, "--img-size", "100000", "-o", "o"],
+     "--img-size 100000 needs at least 840 GB of memory for one pass"),
+    ("image size 100000, transformers", ["convert", HF, "--img-size", "100000", "-o", "o"],
+     "--img-size 100000 needs at least"),
     ("match-macs 100000", ["convert", M, "--match-macs", "100000", "-o", "o"], "lower --match-macs"),
     ("bench batch 1e9", ["bench", M, "--batch", "1000000000"], "--batch 1000000000 needs at least 87.2 TB"),
     ("bench batch 2e8", ["bench", M, "--batch", "200000000", "--report", "rep"], "lower --batch"),
@@ -198,14 +226,19 @@ CASES = [
 
 # Sizes found too large only when the allocation fails: on Linux a request above what memory and swap
 # can ever hold fails at once unless overcommit is set to "always" (1), where it would be killed instead.
-_OVERCOMMIT = open("/proc/sys/vm/overcommit_memory").read().strip() if os.path.exists("/proc/sys/vm/overcommit_memory") else "?"
+_OVERCOMMIT = (open("/proc/sys/vm/overcommit_memory").read().strip() if os.path.exists("/proc/sys/vm/overcommit_memory")
+               else "?")
 ALLOCATION_CASES = [
-    ("eval batch 1e9", ["eval", M, "-d", "colours", "--batch", "1000000000", "--workers", "0"], "--batch 1000000000 needs at least 87.2 TB of memory for one pass"),
+    ("eval batch 1e9", ["eval", M, "-d", "colours", "--batch", "1000000000", "--workers", "0"],
+     "--batch 1000000000 needs at least 87.2 TB of memory for one pass"),
     ("sweep batch 1e9", ["sweep", M, "--batch", "1000000000", "-o", "sw"], "12.3 TB did not fit"),
     ("search batch 1e9", ["search", M, "--batch", "1000000000", "--target-gmacs", "1"], "12.3 TB did not fit"),
-    ("export check batch 1e9", ["export", M, "-f", "torchscript", "-o", "m.pt", "--check-batches", "1000000000"], "12.3 TB did not fit"),
-    ("timm head of 1e9 classes", C + ["--num-classes", "1000000000", "-o", "o"], "768 GB did not fit in one allocation; lower --num-classes"),
-    ("finetune image size 100000", ["finetune", M, "-d", "colours", "-o", "ft", "--img-size", "100000", "--workers", "0"], "out of memory"),
+    ("export check batch 1e9", ["export", M, "-f", "torchscript", "-o", "m.pt", "--check-batches", "1000000000"],
+     "12.3 TB did not fit"),
+    ("timm head of 1e9 classes", C + ["--num-classes", "1000000000", "-o", "o"],
+     "768 GB did not fit in one allocation; lower --num-classes"),
+    ("finetune image size 100000",
+     ["finetune", M, "-d", "colours", "-o", "ft", "--img-size", "100000", "--workers", "0"], "out of memory"),
 ]
 
 
@@ -214,7 +247,8 @@ def test_bad_input_more(args, message, ws, capsys, monkeypatch):
     check_bad_input(args, message, ws, capsys, monkeypatch)
 
 
-@pytest.mark.skipif(_OVERCOMMIT not in ("0", "2"), reason="an impossible allocation only fails cleanly without overcommit")
+@pytest.mark.skipif(_OVERCOMMIT not in ("0", "2"),
+                    reason="an impossible allocation only fails cleanly without overcommit")
 @pytest.mark.parametrize("args, message", [c[1:] for c in ALLOCATION_CASES], ids=[c[0] for c in ALLOCATION_CASES])
 def test_allocation_that_cannot_fit(args, message, ws, capsys, monkeypatch):
     check_bad_input(args, message, ws, capsys, monkeypatch)
@@ -299,5 +333,6 @@ def test_sizes_that_fit_are_not_refused(ws, capsys, tmp_path):
     code, _, stderr = run(["convert", ws / M, "--img-size", "64", "-o", tmp_path / "big"], capsys)
     assert code == 0, stderr
     assert evit_cli.load(tmp_path / "big").patch_embed.img_size == (64, 64)
-    code, _, stderr = run(["bench", ws / M, "--batch", "512", "--reps", "1", "--warmup", "0", "--report", tmp_path], capsys)
+    code, _, stderr = run(["bench", ws / M, "--batch", "512", "--reps", "1", "--warmup", "0", "--report", tmp_path],
+                          capsys)
     assert code == 0, stderr

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
-
-import evit_cli
 from conftest import tiny_timm
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 M = "m"
 RUN = ["--dataset", "colours", "--workers", "0", "--no-bench", "--epochs", "2", "-b", "4", "--lr", "1e-3"]
@@ -73,7 +73,8 @@ def _cut(path, keep):
 def _other_architecture(out, train_dir):
     """The checkpoint of a model 192 wide, resumed with one of the same name 96 wide."""
     state = torch.load(train_dir / "checkpoint.pt", weights_only=True)
-    state["model"] = {k: torch.zeros(*v.shape[:-1], 2 * v.shape[-1]) if v.ndim else v for k, v in state["model"].items()}
+    state["model"] = {k: torch.zeros(*v.shape[:-1], 2 * v.shape[-1]) if v.ndim else v
+                      for k, v in state["model"].items()}
     torch.save(state, train_dir / "checkpoint.pt")
 
 
@@ -85,7 +86,8 @@ RESUME = {
     "checkpoint of another kind": (lambda o, t: torch.save({"state_dict": {}}, t / "checkpoint.pt"),
                                    "not an evit training checkpoint (no model, optimizer"),
     "checkpoint with a step that is not a count": (
-        lambda o, t: torch.save({**torch.load(t / "checkpoint.pt", weights_only=True), "step": -3}, t / "checkpoint.pt"),
+        lambda o, t: torch.save({**torch.load(t / "checkpoint.pt", weights_only=True), "step": -3},
+                                t / "checkpoint.pt"),
         "not a count"),
     "checkpoint of another architecture": (_other_architecture, "does not fit this model (size mismatch"),
     "output folder removed": (lambda o, t: shutil.rmtree(o), "output folder"),

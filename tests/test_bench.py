@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.bench import measure_tokens
 from evit_cli.macs import count_macs
 from evit_cli.models import create_timm
-from conftest import tiny_timm
 
 
 def vit_macs(num_patches, patch, dim, depth, classes, prefix, evit_layers):
@@ -69,8 +69,9 @@ def test_bench_reports_attention_kernels_training_and_compiled_figures():
 
 
 def test_attention_kernels_see_the_math_path():
-    from evit_cli.bench import attention_kernels
     import torch
+
+    from evit_cli.bench import attention_kernels
 
     model = tiny_timm("vit")
     for blk in model.blocks:
@@ -116,7 +117,8 @@ def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch, bf16):
     assert seen == {"cuda": torch.bfloat16 if bf16 else torch.float16, "cpu": torch.bfloat16}
     gpu = "bf16" if bf16 else "fp16"
     assert bench_mod.precision(torch.device("cuda"), True, None) == f"{gpu} autocast, eager"
-    assert bench_mod.precision(torch.device("cpu"), True, "default") == "bf16 autocast, eager and torch.compile (mode default)"
+    assert bench_mod.precision(torch.device("cpu"), True,
+                               "default") == "bf16 autocast, eager and torch.compile (mode default)"
     assert bench_mod.precision(torch.device("cuda"), False, None) == "fp32, eager"
 
 

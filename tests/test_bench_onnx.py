@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.bench import bench
 from evit_cli.report import bench_notes, bench_rows
-from conftest import tiny_timm
 
 
 def test_bench_times_dense_and_evit_in_onnxruntime(tmp_path):
@@ -22,7 +22,8 @@ def test_bench_times_dense_and_evit_in_onnxruntime(tmp_path):
         assert o[key]["latency"]["reps"] == 3 and o[key]["latency_b1"]["reps"] == 3
         assert o[key]["images_per_s"] == pytest.approx(4 / (o[key]["latency"]["median_ms"] / 1000))
     assert o["speedup"] == pytest.approx(o["dense"]["latency"]["median_ms"] / o["evit_model"]["latency"]["median_ms"])
-    assert o["speedup_b1"] == pytest.approx(o["dense"]["latency_b1"]["median_ms"] / o["evit_model"]["latency_b1"]["median_ms"])
+    assert o["speedup_b1"] == pytest.approx(o["dense"]["latency_b1"]["median_ms"]
+                                            / o["evit_model"]["latency_b1"]["median_ms"])
     labels = [row[0] for row in bench_rows(r)]
     assert labels[1:] == ["dense", "dense ONNX Runtime", "EViT", "EViT ONNX Runtime"]
     assert any(n.startswith("ONNX Runtime ") and "at batch 1" in n for n in bench_notes(r))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.cli import main
-from conftest import tiny_timm
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 
@@ -49,7 +49,8 @@ def test_convert_writes_folder_and_json_summary(tmp_path, capsys):
 
 
 def test_reconvert_an_exported_folder_with_new_keep_rates(tiny_folder, tmp_path, capsys):
-    code, _, _ = run(["convert", tiny_folder, "-k", "0.9,0.5", "-l", "3,5", "--no-fuse", "-o", tmp_path / "again"], capsys)
+    code, _, _ = run(["convert", tiny_folder, "-k", "0.9,0.5", "-l", "3,5", "--no-fuse", "-o", tmp_path / "again"],
+                     capsys)
     assert code == 0
     model = evit_cli.load(tmp_path / "again")
     assert model.evit_config == evit_cli.EViTConfig((3, 5), (0.9, 0.5), False)
@@ -69,7 +70,8 @@ def test_bench_folder_writes_report_inside_it(tiny_folder, capsys):
 
 
 def test_bench_table_on_terminal(tiny_folder, capsys, tmp_path):
-    code, stdout, _ = run(["bench", tiny_folder, "--batch", 2, "--reps", 1, "--warmup", 0, "--report", tmp_path / "r"], capsys)
+    code, stdout, _ = run(["bench", tiny_folder, "--batch", 2, "--reps", 1, "--warmup", 0, "--report", tmp_path / "r"],
+                          capsys)
     assert code == 0
     assert "speedup" in stdout and "EViT" in stdout
     assert (tmp_path / "r" / "bench.md").is_file()

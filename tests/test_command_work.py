@@ -10,9 +10,9 @@ import shlex
 
 import pytest
 import torch
+from conftest import tiny_timm
 
 import evit_cli
-from conftest import tiny_timm
 from evit_cli import loading
 from evit_cli.artifact import folder_summary
 from evit_cli.data import BadImages, make_loader, open_image, with_transform

@@ -10,17 +10,15 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-import evit_cli
-from evit_cli import fidelity
-from evit_cli.core import dense_copy
-from evit_cli.fidelity import Tally, knn_top1, neighbour_overlap
 from conftest import tiny_timm
 from test_cli import run
 from test_fidelity import independent_logits, write_flat_folder
 from test_train import COLORS, write_colour_folder
 
+import evit_cli
+from evit_cli import fidelity
+from evit_cli.core import dense_copy
+from evit_cli.fidelity import Tally, knn_top1, neighbour_overlap
 
 # --------------------------------------------------------------------------- naive references
 
@@ -231,7 +229,8 @@ def test_search_constraints_of_a_headless_model_are_one_line(headless, colours, 
 
 
 def test_min_cosine_refuses_a_classifier(tmp_path, colours, capsys):
-    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2,)), tmp_path / "m")
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2,)),
+                           tmp_path / "m")
     code, _, err = run(["search", folder, "--dataset", colours, "--min-cosine", 0.9, "--workers", 0], capsys)
     assert code == 2 and "--min-cosine is for headless" in err and len(err.strip().splitlines()) == 1
 
@@ -246,7 +245,8 @@ def test_per_epoch_validation_measures_embeddings(headless, colours):
     model = evit_cli.load(headless)
     adapter = adapters.get_adapter(model)
     data = load_image_data(str(colours), val_split=None, whole_if_no_val=True)
-    ds = with_transform(data.val, data.image_column, data.label_column, transforms(adapter.data_config(model), train=False))
+    ds = with_transform(data.val, data.image_column, data.label_column,
+                        transforms(adapter.data_config(model), train=False))
     teacher = Teacher(dense_copy(model).eval(), None, "dense")
     r = evaluate(model, model, adapter, ds, None, TrainConfig(batch_size=5, workers=0), torch.device("cpu"), Dist(),
                  teacher)

@@ -8,20 +8,21 @@ import shlex
 
 import numpy as np
 import pytest
+from conftest import tiny_timm
 from PIL import Image
+from test_cli import run
+from test_train import write_colour_folder
 
 import evit_cli
 from evit_cli.classes import eval_class_map
 from evit_cli.search import candidate_layer_sets
 from evit_cli.visualize import BLANK
-from conftest import tiny_timm
-from test_cli import run
-from test_train import write_colour_folder
 
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    return evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)), tmp_path / "tiny")
+    return evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)),
+                         tmp_path / "tiny")
 
 
 def test_higher_resolution_at_the_dense_models_macs(tmp_path, capsys):

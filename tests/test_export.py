@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-
-import evit_cli
-from evit_cli.export import export
 from conftest import tiny_timm
 from test_cli import run
 from test_transformers import HF_TINY
+
+import evit_cli
+from evit_cli.export import export
 
 
 def _onnx_run(path, x):
@@ -48,7 +48,8 @@ def test_onnx_of_deit_small_keep_07_matches_pytorch(tmp_path):
 def test_torchscript_of_a_transformers_model(tmp_path):
     from transformers import ViTConfig, ViTForImageClassification
 
-    hf = evit_cli.convert(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=4)).eval(), keep_rate=0.5, layers=(3,))
+    hf = evit_cli.convert(ViTForImageClassification(ViTConfig(**HF_TINY, num_labels=4)).eval(), keep_rate=0.5,
+                          layers=(3,))
     r = export(hf, "torchscript", tmp_path / "m.pt")
     assert max(r["max_abs_diff"].values()) < 1e-4
     ts = torch.jit.load(str(tmp_path / "m.pt"))
@@ -70,9 +71,11 @@ def test_info_describes_a_folder(tmp_path, capsys):
 def test_export_of_position_dependent_families(name, fmt, tmp_path):
     """RoPE (EVA-02, DINOv3) and relative-position bias (BEiT) follow the kept tokens in the exported graph too."""
     from conftest import TINY, randomize
+
     from evit_cli.models import create_timm
 
-    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5, layers=(2, 3))
+    model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5,
+                             layers=(2, 3))
     path = tmp_path / ("m.onnx" if fmt == "onnx" else "m.pt")
     r = export(model, fmt, path)
     assert r["tokens_after_layers"] == [model.num_prefix_tokens + 33, model.num_prefix_tokens + 18]

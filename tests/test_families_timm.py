@@ -15,12 +15,12 @@ import math
 import pytest
 import timm
 import torch
+from conftest import randomize
 from timm.models.vision_transformer import ResPostBlock
 
 import evit_cli
 from evit_cli.adapters import record_kept
 from evit_cli.adapters.block import state_of
-from conftest import randomize
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 LAYERS = (2, 3)
@@ -107,7 +107,8 @@ def _gather_rope(full, pos):
     identity = torch.cat([torch.zeros(d // 2), torch.ones(d - d // 2)])
     rows = []
     for img_pos in pos.tolist():
-        rows.append(torch.stack([full[..., j, :] if j >= 0 else identity.expand_as(full[..., 0, :]) for j in img_pos], dim=-2))
+        rows.append(torch.stack([full[..., j, :] if j >= 0 else identity.expand_as(full[..., 0, :])
+                                 for j in img_pos], dim=-2))
     out = torch.stack(rows)
     return out if out.dim() == 4 else out.unsqueeze(1)  # (B, 1 or H, M, D)
 
@@ -161,8 +162,8 @@ def test_each_evit_block_keeps_the_dense_blocks_outputs(family, fuse, x):
     model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS, fuse=fuse)
     p = model.num_prefix_tokens
     calls = {}
-    hooks = [b.register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw, o)), with_kwargs=True)
-             for i, b in enumerate(model.blocks)]
+    for i, b in enumerate(model.blocks):
+        b.register_forward_hook(lambda m, a, kw, o, i=i: calls.__setitem__(i, (a, kw, o)), with_kwargs=True)
     record_kept(model)
     with torch.no_grad():
         model(x)
@@ -202,7 +203,8 @@ def _dense_class_row(blk, x, call):
 
 
 @pytest.mark.parametrize("family", ["vit", "vit_parallel_things", "vit_parallel_scaling", "eva02", "dinov3", "pe_core",
-                                    "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared", "naflex_radio"])
+                                    "rope_mixed", "beit", "beit_shared_bias", "relpos_cls", "relpos_shared",
+                                    "naflex_radio"])
 def test_the_ranking_row_is_the_blocks_own_attention(family, x):
     """The class row EViT ranks by equals the one timm's attention computes (RoPE rotated, bias added),
     in the first EViT block and in the second, whose tokens are the kept ones of the first."""
@@ -297,7 +299,8 @@ def _meta(name, **kw):
     ("cait_xxs24_224", {}, "only in its last class-attention blocks"),
     ("xcit_nano_12_p16_224", {}, "only in its last class-attention blocks"),
     ("naflexvit_base_patch16_map", {}, "no class token (it pools by attention pool (MAP))"),
-    ("naflexvit_base_patch16_radio_v3", {"rope_type": "axial"}, "is a ViT with a class token, but its RoPE in a NaFlexVit"),
+    ("naflexvit_base_patch16_radio_v3", {"rope_type": "axial"},
+     "is a ViT with a class token, but its RoPE in a NaFlexVit"),
     ("tnt_s_patch16_224", {}, "is a ViT with a class token, but its pixel-level inner transformer"),
     ("resnet18", {}, "is not a supported Vision Transformer"),
 ])
@@ -407,7 +410,8 @@ def test_crossvit_token_counts_of_both_branches_at_keep_05(fuse, x):
         for s in range(3):
             if s + 1 in LAYERS:
                 m = math.ceil(m / 2) + (1 if fuse else 0)
-            stage = [n for (s_, b_, _), n in seen.items() if (s_, b_) == (s, b)]  # branch 0: 1 block a stage, branch 1: 2
+            # branch 0: 1 block a stage, branch 1: 2
+            stage = [n for (s_, b_, _), n in seen.items() if (s_, b_) == (s, b)]
             assert stage == [1 + m] * (1 + b), (s, b)
     assert out.shape == (2, 10)
     # the single-sequence interface reports branch 0: 65 -> 34 -> 19 with fusion
@@ -453,7 +457,8 @@ def test_crossvit_each_block_keeps_the_dense_blocks_outputs(fuse, x):
         assert (out[:, :1] - ref[:, :1]).abs().max() < 1e-4, key
         assert (out[:, 1:1 + k] - torch.stack([ref[i, 1 + kept[i]] for i in range(2)])).abs().max() < 1e-4, key
         if fuse:  # the fused token: the inattentive tokens (after attention) weighted by their class attention
-            pre = torch.stack([inp[i] + dense_blocks[key].attn(dense_blocks[key].norm1(inp[i:i + 1]))[0] for i in range(2)])
+            pre = torch.stack([inp[i] + dense_blocks[key].attn(dense_blocks[key].norm1(inp[i:i + 1]))[0]
+                               for i in range(2)])
             weights = rows[key][:, 1:].scatter(1, kept, 0.0)
             fused_pre = (weights.unsqueeze(-1) * pre[:, 1:]).sum(1)
             blk = dense_blocks[key]
@@ -506,5 +511,6 @@ def test_crossvit_torchscript_export_matches_pytorch(tmp_path):
     from evit_cli.export import export
 
     model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS)
-    r = export(model, "torchscript", tmp_path / "m.pt", check_batches=(1, 3))  # runs the file and compares it with PyTorch
+    # runs the file and compares it with PyTorch
+    r = export(model, "torchscript", tmp_path / "m.pt", check_batches=(1, 3))
     assert r["tokens_after_layers"] == [34, 19] and max(r["max_abs_diff"].values()) < 1e-4

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_timm
 from PIL import Image
+from test_cli import run
+from test_train import write_colour_folder
 
 import evit_cli
 from evit_cli.core import dense_copy
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
-from test_cli import run
-from test_train import write_colour_folder
 
 SYNSETS = ["n01440764", "n02102040", "n03888257"]  # ImageNet classes 0, 217, 701
 
@@ -60,8 +60,10 @@ def heldout(tmp_path_factory):
 
 
 def test_eval_on_an_unlabelled_folder_reports_agreement_and_kl(tmp_path, heldout, capsys):
-    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.3, layers=(2, 4)), tmp_path / "m")
-    code, stdout, err = run(["eval", folder, "--dataset", heldout, "--batch", 5, "--reps", 1, "--workers", 0, "--json"], capsys)
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.3, layers=(2, 4)),
+                           tmp_path / "m")
+    code, stdout, err = run(["eval", folder, "--dataset", heldout, "--batch", 5, "--reps", 1, "--workers", 0, "--json"],
+                            capsys)
     assert code == 0, err
     r = json.loads(stdout)
     model = evit_cli.load(folder)
@@ -74,8 +76,10 @@ def test_eval_on_an_unlabelled_folder_reports_agreement_and_kl(tmp_path, heldout
 
 
 def test_eval_of_a_headless_model_reports_embedding_cosine(tmp_path, heldout, capsys):
-    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=0), keep_rate=0.3, layers=(2,)), tmp_path / "m")
-    code, stdout, err = run(["eval", folder, "--dataset", heldout, "--batch", 8, "--reps", 1, "--workers", 0, "--json"], capsys)
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=0), keep_rate=0.3, layers=(2,)),
+                           tmp_path / "m")
+    code, stdout, err = run(["eval", folder, "--dataset", heldout, "--batch", 8, "--reps", 1, "--workers", 0, "--json"],
+                            capsys)
     assert code == 0, err
     model = evit_cli.load(folder)
     a, b = independent_logits(model, heldout), independent_logits(dense_copy(model), heldout)
@@ -102,8 +106,10 @@ def test_label_free_distillation_lowers_kl_and_the_folder_says_how_it_was_made(t
     meta = json.loads((out / "evit.json").read_text())
     t = meta["training"]
     assert t["labels"] is False and t["distillation"]["teacher"] == "the dense model before conversion"
-    assert t["from"]["model"] == str(start) and t["dataset"] == str(flat) and t["steps"] == final["step"] == 4 * (36 // 8)
-    assert "held out" in t["metrics_split"] and json.loads((out / "metrics.json").read_text())["split"] == final["split"]
+    assert (t["from"]["model"] == str(start) and t["dataset"] == str(flat)
+            and t["steps"] == final["step"] == 4 * (36 // 8))
+    assert ("held out" in t["metrics_split"]
+            and json.loads((out / "metrics.json").read_text())["split"] == final["split"])
     card = (out / "README.md").read_text()
     assert "## Fine-tuning" in card and "none (unlabelled images)" in card
     assert not (out / "checkpoint.pt").exists() and (tmp_path / "ft.train" / "checkpoint.pt").is_file()
@@ -121,7 +127,8 @@ def test_head_auto_keeps_a_1000_class_head_on_synset_folders(tmp_path):
     write_colour_folder(data, 8)
     for colour, synset in zip(("blue", "green", "red"), SYNSETS):
         (data / colour).rename(data / synset)
-    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=1000), keep_rate=0.5, layers=(2,)), tmp_path / "m")
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=1000), keep_rate=0.5, layers=(2,)),
+                          tmp_path / "m")
     base = dict(model=str(start), dataset=str(data), epochs=1, batch_size=4, lr=1e-3, workers=0, bench=False)
     final = finetune(TrainConfig(output=str(tmp_path / "auto"), **base))
     assert final["head"].startswith("kept: the model's 1000 classes") and final["loss"] == "labels and distillation"
@@ -147,7 +154,8 @@ def test_new_head_without_a_mappable_teacher_trains_on_labels_or_refuses(tmp_pat
 
 def test_min_lr_above_the_peak_is_clamped_and_said(tmp_path, flat):
     start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.5, layers=(2,)), tmp_path / "m")
-    final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(tmp_path / "o"), epochs=1, batch_size=8,
+    final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(tmp_path / "o"), epochs=1,
+                                 batch_size=8,
                                  lr=1e-5, min_lr=1e-4, workers=0, bench=False))
     assert any("clamped" in n for n in final["notes"])
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
@@ -155,7 +163,8 @@ def test_min_lr_above_the_peak_is_clamped_and_said(tmp_path, flat):
 
 
 def test_finetune_at_img_size_64(tmp_path, flat):
-    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.5, layers=(2, 4)), tmp_path / "m")
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.5, layers=(2, 4)),
+                          tmp_path / "m")
     out = tmp_path / "big"
     final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(out), img_size=64, epochs=1,
                                  batch_size=8, lr=1e-3, workers=0, bench=False))
@@ -167,13 +176,16 @@ def test_finetune_at_img_size_64(tmp_path, flat):
 
 
 def test_sweep_on_an_unlabelled_folder_reports_agreement_per_keep_rate(tmp_path, heldout, capsys):
-    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.7, layers=(2, 4)), tmp_path / "m")
-    code, stdout, err = run(["sweep", folder, "--keep-rates", "0.3,1.0", "--dataset", heldout, "--batch", 8, "--reps", 1,
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=7), keep_rate=0.7, layers=(2, 4)),
+                           tmp_path / "m")
+    code, stdout, err = run(["sweep", folder, "--keep-rates", "0.3,1.0", "--dataset", heldout, "--batch", 8, "--reps",
+                             1,
                              "--workers", 0, "-o", tmp_path / "sw", "--json"], capsys)
     assert code == 0, err
     rows = {(x["model"], x["keep_rate"]): x for x in json.loads(stdout)["rows"]}
     assert rows[("evit", 1.0)]["agreement"] == 100.0 and rows[("evit", 1.0)]["kl"] == pytest.approx(0.0, abs=1e-9)
     model = evit_cli.convert(evit_cli.load(folder), keep_rate=0.3, layers=(2, 4))
     kl, agree = kl_and_agreement(independent_logits(dense_copy(model), heldout), independent_logits(model, heldout))
-    assert rows[("evit", 0.3)]["kl"] == pytest.approx(kl, rel=1e-4) and rows[("evit", 0.3)]["agreement"] == pytest.approx(agree)
+    assert (rows[("evit", 0.3)]["kl"] == pytest.approx(kl, rel=1e-4)
+            and rows[("evit", 0.3)]["agreement"] == pytest.approx(agree))
     assert "top1" not in rows[("evit", 0.3)] and "agreement (%)" in (tmp_path / "sw" / "sweep.md").read_text()

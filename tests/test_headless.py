@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
-import evit_cli
 from conftest import TINY, tiny_timm
+from safetensors.torch import save_file
 from test_cli import run
 from test_train import write_colour_folder
+
+import evit_cli
 
 ARGS = {k: v for k, v in TINY.items() if k != "num_classes"}
 
@@ -93,7 +93,8 @@ def test_finetune_takes_num_classes_zero(tmp_path, capsys):
     folder = hub_folder(tmp_path / "tiny", tiny_timm("vit"))
     photos = write_colour_folder(tmp_path / "colours", 4)
     out = tmp_path / "ft"
-    code, stdout, err = run(["finetune", folder, "--dataset", photos, "--num-classes", 0, "-o", out, "-l", "2,4", "--epochs", 1,
+    code, stdout, err = run(["finetune", folder, "--dataset", photos, "--num-classes", 0, "-o", out, "-l", "2,4",
+                             "--epochs", 1,
                              "--batch-size", 6, "--workers", 0, "--no-bench", "--json"], capsys)
     assert code == 0, err
     assert json.loads((out / "train_config.json").read_text())["num_classes"] == 0

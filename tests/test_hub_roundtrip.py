@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_timm
+from test_remote_code import run_without_evit
+from test_transformers_families import _build
 
 import evit_cli
 from evit_cli import adapters, artifact
 from evit_cli.errors import EvitError
-from conftest import tiny_timm
-from test_remote_code import run_without_evit
-from test_transformers_families import _build
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 import torch
+from conftest import TINY, tiny_timm
 from safetensors.torch import save_file
 
 import evit_cli
 from evit_cli.models import create_timm, load_state_dict
-from conftest import TINY, tiny_timm
 
 
 def test_unknown_name_suggests_close_matches():

@@ -6,12 +6,12 @@ import copy
 import math
 
 import torch
+from conftest import tiny_timm
+from reference import _attention
 
 import evit_cli
 from evit_cli import adapters
 from evit_cli.oracle import Oracle
-from conftest import tiny_timm
-from reference import _attention
 
 
 def _kept(model):
@@ -120,16 +120,19 @@ def test_finetune_with_the_oracle_trains_and_the_folder_says_so(tmp_path):
     and --no-distill (the dense model is the oracle only)."""
     import json
 
-    from evit_cli.train import TrainConfig, finetune
     from test_fidelity import write_flat_folder
     from test_train import write_colour_folder
 
-    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2, 4)), tmp_path / "m")
+    from evit_cli.train import TrainConfig, finetune
+
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2, 4)),
+                          tmp_path / "m")
     flat = write_flat_folder(tmp_path / "flat", 24)
     final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(tmp_path / "a"), epochs=1,
                                  batch_size=8, workers=0, bench=False, oracle=True))
     t = json.loads((tmp_path / "a" / "evit.json").read_text())["training"]
-    assert t["token_selection"] == "oracle: the dense model before conversion" and final["loss"].startswith("distillation")
+    assert (t["token_selection"] == "oracle: the dense model before conversion"
+            and final["loss"].startswith("distillation"))
     assert "oracle" in (tmp_path / "a" / "README.md").read_text()
     saved = evit_cli.load(tmp_path / "a")  # chooses by its own attention: no hook travels with it
     assert not any(b.evit.rank is not None for b in adapters.evit_blocks(saved))

@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_cli import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +48,8 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "benchmarks/recover_real.py": "fine-tunes the real DeiT-Tiny on 2943 photos for most of an hour",
     "benchmarks/generalize_real.py": "fine-tunes the real DeiT-Tiny four times: most of an hour",
     "benchmarks/embed_real.py": "fine-tunes the headless real DeiT-Tiny: most of an hour",
-    "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/test_fidelity.py trains the same way on tiny models)",
+    "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/test_fidelity.py trains the same way on tiny "
+                        "models)",
     "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/test_oracle.py trains the same way on tiny models)",
 }
 SETUP = ("python3 -m venv", ".venv/bin/pip install")

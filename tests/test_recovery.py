@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_timm
 from PIL import Image
 
 import evit_cli
@@ -16,7 +17,6 @@ from evit_cli import distill
 from evit_cli.data import mix_batch, mixed_target
 from evit_cli.errors import EvitError
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
 
 
 def _batch(n=4, seed=0):
@@ -77,7 +77,8 @@ def test_terms_against_their_formulas():
     mse = sum(((s[i] - t[i]) ** 2).sum() for i in range(3)) / 30
     assert distill.distill_term(s, t, "mse").item() == pytest.approx(mse.item(), rel=1e-5)
     cos = sum(float(s[i] @ t[i] / (s[i].norm() * t[i].norm())) for i in range(3)) / 3
-    assert distill.distill_term(s, t, "cosine").item() == pytest.approx(1 - cos + mse.item() / float((t ** 2).mean()), rel=1e-5)
+    assert distill.distill_term(s, t, "cosine").item() == pytest.approx(1 - cos + mse.item() / float((t ** 2).mean()),
+                                                                        rel=1e-5)
     p = F.softmax(t, -1)
     kl = float((p * (p.log() - F.log_softmax(s, -1))).sum() / 3)
     assert distill.distill_term(s, t, "kl").item() == pytest.approx(kl, rel=1e-5)
@@ -112,7 +113,8 @@ def _config(model, data, out, **kw):
 
 
 def test_teacher_and_student_see_the_same_mixed_batch(tmp_path, monkeypatch):
-    model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)), tmp_path / "m")
+    model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)),
+                          tmp_path / "m")
     data = _flat_folder(tmp_path / "photos", 24)
     seen = {"student": [], "teacher": []}
     real_outputs = distill.Teacher.outputs

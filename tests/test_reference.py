@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import tiny_timm
+from test_cli import run
+from test_recovery import _flat_folder
 
 import evit_cli
 from evit_cli.evaluate import origin_of
 from evit_cli.train import TrainConfig, finetune
-from conftest import tiny_timm
-from test_cli import run
-from test_recovery import _flat_folder
 
 
 def test_origin_follows_the_chain_of_training_records():
@@ -26,7 +26,8 @@ def test_origin_follows_the_chain_of_training_records():
 def drifted(tmp_path_factory):
     """A tiny EViT folder, and the same fine-tuned hard (lr 1e-2) on a flat folder: its weights drifted."""
     tmp = tmp_path_factory.mktemp("ref")
-    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)), tmp / "start")
+    start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)),
+                          tmp / "start")
     photos = _flat_folder(tmp / "photos", 24)
     out = tmp / "rec"
     finetune(TrainConfig(model=str(start), dataset=str(photos), output=str(out), epochs=1, batch_size=8, lr=1e-2,

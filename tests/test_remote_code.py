@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_timm
+from test_transformers_families import FAMILIES, _build
 
 import evit_cli
 from evit_cli import adapters, artifact, bundle
 from evit_cli.core import dense_copy
 from evit_cli.errors import EvitError
-from conftest import tiny_timm
-from test_transformers_families import FAMILIES, _build
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = next((p for p in (ROOT.parent / "shared" / "real", Path("/work/shared/real")) if p.is_dir()), None)

@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_timm
+from reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evit_cli
 from evit_cli.reorg import class_attention, num_kept, reorganize, token_counts
-from reference import reference_forward
-from conftest import tiny_timm
 
 
 def test_num_kept_is_ceil_without_float_noise():

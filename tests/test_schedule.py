@@ -24,7 +24,8 @@ def test_steps_per_epoch_drops_the_last_partial_step():
 
 
 def test_fewer_images_than_one_step_is_refused_with_the_numbers():
-    with pytest.raises(EvitError, match=r"has 7 images, fewer than one step takes \(--batch-size 8 x --accum-steps 1\)"):
+    with pytest.raises(EvitError,
+                       match=r"has 7 images, fewer than one step takes \(--batch-size 8 x --accum-steps 1\)"):
         steps_per_epoch(7, batch_size=8, accum_steps=1, given=None)
     with pytest.raises(EvitError, match=r"has 5 images per process \(2 processes\).*--batch-size 2 x --accum-steps 3"):
         steps_per_epoch(5, batch_size=2, accum_steps=3, given=None, world=2)
@@ -96,6 +97,7 @@ def test_a_resume_may_not_change_what_the_run_computes():
     assert changed_setting(started, {**started, "workers": 2, "device": "cpu"}) is None  # how, not what
     assert changed_setting(started, {**started, "dataset": "flowers", "model": "/tmp/x/deit_tiny"}) is None
     assert changed_setting(started, {**started, "keep_rate": 0.5}) == "--keep-rate 0.7, these settings give 0.5"
-    assert changed_setting(started, {**started, "model": "deit_small"}) == "MODEL runs/deit_tiny, these settings give deit_small"
+    assert changed_setting(started,
+                           {**started, "model": "deit_small"}) == "MODEL runs/deit_tiny, these settings give deit_small"
     assert changed_setting(started, {**started, "seed": None}) == "--seed 0, these settings give (not given)"
     assert changed_setting(started, {**started, "new_option": 1}) is None  # a run from an older version

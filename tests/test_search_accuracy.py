@@ -7,13 +7,13 @@ import shlex
 
 import pytest
 import torch
-
-import evit_cli
-from evit_cli.core import dense_copy
 from conftest import tiny_timm
 from test_cli import run
 from test_fidelity import independent_logits, write_flat_folder
 from test_train import write_colour_folder
+
+import evit_cli
+from evit_cli.core import dense_copy
 
 
 @pytest.fixture
@@ -49,7 +49,8 @@ def test_min_agreement_on_an_unlabelled_folder(confident, tmp_path, capsys):
 
 def test_max_drop_with_labels(tmp_path, capsys):
     data = write_colour_folder(tmp_path / "colours", 4)
-    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)), tmp_path / "m")
+    folder = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.7, layers=(2, 4)),
+                           tmp_path / "m")
     code, stdout, err = run(["search", folder, "--dataset", data, "--max-drop", 0, "--limit", 100, "--workers", 0,
                              "--json"], capsys)
     assert code == 0, err

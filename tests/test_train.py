@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_timm
 from PIL import Image
 from safetensors.torch import load_file
 
 import evit_cli
 from evit_cli.train import TrainConfig, finetune, load_recipe
-from conftest import tiny_timm
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -96,7 +96,8 @@ def _cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_kill_mid_epoch_with_workers_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tiny_model, colours, tmp_path):
+def test_kill_mid_epoch_with_workers_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(tiny_model, colours,
+                                                                                            tmp_path):
     # two loader workers and random crops and flips: each image's augmentation must depend on
     # (seed, epoch, index) only, not on which worker drew it after the resume
     args = ["finetune", tiny_model, "--dataset", colours, "--epochs", 2, "--batch-size", 4, "--lr", 1e-3,
@@ -122,7 +123,8 @@ def test_kill_mid_epoch_with_workers_then_resume_ends_bit_for_bit_like_an_uninte
     steps = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert steps == list(range(len(steps))) and len(steps) == 2 * (81 // 4)  # no step twice
     for name in ("metrics.json",):
-        assert json.loads((tmp_path / "cut" / name).read_text())["step"] == json.loads((tmp_path / "full" / name).read_text())["step"]
+        assert (json.loads((tmp_path / "cut" / name).read_text())["step"]
+                == json.loads((tmp_path / "full" / name).read_text())["step"])
     ckpt = torch.load(tmp_path / "cut.train" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == len(steps)
     assert json.loads(progress.read_text())["step"] == ckpt["step"]
@@ -155,7 +157,8 @@ def test_data_formats_and_columns(tmp_path, colours):
 
     folder = load_image_data(str(colours))
     assert folder.class_names == ["blue", "green", "red"] and len(folder.val) == 9
-    ds = datasets.load_dataset("imagefolder", data_dir=str(colours))["train"].rename_columns({"image": "img", "label": "y"})
+    ds = datasets.load_dataset("imagefolder",
+                               data_dir=str(colours))["train"].rename_columns({"image": "img", "label": "y"})
     ds.save_to_disk(str(tmp_path / "saved"))
     saved = load_image_data(str(tmp_path / "saved"))
     assert (saved.image_column, saved.label_column) == ("img", "y")
@@ -179,7 +182,8 @@ def test_streaming_parquet_trains_for_the_given_steps(tmp_path, colours, tiny_mo
     (tmp_path / "pq").mkdir()
     ds["train"].to_parquet(str(tmp_path / "pq" / "train.parquet"))
     ds["test"].to_parquet(str(tmp_path / "pq" / "validation.parquet"))
-    final = finetune(base_config(tiny_model, tmp_path / "pq", tmp_path / "s", epochs=2, streaming=True, steps_per_epoch=4))
+    final = finetune(base_config(tiny_model, tmp_path / "pq", tmp_path / "s", epochs=2, streaming=True,
+                                 steps_per_epoch=4))
     assert final["step"] == 8 and final["images"] == 18
     with pytest.raises(evit_cli.EvitError, match="--steps-per-epoch"):
         finetune(base_config(tiny_model, tmp_path / "pq", tmp_path / "s2", streaming=True))
@@ -192,7 +196,8 @@ def test_recipes_load_and_flags_override():
         cfg = TrainConfig.merged(load_recipe(path), {"dataset": "x"})
         assert cfg.layers == "4,7,10" and 0.5 <= cfg.keep_rate <= 0.9
     cfg = TrainConfig.merged(load_recipe(ROOT / "recipes" / "deit_small_keep0.7.yaml"), {"epochs": 2, "lr": None})
-    assert cfg.epochs == 2 and cfg.lr_per_512 == 2e-5 and cfg.weight_decay == 1e-6 and cfg.model == "deit_small_patch16_224"
+    assert (cfg.epochs == 2 and cfg.lr_per_512 == 2e-5 and cfg.weight_decay == 1e-6
+            and cfg.model == "deit_small_patch16_224")
     with pytest.raises(evit_cli.EvitError, match="unknown recipe keys"):
         TrainConfig.merged({"learning_rate": 1}, {})
 
@@ -204,12 +209,14 @@ def test_the_defaults_are_the_recovery_recipe():
     defaults = TrainConfig()
     assert {k: getattr(defaults, k) for k in recipe if k != "lr"} == {k: v for k, v in recipe.items() if k != "lr"}
     assert resolve_lr(defaults, 32)[:2] == (recipe["lr"], recipe["min_lr"]) == (5e-5, 1e-6)  # lr None: 5e-5
-    assert (defaults.weight_decay, defaults.batch_size, defaults.distill) == (0.05, 32, None)  # None: distil when possible
+    # None: distil when possible
+    assert (defaults.weight_decay, defaults.batch_size, defaults.distill) == (0.05, 32, None)
     assert resolve_lr(TrainConfig(lr_per_512=2e-5, min_lr=2e-6), 32)[:2] == (1.25e-6, 1.25e-6)  # clamped, not rising
 
 
 def test_distill_from_the_dense_model_and_refuse_a_mismatched_teacher(colours, tmp_path):
-    three = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2,)), tmp_path / "m3")
+    three = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2,)),
+                          tmp_path / "m3")
     # with alpha 1 the loss is the KL to the dense teacher alone; at keep rate 1.0 the student is
     # the teacher, so the first step's loss is zero; with EViT active it is not
     finetune(base_config(three, colours, tmp_path / "d", epochs=1, distill=True, distill_alpha=1.0, keep_rate=1.0))
@@ -219,5 +226,6 @@ def test_distill_from_the_dense_model_and_refuse_a_mismatched_teacher(colours, t
     first = json.loads((tmp_path / "d2" / "train_log.jsonl").read_text().splitlines()[0])
     assert first["loss"] > 1e-4
     five = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2,)), tmp_path / "m5")
-    with pytest.raises(evit_cli.EvitError, match="cannot distil: the teacher's 5 classes do not map onto the data set's 3"):
+    with pytest.raises(evit_cli.EvitError,
+                       match="cannot distil: the teacher's 5 classes do not map onto the data set's 3"):
         finetune(base_config(five, colours, tmp_path / "e", epochs=1, distill=True))

@@ -7,17 +7,23 @@ import os
 import subprocess
 import sys
 import time
+from functools import partial
 
 import pytest
 import torch
+from conftest import randomize, tiny_timm
 from safetensors.torch import save_file
-from functools import partial
-
-from transformers import (Data2VecVisionConfig, Data2VecVisionForImageClassification, DeiTConfig,
-                          DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification, ViTModel)
+from transformers import (
+    Data2VecVisionConfig,
+    Data2VecVisionForImageClassification,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
 
 import evit_cli
-from conftest import randomize, tiny_timm
 
 HF_TINY = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=6, num_attention_heads=3,
                intermediate_size=192, layer_norm_eps=1e-6, hidden_act="gelu")
@@ -60,7 +66,8 @@ def timm_to_hf(sd: dict, prefix: str, distilled: bool) -> dict:
     if distilled:
         out[f"{prefix}.embeddings.distillation_token"] = sd["dist_token"]
         out["cls_classifier.weight"], out["cls_classifier.bias"] = sd["head.weight"], sd["head.bias"]
-        out["distillation_classifier.weight"], out["distillation_classifier.bias"] = sd["head_dist.weight"], sd["head_dist.bias"]
+        out["distillation_classifier.weight"], out["distillation_classifier.bias"] = (sd["head_dist.weight"],
+                                                                                      sd["head_dist.bias"])
     else:
         out["classifier.weight"], out["classifier.bias"] = sd["head.weight"], sd["head.bias"]
     return out
@@ -153,7 +160,8 @@ def test_offline_hub_ids_load_from_cache_and_fail_fast_otherwise(tmp_path):
     })
     timm_model = tiny_timm("vit")
     timm_cfg = {"architecture": "vit_tiny_patch16_224", "num_classes": 10,
-                "model_args": {k: v for k, v in dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3).items()}}
+                "model_args": {k: v
+                               for k, v in dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3).items()}}
     _fake_cache(home, "timm/tiny-vit", {
         "config.json": lambda p: p.write_text(json.dumps(timm_cfg)),
         "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, p),
@@ -187,7 +195,8 @@ def test_push_to_hub_without_network_keeps_the_export(tmp_path):
 def test_non_vit_transformers_model_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path / "bert")
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(tmp_path / "bert")
     with pytest.raises(evit_cli.EvitError, match="BertModel.*does not support yet"):
         evit_cli.load_model(tmp_path / "bert")
 

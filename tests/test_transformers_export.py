@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import evit_cli
-from evit_cli.export import export
 from test_export import _onnx_run
 from test_transformers_families import _build, _out
 
+import evit_cli
+from evit_cli.export import export
 
-@pytest.mark.parametrize("name", ["deit_teacher", "vit_mae", "dinov2_reg_cls", "clip", "beit", "data2vec"])  # one per layout
+
+# one per layout
+@pytest.mark.parametrize("name", ["deit_teacher", "vit_mae", "dinov2_reg_cls", "clip", "beit", "data2vec"])
 def test_torchscript_of_every_family_matches_pytorch(name, tmp_path):
     model, _ = _build(name, "sdpa")
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
@@ -26,7 +27,8 @@ def test_torchscript_of_every_family_matches_pytorch(name, tmp_path):
         assert (got - expected).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("name", ["beit_shared", "data2vec_shared"])  # ViT/DeiT: the real DeiT-Tiny test; the positions gathered per image
+# ViT/DeiT: the real DeiT-Tiny test; the positions gathered per image
+@pytest.mark.parametrize("name", ["beit_shared", "data2vec_shared"])
 def test_onnx_of_beit_matches_pytorch(name, tmp_path):
     """transformers builds an all-visible mask while exporting: the export must not trip on it."""
     model, _ = _build(name, "sdpa")

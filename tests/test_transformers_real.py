@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
+from test_export import _onnx_run
+from test_transformers import map_timm_blocks, map_timm_embeddings, timm_to_hf
 
 import evit_cli
 from evit_cli import adapters
 from evit_cli.data import transforms
 from evit_cli.export import export
 from evit_cli.models import load_state_dict
-from test_export import _onnx_run
-from test_transformers import map_timm_blocks, map_timm_embeddings, timm_to_hf
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 WEIGHTS = REAL / "deit_tiny_patch16_224.safetensors"
@@ -48,7 +48,8 @@ def test_real_deit_tiny_hub_folder_predicts_like_the_timm_path_and_exports(tmp_p
     tm = evit_cli.convert("deit_tiny_patch16_224", checkpoint=WEIGHTS, keep_rate=0.7, layers=(4, 7, 10))
     assert type(hf).__name__ == "ViTForImageClassification"
     dc = adapters.get_adapter(hf).data_config(hf)  # the legacy file: resize to 256x256, crop 224, bicubic
-    assert (dc["input_size"], dc["crop_mode"], dc["crop_pct"], dc["interpolation"]) == ((3, 224, 224), "squash", 0.875, "bicubic")
+    assert (dc["input_size"], dc["crop_mode"], dc["crop_pct"], dc["interpolation"]) == ((3, 224, 224), "squash", 0.875,
+                                                                                        "bicubic")
     files = photos()
     x = batch(hf, files)
     with torch.no_grad():

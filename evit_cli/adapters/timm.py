@@ -21,8 +21,8 @@ from .base import Adapter, Sequence
 from .block import BlockState, PositionState, clear_block
 from .swap import original, swap_in, swap_out
 from .timm_blocks import EViTBlockMixin
-from .timm_model import EViTModelMixin
 from .timm_families import ModelSpec, family_of
+from .timm_model import EViTModelMixin
 
 # timm ViT-like classes EViT cannot serve, and why (class name -> what is not supported)
 _LATE_CLASS_ATTENTION = {"Cait", "Xcit", "VOLO"}

@@ -69,7 +69,8 @@ def separate_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``q_proj``/``k_proj``/``v_proj`` (grouped-query: fewer k/v heads)."""
     B, N, _ = x.shape
     kv_heads = getattr(attn, "num_kv_heads", attn.num_heads)
-    return _heads(attn.q_proj(x), B, N, attn.num_heads), _heads(attn.k_proj(x), B, N, kv_heads), _heads(attn.v_proj(x), B, N, kv_heads)
+    return (_heads(attn.q_proj(x), B, N, attn.num_heads), _heads(attn.k_proj(x), B, N, kv_heads),
+            _heads(attn.v_proj(x), B, N, kv_heads))
 
 
 def eva_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,7 +28,7 @@ layers and rates, so each branch's lengths follow ``reorg.token_counts`` from
 its own start; the single-sequence interface (``num_tokens``, token counts,
 ``evit_blocks``, the visualization) reports branch 0, the small-patch branch,
 the longer sequence in every timm CrossViT.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -42,7 +42,6 @@ from timm.models.beit import Block as BeitBlock
 from timm.models.crossvit import CrossVit
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from timm.models.naflexvit import NaFlexVit
-from timm.models.vision_transformer_relpos import RelPosAttention, RelPosBlock, ResPostRelPosBlock, VisionTransformerRelPos
 from timm.models.vision_transformer import (
     Block,
     ParallelScalingBlock,
@@ -50,7 +49,14 @@ from timm.models.vision_transformer import (
     ResPostBlock,
     VisionTransformer,
 )
+from timm.models.vision_transformer_relpos import (
+    RelPosAttention,
+    RelPosBlock,
+    ResPostRelPosBlock,
+    VisionTransformerRelPos,
+)
 
+from .base import Sequence
 from .timm_blocks import (
     Terms,
     eva_qkv,
@@ -61,7 +67,6 @@ from .timm_blocks import (
     post_norm,
     pre_norm,
 )
-from .base import Sequence
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,8 @@ class ModelSpec:
     blocks: tuple[BlockSpec, ...]
     terms: Callable  # (block, *call args) -> timm_blocks.Terms
     position: str | None = None  # None, "rope" or "relpos": later blocks must follow the kept tokens
-    layers: Callable = vit_layers  # model -> per layer (1-based in the interface), its transformer block in each sequence
+    # model -> per layer (1-based in the interface), its transformer block in each sequence
+    layers: Callable = vit_layers
     sequences: Callable = vit_sequences  # model -> one Sequence per token sequence, the reported one first
     img_size: Callable = vit_img_size  # model -> the input size (px) it is built for
     feat_size: Callable | None = vit_feat_size  # (model, (H, W)) -> patch grid; None: no feature maps after EViT

@@ -97,5 +97,6 @@ class EViTModelMixin:
 
     def _evit_run(self):
         if family_of(self).position is not None and getattr(self, "grad_checkpointing", False) and self.training:
-            raise EvitError("EViT with position terms does not support gradient checkpointing: call model.set_grad_checkpointing(False)")
+            raise EvitError("EViT with position terms does not support gradient checkpointing: call "
+                            "model.set_grad_checkpointing(False)")
         return self.evit_positions.run()
