@@ -140,6 +140,10 @@ MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModelin
                          "ViTMAEForPreTraining", "Data2VecVisionForMaskedImageModeling")
 # models whose head reads a map of every patch (segmentation, backbone feature maps)
 DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
+# models whose head predicts a box from every patch token (open-vocabulary detection)
+PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
+# models that read text with the image (captioning, question answering, image-text matching)
+TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval")
 NO_CLASS_TOKEN = {
     "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
     "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
@@ -154,7 +158,7 @@ def refusal(model: nn.Module) -> str:
 
 def refused_class(name: str) -> bool:
     """True for the transformers classes refused by name alone (their head, or no class token)."""
-    return (name in MASKED_IMAGE_MODELING or name.endswith(DENSE_PREDICTION)
+    return (name in MASKED_IMAGE_MODELING + PER_PATCH_BOXES or name.endswith(DENSE_PREDICTION + TEXT_AND_IMAGE)
             or any(name.startswith(p) for p in NO_CLASS_TOKEN))
 
 
@@ -166,6 +170,12 @@ def reason(name: str, has_cls: bool) -> str:
     if name.endswith(DENSE_PREDICTION):
         return (f"{name} predicts from a map of every patch (segmentation or backbone features), so EViT cannot "
                 "remove tokens; convert the encoder alone (e.g. BeitModel, Data2VecVisionModel)")
+    if name in PER_PATCH_BOXES:
+        return (f"{name} predicts a box from every patch token, so EViT cannot remove tokens; convert its image "
+                f"tower alone ({name.replace('ForObjectDetection', 'VisionModel')})")
+    if name.endswith(TEXT_AND_IMAGE):
+        return (f"{name} reads text with the image; evit converts image models: convert its vision tower "
+                "(model.vision_model; save it with save_pretrained to convert it with the CLI)")
     for prefix, why in NO_CLASS_TOKEN.items():
         if name.startswith(prefix):
             return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"
