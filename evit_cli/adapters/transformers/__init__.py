@@ -117,7 +117,7 @@ class TransformersAdapter(Adapter):
             raise EvitError(refusal(model))
         spec = family(model)
         attn = getattr(_layers(model)[0], spec.attention)
-        for path in ((spec.qkv,) if spec.qkv else (spec.q, spec.k, spec.v)) + (spec.head_dim,):
+        for path in ((spec.qkv,) if spec.qkv else (spec.q, spec.k, spec.v)) + (spec.head_dim, spec.attn_dropout):
             if resolve(attn, path) is None:
                 raise EvitError(
                     f"this transformers version lays out {type(attn).__name__} without {path!r}: "

@@ -93,16 +93,17 @@ FAMILIES: dict[str, Family] = {
                                 rope=True, rope_prefix_rows=1, any_input_size=True),
     "PixioLayer": Family("Pixio", prefix=0, prefix_config="n_cls_tokens", pooled_class_tokens=True,
                          drop_path="drop_path", processor="BitImageProcessor"),
-    "DINOv3ViTLayer": Family("DINOv3", norm1="norm1", norm2="norm2", dropout=None, layer_scale=("layer_scale1", "layer_scale2"),
-                             drop_path="drop_path", prefix_config="num_register_tokens", rope=True, any_input_size=True,
+    "DINOv3ViTLayer": Family("DINOv3", norm1="norm1", norm2="norm2", attn_dropout="dropout", dropout=None,
+                             layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
+                             prefix_config="num_register_tokens", rope=True, any_input_size=True,
                              processor="DINOv3ViTImageProcessor"),
-    "YolosLayer": Family("YOLOS", mlp=("intermediate", "output.dense", "output.dropout"), dropout=None, q="attention.query", k="attention.key",
-                         v="attention.value", head_dim="attention.attention_head_size", config="attention.config",
+    "YolosLayer": Family("YOLOS", mlp=("intermediate", "output.dense", "output.dropout"), dropout=None,
+                         q="attention.query", k="attention.key", v="attention.value",
+                         head_dim="attention.attention_head_size", config="attention.config",
                          out_proj=("output.dense", "output.dropout"), scaling="attention.scaling",
-                         attn_dropout="attention.dropout_prob", suffix_config="num_detection_tokens",
-                         mid_positions="encoder.interpolation", layer_args=(), attention_returns_output_only=True,
-                         any_input_size=True,
-                         processor="YolosImageProcessor"),
+                         attn_dropout="attention.dropout_prob", attention_returns_output_only=True,
+                         suffix_config="num_detection_tokens", mid_positions="encoder.interpolation", layer_args=(),
+                         any_input_size=True, processor="YolosImageProcessor"),
     "BeitLayer": Family("BEiT", layer_scale=("lambda_1", "lambda_2"), drop_path="drop_path",
                         relative_position_bias=True, processor="BeitImageProcessor"),
     "Data2VecVisionLayer": Family("Data2Vec-vision", mlp=("intermediate", "output"), dropout=None,
@@ -142,8 +143,8 @@ MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModelin
 DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
 # models whose head predicts a box from every patch token (open-vocabulary detection)
 PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
-# models that read text with the image (captioning, question answering, image-text matching)
-TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval")
+# models that read or write text with the image (captioning, question answering, image-text matching, OCR)
+TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval", "VisionEncoderDecoderModel")
 NO_CLASS_TOKEN = {
     "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
     "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
@@ -174,8 +175,8 @@ def reason(name: str, has_cls: bool) -> str:
         return (f"{name} predicts a box from every patch token, so EViT cannot remove tokens; convert its image "
                 f"tower alone ({name.replace('ForObjectDetection', 'VisionModel')})")
     if name.endswith(TEXT_AND_IMAGE):
-        return (f"{name} reads text with the image; evit converts image models: convert its vision tower "
-                "(model.vision_model; save it with save_pretrained to convert it with the CLI)")
+        return (f"{name} reads or writes text with the image; evit converts image models: convert its image "
+                "encoder on its own (e.g. model.vision_model; save it with save_pretrained to use the CLI)")
     for prefix, why in NO_CLASS_TOKEN.items():
         if name.startswith(prefix):
             return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"
