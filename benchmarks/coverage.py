@@ -231,6 +231,8 @@ def transformers_section() -> list[dict]:
 
 
 def markdown(timm_rows: list[dict], hf_rows: list[dict]) -> str:
+    if not timm_rows:
+        return "\n".join(hf_markdown(hf_rows)) + "\n"
     ok = sum(r["status"] == "converted" for r in timm_rows)
     lines = [f"timm: **{ok} of {len(timm_rows)}** ViT-like model names convert ({100 * ok / len(timm_rows):.0f}%).", "",
              "| class | names | converted |", "|---|---|---|"]
@@ -249,11 +251,36 @@ def markdown(timm_rows: list[dict], hf_rows: list[dict]) -> str:
             example.setdefault(key, f"{r['name']}: {r['reason']}")
     for key, n in reasons.most_common():
         lines.append(f"| {n} | {example[key]} |")
-    hf_ok = sum(r["status"] == "converted" for r in hf_rows)
-    lines += ["", f"transformers: **{hf_ok} of {len(hf_rows)}** families convert.", "", "| class | result |", "|---|---|"]
-    for r in hf_rows:
-        lines.append(f"| {r['name']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + hf_markdown(hf_rows) if hf_rows else [])) + "\n"
+
+
+def hf_markdown(rows: list[dict]) -> list[str]:
+    vit = [r for r in rows if r.get("vit_like")]
+    ok = sum(r["status"] == "converted" for r in vit)
+    unbuilt = [r["name"] for r in rows if r.get("vit_like") is None]
+    lines = [f"transformers: **{ok} of {len(vit)}** ViT-like classes convert (of {len(rows)} model classes of its "
+             f"image model types and image towers; {len(rows) - len(vit) - len(unbuilt)} are not ViT-like, "
+             f"{len(unbuilt)} cannot be built from their default config: {', '.join(unbuilt) or 'none'}).", "",
+             "| classes | result (first example) |", "|---|---|"]
+    kinds, example = Counter(), {}
+    for r in vit:
+        key = _hf_reason_key(r)
+        kinds[key] += 1
+        example.setdefault(key, r["name"])
+    for key, n in kinds.most_common():
+        lines.append(f"| {n} | {key} ({example[key]}) |")
+    lines += ["", "| class | result |", "|---|---|"]
+    for r in vit:
+        lines.append(f"| {r['name']} | {_hf_reason_key(r)} |")
+    return lines
+
+
+def _hf_reason_key(row: dict) -> str:
+    """The kind of result: the refusal without the class name and the list of supported families."""
+    reason = row.get("reason", "")
+    if reason.startswith(row["name"]):
+        reason = reason[len(row["name"]):].lstrip(": ")
+    return f"{row['status']}{': ' + reason.split(' (supported:')[0] if reason else ''}"
 
 
 def _reason_key(row: dict) -> str:
@@ -268,10 +295,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-timm", action="store_true")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    timm_rows = timm_section()
+    timm_rows = [] if args.no_timm else timm_section()
     hf_rows = [] if args.no_transformers else transformers_section()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

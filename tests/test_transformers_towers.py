@@ -283,3 +283,59 @@ def test_prefix_and_token_counts_come_from_the_config():
         a = adapter(model)
         assert a.num_prefix_tokens(model) == prefix + suffix, name
         assert a.num_tokens(model) == 64 + prefix + suffix, name
+
+
+# --------------------------------------------------------------------------- real hub files (tests/hub/README.md)
+
+
+def test_blip_captioning_checkpoint_is_refused_and_its_saved_tower_converts(tmp_path, capsys):
+    """Salesforce/blip-image-captioning-base's files: the captioning model reads text, so the CLI refuses it in
+    one line; its vision tower, saved as the refusal says, converts with its weights and the hub preprocessing."""
+    from test_cli import run
+    from test_transformers_hub import HUB, _hf_pixels, _photo, _shrunk
+    from evit_cli.data import transforms
+
+    hub = HUB / "Salesforce__blip-image-captioning-base"
+    folder = _shrunk(hub, tmp_path / "blip")
+    code, _, err = run(["convert", folder, "--no-pretrained", "-o", tmp_path / "refused"], capsys)
+    assert code == 2 and "reads or writes text" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+    cfg = tf.BlipConfig.from_pretrained(folder)
+    cfg.vision_config.image_size = 64  # the published width and patch, fewer patches: fast
+    tower = randomize(tf.BlipForConditionalGeneration(cfg).vision_model)
+    tower.save_pretrained(tmp_path / "tower")
+    (tmp_path / "tower" / "preprocessor_config.json").write_bytes((hub / "preprocessor_config.json").read_bytes())
+    code, _, err = run(["convert", tmp_path / "tower", "-k", "0.7", "-l", "1,2", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    model = evit_cli.load(tmp_path / "out")
+    assert type(model).__name__ == "BlipVisionModel"
+    dc = evit_cli.adapters.get_adapter(model).data_config(model)
+    expected = _hf_pixels(hub)  # transformers' BlipImageProcessor with the published settings: 384 px squashed
+    assert dc["input_size"] == tuple(expected.shape) == (3, 384, 384)
+    assert (transforms(dc, train=False)(_photo()) - expected).abs().mean() < 2e-4
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(evit_cli.dense_copy(model)(x).pooler_output, tower(x).pooler_output)  # its weights
+
+
+def test_owlvit_detection_checkpoint_converts_as_its_image_tower(tmp_path, capsys):
+    """google/owlvit-base-patch32's config.json (as transformers 5.2 re-saves it): the CLI builds the image tower,
+    with the checkpoint's tower weights; 768 px in 32 px patches -> 577 tokens."""
+    from test_cli import run
+    from test_transformers_hub import HUB, _shrunk
+
+    folder = _shrunk(HUB / "google__owlvit-base-patch32__resaved-5.2.0", tmp_path / "owl")
+    code, _, err = run(["convert", folder, "--no-pretrained", "-k", "0.7", "-l", "1,2", "-o", tmp_path / "out"], capsys)
+    assert code == 0, err
+    model = evit_cli.load(tmp_path / "out")
+    assert type(model).__name__ == "OwlViTVisionModel"
+    assert evit_cli.adapters.get_adapter(model).data_config(model)["input_size"] == (3, 768, 768)
+    assert evit_cli.tokens_after_layers(model) == [1 + math.ceil(0.7 * 576) + 1, 1 + math.ceil(0.7 * 405) + 1]
+    detector = randomize(tf.OwlViTForObjectDetection(tf.OwlViTConfig(vision_config=V, text_config=TEXT)))
+    detector.save_pretrained(tmp_path / "tiny")
+    code, _, err = run(["convert", tmp_path / "tiny", "-k", "1.0", "-l", "2,4", "-o", tmp_path / "tiny_out"], capsys)
+    assert code == 0, err
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = evit_cli.load(tmp_path / "tiny_out")(x).pooler_output
+        assert torch.equal(got, detector.owlvit.vision_model(x).pooler_output)  # the tower's weights, loaded
