@@ -6,6 +6,9 @@ forward; the EViT ones (and, for relative-position families, every layer, so
 that the bias follows the kept tokens) run :meth:`EViTLayerMixin.forward`:
 attention through the model's own attention interface (eager or sdpa), the
 attention residual, the shared EViT step, then the MLP on the shorter sequence.
+The attention is always the EViT one: it rotates queries and keys with the
+(cos, sin) the layer hands it (RoPE families), which every layer after an EViT
+one gathers for the tokens that remain (:mod:`.positions`).
 
 Masks: a converted model refuses a user ``attention_mask`` (a hook on the
 encoder); the masks transformers builds itself are then all-visible (e.g.
