@@ -15,10 +15,19 @@ classes that run one token sequence through a stack of transformer blocks:
 hierarchies: PiT, LeViT, MViTv2, Hiera, Swin). Only the timm modules that
 define those classes are walked, to stay fast.
 
-transformers: tiny random configs of the vision families users bring, each
-converted and run on a 32 px image.
+transformers: every model class transformers ships for the model types of its
+image auto mappings (image classification and features, zero-shot image
+classification, detection, segmentation, depth, masked image modeling,
+backbones), and the image towers (``*Vision*`` classes) of the image-text model
+types (image-text-to-text, visual question answering). Each is built on the
+meta device from its default config; it is ViT-like when one patchify
+convolution (kernel = stride) feeds one flat stack of attention layers of that
+width (no stage holding a stack of its own: not Swin, Hiera, PVT). Each
+ViT-like class is converted as above, and the converted ones run once on the
+meta device with their token counts checked; a refusal is recorded with its
+reason.
 
-    python benchmarks/coverage.py          # about 2 minutes on 2 CPU cores
+    python benchmarks/coverage.py          # about 3 minutes on 2 CPU cores
 
 Writes benchmarks/results/coverage.{json,md} and prints the Markdown.
 """
@@ -108,49 +117,122 @@ def timm_section() -> list[dict]:
     return rows
 
 
-def _hf_models():
-    from transformers import (BeitConfig, BeitModel, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                              CLIPVisionModelWithProjection, Data2VecVisionConfig, Data2VecVisionModel, Dinov2Config,
-                              Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel, TimmWrapperConfig,
-                              TimmWrapperForImageClassification, ViTMAEConfig, ViTMAEModel, ViTMSNConfig, ViTMSNModel)
+HF_IMAGE_TASKS = ("IMAGE_CLASSIFICATION", "IMAGE", "ZERO_SHOT_IMAGE_CLASSIFICATION", "OBJECT_DETECTION",
+                  "ZERO_SHOT_OBJECT_DETECTION", "SEMANTIC_SEGMENTATION", "IMAGE_SEGMENTATION", "INSTANCE_SEGMENTATION",
+                  "UNIVERSAL_SEGMENTATION", "DEPTH_ESTIMATION", "MASKED_IMAGE_MODELING", "BACKBONE")
+HF_TOWER_TASKS = ("IMAGE_TEXT_TO_TEXT", "VISUAL_QUESTION_ANSWERING")  # only their image towers
 
-    t = dict(hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96, image_size=32, patch_size=4)
-    clip_v = dict(t)
-    return {
-        "CLIPVisionModel": lambda: CLIPVisionModel(CLIPVisionConfig(**clip_v)),
-        "CLIPVisionModelWithProjection": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**clip_v, projection_dim=32)),
-        "CLIPModel": lambda: CLIPModel(CLIPConfig(text_config=dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                                                                   intermediate_size=96), vision_config=clip_v, projection_dim=32)),
-        "Dinov2Model": lambda: Dinov2Model(Dinov2Config(**t)),
-        "Dinov2WithRegistersModel": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**t, num_register_tokens=4)),
-        "ViTMAEModel": lambda: ViTMAEModel(ViTMAEConfig(**t, mask_ratio=0.0)),
-        "ViTMSNModel": lambda: ViTMSNModel(ViTMSNConfig(**t)),
-        "TimmWrapperForImageClassification": lambda: TimmWrapperForImageClassification(TimmWrapperConfig(
-            architecture="vit_tiny_patch16_224", num_labels=10,
-            model_args=dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3))),
-        "BeitModel": lambda: BeitModel(BeitConfig(**t, use_relative_position_bias=True)),
-        "Data2VecVisionModel": lambda: Data2VecVisionModel(Data2VecVisionConfig(**t, use_relative_position_bias=True)),
-    }
+
+def _model_types(tasks) -> set[str]:
+    import transformers.models.auto.modeling_auto as auto
+
+    return {t for task in tasks for t in getattr(auto, f"MODEL_FOR_{task}_MAPPING_NAMES")}
+
+
+def hf_classes() -> list[type]:
+    """Every transformers model class of an image model type, and the image towers of image-text ones."""
+    import importlib
+
+    from transformers import PreTrainedModel
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    image, towers = _model_types(HF_IMAGE_TASKS), _model_types(HF_TOWER_TASKS)
+    classes = {}
+    for model_type in sorted(image | towers):
+        try:
+            module = importlib.import_module(f"transformers.models.{model_type_to_module_name(model_type)}")
+        except Exception:  # noqa: BLE001 - a model type whose module this install lacks
+            continue
+        for name in dir(module):
+            obj = getattr(module, name, None) if not name.startswith("_") else None
+            if not (isinstance(obj, type) and issubclass(obj, PreTrainedModel)) or name.endswith("PreTrainedModel"):
+                continue
+            if "Text" in name or (model_type not in image and "Vision" not in name):
+                continue
+            classes[name] = obj
+    return [classes[n] for n in sorted(classes)]
+
+
+def _stacks(module) -> list:
+    """The flat stacks of attention layers under ``module``: ModuleLists of >= 2 layers of one class,
+    each with an attention, whose layers hold no such stack themselves (a stage of Swin does)."""
+    from torch import nn
+
+    def is_stack(m) -> bool:
+        return (isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+                and any("attention" in type(x).__name__.lower() or n.endswith(("attn", "attention"))
+                        for n, x in m[0].named_modules()))
+
+    stacks = [m for m in module.modules() if is_stack(m)]
+    return [s for s in stacks if not any(o is not s and is_stack(o) for o in s[0].modules())]
+
+
+def hf_vit_like(model) -> bool:
+    """One patchify convolution (kernel = stride) feeding one flat stack of attention layers of its width,
+    in the smallest module around the convolution that holds such a stack (the image tower of a CLIP)."""
+    from torch import nn
+
+    convs = [n for n, m in model.named_modules()
+             if isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.stride[0] > 1]
+    if len(convs) != 1:
+        return False
+    width = model.get_submodule(convs[0]).out_channels
+    parts = convs[0].split(".")
+    for depth in range(len(parts) - 1, -1, -1):
+        root = model.get_submodule(".".join(parts[:depth]))
+        flat = [s for s in _stacks(root)
+                if next(x for x in s[0].modules() if isinstance(x, nn.Linear)).in_features == width]
+        if flat:
+            break
+    staged = any(isinstance(m, nn.ModuleList) and m not in flat and _stacks(m) and any(
+        isinstance(x, nn.ModuleList) for c in m for x in c.modules()) for m in root.modules())
+    return len(flat) == 1 and not staged
+
+
+def try_transformers(cls) -> dict:
+    row = {"name": cls.__name__, "module": cls.__module__.split(".")[2]}
+    try:
+        with torch.device("meta"):
+            model = cls(cls.config_class())
+    except Exception as e:  # noqa: BLE001 - a class that cannot be built from its default config
+        return {**row, "vit_like": None, "status": "not built", "reason": _one_line(e)}
+    row["vit_like"] = hf_vit_like(model)
+    if not row["vit_like"]:
+        return row
+    try:
+        adapter = evit_cli.adapters.get_adapter(model)
+        evit_cli.convert(model, keep_rate=0.7, layers=paper_layers(adapter.depth(model)))
+        x = torch.empty(1, 3, adapter.img_size(model), adapter.img_size(model), device="meta")
+    except EvitError as e:
+        return {**row, "status": "refused", "reason": str(e)}
+    except Exception as e:  # noqa: BLE001
+        return {**row, "status": "crashed", "reason": _one_line(e)}
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[1]))
+             for b in evit_cli.adapters.evit_blocks(model)]
+    try:
+        with torch.no_grad():
+            adapter.outputs(model, x)
+    except Exception as e:  # noqa: BLE001
+        return {**row, "status": "crashed", "reason": "forward: " + _one_line(e)}
+    finally:
+        for h in hooks:
+            h.remove()
+    if seen != evit_cli.tokens_after_layers(model):
+        return {**row, "status": "wrong", "reason": f"tokens {seen} vs {evit_cli.tokens_after_layers(model)}"}
+    return {**row, "status": "converted", "tokens": [int(s) for s in seen]}
 
 
 def transformers_section() -> list[dict]:
-    rows = []
-    for cls, build in _hf_models().items():
-        try:
-            model = build().eval()
-            evit_cli.convert(model, keep_rate=0.7, layers=(2, 3))
-            with torch.no_grad():
-                out = model(pixel_values=torch.randn(1, 3, 32, 32)) if cls != "CLIPModel" else model.get_image_features(pixel_values=torch.randn(1, 3, 32, 32))
-            del out
-            rows.append({"name": cls, "status": "converted"})
-        except EvitError as e:
-            rows.append({"name": cls, "status": "refused", "reason": str(e)})
-        except Exception as e:  # noqa: BLE001
-            rows.append({"name": cls, "status": "crashed", "reason": _one_line(e)})
-    return rows
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    return [try_transformers(cls) for cls in hf_classes()]
 
 
 def markdown(timm_rows: list[dict], hf_rows: list[dict]) -> str:
+    if not timm_rows:
+        return "\n".join(hf_markdown(hf_rows)) + "\n"
     ok = sum(r["status"] == "converted" for r in timm_rows)
     lines = [f"timm: **{ok} of {len(timm_rows)}** ViT-like model names convert ({100 * ok / len(timm_rows):.0f}%).", "",
              "| class | names | converted |", "|---|---|---|"]
@@ -169,11 +251,36 @@ def markdown(timm_rows: list[dict], hf_rows: list[dict]) -> str:
             example.setdefault(key, f"{r['name']}: {r['reason']}")
     for key, n in reasons.most_common():
         lines.append(f"| {n} | {example[key]} |")
-    hf_ok = sum(r["status"] == "converted" for r in hf_rows)
-    lines += ["", f"transformers: **{hf_ok} of {len(hf_rows)}** families convert.", "", "| class | result |", "|---|---|"]
-    for r in hf_rows:
-        lines.append(f"| {r['name']} | {r['status']}{': ' + r['reason'] if r.get('reason') else ''} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ([""] + hf_markdown(hf_rows) if hf_rows else [])) + "\n"
+
+
+def hf_markdown(rows: list[dict]) -> list[str]:
+    vit = [r for r in rows if r.get("vit_like")]
+    ok = sum(r["status"] == "converted" for r in vit)
+    unbuilt = [r["name"] for r in rows if r.get("vit_like") is None]
+    lines = [f"transformers: **{ok} of {len(vit)}** ViT-like classes convert (of {len(rows)} model classes of its "
+             f"image model types and image towers; {len(rows) - len(vit) - len(unbuilt)} are not ViT-like, "
+             f"{len(unbuilt)} cannot be built from their default config: {', '.join(unbuilt) or 'none'}).", "",
+             "| classes | result (first example) |", "|---|---|"]
+    kinds, example = Counter(), {}
+    for r in vit:
+        key = _hf_reason_key(r)
+        kinds[key] += 1
+        example.setdefault(key, r["name"])
+    for key, n in kinds.most_common():
+        lines.append(f"| {n} | {key} ({example[key]}) |")
+    lines += ["", "| class | result |", "|---|---|"]
+    for r in vit:
+        lines.append(f"| {r['name']} | {_hf_reason_key(r)} |")
+    return lines
+
+
+def _hf_reason_key(row: dict) -> str:
+    """The kind of result: the refusal without the class name and the list of supported families."""
+    reason = row.get("reason", "")
+    if reason.startswith(row["name"]):
+        reason = reason[len(row["name"]):].lstrip(": ")
+    return f"{row['status']}{': ' + reason.split(' (supported:')[0] if reason else ''}"
 
 
 def _reason_key(row: dict) -> str:
@@ -188,10 +295,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--no-timm", action="store_true")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    timm_rows = timm_section()
+    timm_rows = [] if args.no_timm else timm_section()
     hf_rows = [] if args.no_transformers else transformers_section()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

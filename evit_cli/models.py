@@ -16,8 +16,8 @@ from torch import nn
 
 from .errors import EvitError, first_line, is_out_of_memory, memory_message
 from .fsutil import read_json
-from .validate import head_fits
 from .hub import go_offline_if_unreachable
+from .validate import head_fits
 
 _WRAPPER_KEYS = ("model_ema", "state_dict_ema", "model", "state_dict", "module")
 
@@ -213,13 +213,26 @@ TRANSFORMERS_CLASSES = (
     "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
     "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
     "BeitModel", "BeitForImageClassification", "Data2VecVisionModel", "Data2VecVisionForImageClassification",
+    "MetaClip2VisionModel", "MetaClip2VisionModelWithProjection", "MetaClip2ForImageClassification",
+    "ChineseCLIPVisionModel", "OwlViTVisionModel", "Owlv2VisionModel", "BlipVisionModel", "BlipModel", "PixioModel",
+    "DINOv3ViTModel", "MLCDVisionModel", "YolosModel", "YolosForObjectDetection",
 )
+# a multimodal checkpoint -> its image tower, which takes images alone and loads the checkpoint's tower weights
+_TOWER = {"CLIPModel": "CLIPVisionModelWithProjection", "MetaClip2Model": "MetaClip2VisionModelWithProjection",
+          "ChineseCLIPModel": "ChineseCLIPVisionModel", "OwlViTModel": "OwlViTVisionModel",
+          "OwlViTForObjectDetection": "OwlViTVisionModel", "Owlv2Model": "Owlv2VisionModel",
+          "Owlv2ForObjectDetection": "Owlv2VisionModel"}
 # model_type -> the class built when config.json names no supported architecture
 _DEFAULT_CLASS = {
     "vit": "ViTForImageClassification", "deit": "DeiTForImageClassification", "vit_msn": "ViTMSNModel",
     "vit_mae": "ViTMAEModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
     "clip": "CLIPVisionModelWithProjection", "clip_vision_model": "CLIPVisionModel", "beit": "BeitModel",
-    "data2vec-vision": "Data2VecVisionModel",
+    "data2vec-vision": "Data2VecVisionModel", "metaclip_2": "MetaClip2VisionModelWithProjection",
+    "metaclip_2_vision_model": "MetaClip2VisionModel", "chinese_clip": "ChineseCLIPVisionModel",
+    "chinese_clip_vision_model": "ChineseCLIPVisionModel", "owlvit": "OwlViTVisionModel",
+    "owlvit_vision_model": "OwlViTVisionModel", "owlv2": "Owlv2VisionModel", "owlv2_vision_model": "Owlv2VisionModel",
+    "blip": "BlipModel", "blip_vision_model": "BlipVisionModel", "pixio": "PixioModel", "dinov3_vit": "DINOv3ViTModel",
+    "mlcd_vision_model": "MLCDVisionModel", "yolos": "YolosModel",
 }
 
 
@@ -229,12 +242,11 @@ def _transformers_class(config: dict, where: str):
     from .adapters.transformers.families import reason, refused_class, supported
 
     arch = (config.get("architectures") or [None])[0]
+    arch = _TOWER.get(arch, arch)
     if refused_class(str(arch)):
         raise EvitError(f"{where}: " + reason(arch, has_cls=False))
     if arch not in TRANSFORMERS_CLASSES:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))
-    if arch == "CLIPModel":  # a CLIP checkpoint: its image tower and projection, which take images alone
-        arch = "CLIPVisionModelWithProjection"
     if arch is None:
         what = (config.get("architectures") or [config.get("model_type")])[0]
         raise EvitError(f"{where} is a transformers {what!r} model, which evit does not support yet ({supported()})")
@@ -249,8 +261,8 @@ def _width(config: dict) -> int:
 
 
 def _vision_config(cls, cfg):
-    """CLIP's vision-only classes are built from the vision part of a full CLIP config."""
-    if cls.__name__.startswith("CLIPVision") and hasattr(cfg, "vision_config"):
+    """Image towers (CLIP's and the like) are built from the vision part of a full multimodal config."""
+    if "Vision" in cls.__name__ and hasattr(cfg, "vision_config"):
         return cfg.vision_config
     return cfg
 

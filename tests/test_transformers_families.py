@@ -250,7 +250,8 @@ def test_vit_mae_masking_is_off_and_every_patch_in_order(images):
     (tf.ViTForMaskedImageModeling, tf.ViTConfig(**VIT), "masked-image-modeling"),
     (tf.DeiTForMaskedImageModeling, tf.DeiTConfig(**VIT), "masked-image-modeling"),
     (tf.SiglipVisionModel, tf.SiglipVisionConfig(**CLIP_VISION), "no class token.*attention-pooling"),
-    (tf.YolosModel, tf.YolosConfig(**dict(VIT, image_size=[32, 32])), "YolosModel is a ViT with a class token, but .* not supported yet"),
+    (tf.InstructBlipVisionModel, tf.InstructBlipVisionConfig(**VIT),
+     "InstructBlipVisionModel is a ViT with a class token, but .* not supported yet"),
     (tf.Data2VecVisionForSemanticSegmentation, tf.Data2VecVisionConfig(**VIT), "Data2VecVisionForSemanticSegmentation"),
     (tf.ConvNextModel, tf.ConvNextConfig(), "ConvNextModel is not a Vision Transformer family"),
 ])

@@ -27,13 +27,14 @@ from ...config import EViTConfig
 from ...errors import EvitError
 from ..base import Adapter
 from ..block import BlockState, PositionState
+from . import layer as hf_layer
+from . import relpos
+from .families import Family, refusal, refused_class, resolve
 from .layer import family_of, is_evit_layer, refuse_attention_mask
-from .layer import swap_in as swap_layer_in
 from .layer import swap_out as swap_layer_out
+from .positions import FollowMidPositions
 from .preprocess import data_config as processor_data_config
 from .preprocess import input_size as processor_input_size
-from .relpos import tables as bias_tables
-from .families import Family, refusal, refused_class, resolve
 
 # --------------------------------------------------------------------------- where things live
 
@@ -118,7 +119,7 @@ class TransformersAdapter(Adapter):
             raise EvitError(refusal(model))
         spec = family(model)
         attn = getattr(_layers(model)[0], spec.attention)
-        for path in (spec.q, spec.k, spec.v, spec.head_dim):
+        for path in ((spec.qkv,) if spec.qkv else (spec.q, spec.k, spec.v)) + (spec.head_dim, spec.attn_dropout):
             if resolve(attn, path) is None:
                 raise EvitError(
                     f"this transformers version lays out {type(attn).__name__} without {path!r}: "
@@ -131,8 +132,8 @@ class TransformersAdapter(Adapter):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         spec = _family(model)
-        extra = int(getattr(_config(model), spec.prefix_config, 0) or 0) if spec.prefix_config else 0
-        return spec.prefix + extra
+        extra = [int(getattr(_config(model), name, 0) or 0) for name in (spec.prefix_config, spec.suffix_config) if name]
+        return spec.prefix + sum(extra)  # the suffix tokens (YOLOS's detection tokens) are kept as the prefix ones
 
     def img_size(self, model: nn.Module) -> int:
         """The image side the model is run at: its config's, or for DINOv2 (any size) its processor's crop."""
@@ -155,12 +156,17 @@ class TransformersAdapter(Adapter):
         self.remove(model)
         spec, layers, root = _family(model), _layers(model), vision_root(model)
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
-        positions = PositionState() if spec.relative_position_bias else None
-        for i, layer in enumerate(layers):
-            tables = bias_tables(layer, spec, root) if positions is not None else ()
-            swap_layer_in(layer, BlockState(index=i, num_prefix=prefix, family=spec, positions=positions,
-                                               keep_rate=rates.get(i), fuse=cfg.fuse, bias_tables=tables,
-                                               patch_size=_patch(model)))
+        mid = resolve(root, spec.mid_positions) if spec.mid_positions else None
+        follow = spec.relative_position_bias or spec.rope or mid is not None
+        positions = PositionState() if follow else None
+        states = [BlockState(index=i, num_prefix=prefix, family=spec, positions=positions, keep_rate=rates.get(i),
+                             fuse=cfg.fuse, patch_size=_patch(model),
+                             bias_tables=relpos.tables(layer, spec, root) if spec.relative_position_bias else ())
+                  for i, layer in enumerate(layers)]
+        for layer, state in zip(layers, states):
+            hf_layer.swap_in(layer, state)
+        if mid is not None:
+            mid.register_forward_hook(FollowMidPositions(states[0]))
         if any(c.__name__ == "ViTMAEModel" for c in type(root).__mro__):  # also a subclass (remote code)
             _masking_off(root)
         if refuse_attention_mask not in root._forward_pre_hooks.values():
@@ -175,6 +181,11 @@ class TransformersAdapter(Adapter):
         for key in [k for k, fn in hooks.items() if fn is refuse_attention_mask]:
             hooks.pop(key)
             root._forward_pre_hooks_with_kwargs.pop(key, None)
+        spec = family(model)
+        mid = resolve(root, spec.mid_positions) if spec is not None and spec.mid_positions else None
+        if mid is not None:
+            for key in [k for k, fn in mid._forward_hooks.items() if isinstance(fn, FollowMidPositions)]:
+                mid._forward_hooks.pop(key)
 
     # ------------------------------------------------------------ heads, names, sizes
 

@@ -3,19 +3,25 @@
 A new family is one :class:`Family` entry: the layer class, where its norms,
 attention (``q_proj``/``k_proj``/``v_proj`` + output projection), MLP, dropout,
 layer scale and drop path live, how many prefix tokens its embeddings put
-first, and whether its attention carries a relative position bias.
+first (and keeps last, YOLOS's detection tokens), and whether its attention
+carries a relative position bias or rotary position embeddings (RoPE).
 
 Names are attribute paths (``"attention.query"``); a tuple of paths is a chain
 of modules applied in order (``("intermediate", "output")``). ``legacy``
 families use transformers' older nested layer layout (Data2Vec-vision): the
 layer takes ``output_attentions`` and returns a tuple, and its attention module
 has no attention interface, so EViT computes the attention itself (eager or
-sdpa, as the model's ``attn_implementation`` says).
+sdpa, as the model's ``attn_implementation`` says). ``explicit_attention``
+families (BLIP) compute the softmax themselves whatever the implementation
+says: EViT does the same.
+
+Towers whose layers are CLIP's (MetaCLIP 2, Chinese-CLIP, OWL-ViT, OWLv2) share
+CLIP's spec; only their name and image processor differ.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import reduce
 
 from torch import nn
@@ -33,6 +39,9 @@ class Family:
     q: str = "q_proj"                        # attention attributes
     k: str = "k_proj"
     v: str = "v_proj"
+    qkv: str | None = None                   # one fused projection instead of q, k, v (BLIP)
+    explicit_attention: bool = False         # the attention computes its softmax itself, always (BLIP)
+    attention_returns_output_only: bool = False  # the attention returns its output without the weights (YOLOS)
     head_dim: str = "head_dim"
     config: str = "config"
     out_proj: Path = "o_proj"
@@ -43,6 +52,13 @@ class Family:
     drop_path: str | None = None
     prefix: int = 1                          # class token (+ distillation token)
     prefix_config: str | None = None         # config attribute adding prefix tokens (registers)
+    pooled_class_tokens: bool = False        # every prefix token is a class token the model pools (Pixio):
+                                             # their attention rows, averaged, rank the patches
+    suffix_config: str | None = None         # config attribute: tokens kept LAST (YOLOS's detection tokens)
+    mid_positions: str | None = None         # vision-model module whose output [i] is added after layer i (YOLOS)
+    layer_args: tuple[str, ...] = ("attention_mask",)  # the layer's positional arguments after the hidden states
+    rope: bool = False                       # layers get (cos, sin) in ``position_embeddings``, patches rotated
+    rope_prefix_rows: int = 0                # prefix tokens with a row of their own in (cos, sin) (MLCD's class)
     relative_position_bias: bool = False     # per-layer and/or shared bias tables (BEiT)
     layer_bias: str = "relative_position_bias"   # the per-layer table, from the layer
     shared_bias: str = "shared_position_bias"    # the shared table, from the vision model
@@ -52,6 +68,8 @@ class Family:
 
 
 VIT = Family("ViT")
+CLIP = Family("CLIP vision", norm1="layer_norm1", attention="self_attn", norm2="layer_norm2", out_proj="out_proj",
+              scaling="scale", attn_dropout="dropout", dropout=None, processor="CLIPImageProcessor")
 FAMILIES: dict[str, Family] = {
     "ViTLayer": VIT,
     "DeiTLayer": Family("DeiT", prefix=2),
@@ -64,9 +82,28 @@ FAMILIES: dict[str, Family] = {
                                        layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
                                        prefix_config="num_register_tokens", any_input_size=True,
                                        processor="BitImageProcessor"),
-    "CLIPEncoderLayer": Family("CLIP vision", norm1="layer_norm1", attention="self_attn", norm2="layer_norm2",
-                               out_proj="out_proj", scaling="scale", attn_dropout="dropout", dropout=None,
-                               processor="CLIPImageProcessor"),
+    "CLIPEncoderLayer": CLIP,
+    "MetaClip2EncoderLayer": replace(CLIP, name="MetaCLIP 2 vision"),
+    "ChineseCLIPVisionLayer": replace(CLIP, name="Chinese-CLIP vision", processor="ChineseCLIPImageProcessor"),
+    "OwlViTEncoderLayer": replace(CLIP, name="OWL-ViT vision", processor="OwlViTImageProcessor"),
+    "Owlv2EncoderLayer": replace(CLIP, name="OWLv2 vision", processor="Owlv2ImageProcessor"),
+    "BlipEncoderLayer": replace(CLIP, name="BLIP vision", qkv="qkv", out_proj="projection", attn_dropout="dropout.p",
+                                explicit_attention=True, layer_args=(), processor="BlipImageProcessor"),
+    "MLCDEncoderLayer": replace(CLIP, name="MLCD vision", layer_args=("position_embeddings", "attention_mask"),
+                                rope=True, rope_prefix_rows=1, any_input_size=True),
+    "PixioLayer": Family("Pixio", prefix=0, prefix_config="n_cls_tokens", pooled_class_tokens=True,
+                         drop_path="drop_path", processor="BitImageProcessor"),
+    "DINOv3ViTLayer": Family("DINOv3", norm1="norm1", norm2="norm2", attn_dropout="dropout", dropout=None,
+                             layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
+                             prefix_config="num_register_tokens", rope=True, any_input_size=True,
+                             processor="DINOv3ViTImageProcessor"),
+    "YolosLayer": Family("YOLOS", mlp=("intermediate", "output.dense", "output.dropout"), dropout=None,
+                         q="attention.query", k="attention.key", v="attention.value",
+                         head_dim="attention.attention_head_size", config="attention.config",
+                         out_proj=("output.dense", "output.dropout"), scaling="attention.scaling",
+                         attn_dropout="attention.dropout_prob", attention_returns_output_only=True,
+                         suffix_config="num_detection_tokens", mid_positions="encoder.interpolation", layer_args=(),
+                         any_input_size=True, processor="YolosImageProcessor"),
     "BeitLayer": Family("BEiT", layer_scale=("lambda_1", "lambda_2"), drop_path="drop_path",
                         relative_position_bias=True, processor="BeitImageProcessor"),
     "Data2VecVisionLayer": Family("Data2Vec-vision", mlp=("intermediate", "output"), dropout=None,
@@ -104,6 +141,10 @@ MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModelin
                          "ViTMAEForPreTraining", "Data2VecVisionForMaskedImageModeling")
 # models whose head reads a map of every patch (segmentation, backbone feature maps)
 DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
+# models whose head predicts a box from every patch token (open-vocabulary detection)
+PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
+# models that read or write text with the image (captioning, question answering, image-text matching, OCR)
+TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval", "VisionEncoderDecoderModel")
 NO_CLASS_TOKEN = {
     "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
     "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
@@ -118,7 +159,7 @@ def refusal(model: nn.Module) -> str:
 
 def refused_class(name: str) -> bool:
     """True for the transformers classes refused by name alone (their head, or no class token)."""
-    return (name in MASKED_IMAGE_MODELING or name.endswith(DENSE_PREDICTION)
+    return (name in MASKED_IMAGE_MODELING + PER_PATCH_BOXES or name.endswith(DENSE_PREDICTION + TEXT_AND_IMAGE)
             or any(name.startswith(p) for p in NO_CLASS_TOKEN))
 
 
@@ -130,6 +171,12 @@ def reason(name: str, has_cls: bool) -> str:
     if name.endswith(DENSE_PREDICTION):
         return (f"{name} predicts from a map of every patch (segmentation or backbone features), so EViT cannot "
                 "remove tokens; convert the encoder alone (e.g. BeitModel, Data2VecVisionModel)")
+    if name in PER_PATCH_BOXES:
+        return (f"{name} predicts a box from every patch token, so EViT cannot remove tokens; convert its image "
+                f"tower alone ({name.replace('ForObjectDetection', 'VisionModel')})")
+    if name.endswith(TEXT_AND_IMAGE):
+        return (f"{name} reads or writes text with the image; evit converts image models: convert its image "
+                "encoder on its own (e.g. model.vision_model; save it with save_pretrained to use the CLI)")
     for prefix, why in NO_CLASS_TOKEN.items():
         if name.startswith(prefix):
             return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"

@@ -6,6 +6,9 @@ forward; the EViT ones (and, for relative-position families, every layer, so
 that the bias follows the kept tokens) run :meth:`EViTLayerMixin.forward`:
 attention through the model's own attention interface (eager or sdpa), the
 attention residual, the shared EViT step, then the MLP on the shorter sequence.
+The attention is always the EViT one: it rotates queries and keys with the
+(cos, sin) the layer hands it (RoPE families), which every layer after an EViT
+one gathers for the tokens that remain (:mod:`.positions`).
 
 Masks: a converted model refuses a user ``attention_mask`` (a hook on the
 encoder); the masks transformers builds itself are then all-visible (e.g.
@@ -22,9 +25,11 @@ from torch import Tensor, nn
 
 from ...errors import EvitError
 from ...reorg import class_attention
-from ..block import BlockState, EViTBlock, clear_block, reorganize_tokens, runs_dense
-from ..swap import original, swap_in as swap_class, swap_out as restore_class
-from .relpos import bias_for
+from ..block import BlockState, EViTBlock, clear_block, runs_dense
+from ..swap import original
+from ..swap import swap_in as swap_class
+from ..swap import swap_out as restore_class
+from . import positions, relpos
 from .families import FAMILIES, Family, module_chain, resolve
 
 
@@ -33,39 +38,58 @@ def family_of(layer: nn.Module) -> Family | None:
 
 
 class EViTAttentionMixin:
-    """The family's attention; with ``evit_cls=True`` it also returns the class-token row (its
+    """The family's attention; with ``evit_cls`` given it also returns the class-token row (its
     layer's :class:`..block.BlockState`, shared in ``self.evit``, gives the family's spec).
 
-    ``(out, weights)`` as the original, or ``(out, weights, cls_attn)``. It is
-    called through the module, so transformers' ``output_attentions`` hooks
-    record its weights as for the original attention.
+    Called by the library's own layer (``evit_cls`` unset) it returns what the original
+    returns: ``(out, weights)``, or ``out`` alone where the original does (YOLOS); called by
+    the EViT layer, ``(out, weights, cls_attn)`` (``cls_attn`` ``None`` unless ``evit_cls``).
+    It is called through the module, so transformers' ``output_attentions`` hooks record its
+    weights as for the original attention.
     """
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, evit_cls: bool = False, **kwargs):
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, evit_cls: bool | None = None,
+                **kwargs):
         spec: Family = self.evit.family
         head_dim = int(resolve(self, spec.head_dim))
-        shape = (*hidden_states.shape[:-1], -1, head_dim)
-        q, k, v = (resolve(self, p)(hidden_states).view(shape).transpose(1, 2) for p in (spec.q, spec.k, spec.v))
-        scale = getattr(self, spec.scaling) if spec.scaling else head_dim ** -0.5
+        q, k, v = _project(self, spec, hidden_states, head_dim)
+        if spec.rope:
+            cos, sin = kwargs.pop("position_embeddings")
+            q, k = positions.rotate(q, cos, sin), positions.rotate(k, cos, sin)
+        scale = resolve(self, spec.scaling) if spec.scaling else head_dim ** -0.5
         dropout = float(resolve(self, spec.attn_dropout)) if self.training else 0.0
         out, weights = _attend(self, spec, q, k, v, attention_mask, dropout, scale, **kwargs)
         out = module_chain(self, spec.out_proj)(out.reshape(*hidden_states.shape[:-1], -1).contiguous())
+        if evit_cls is None:
+            return out if spec.attention_returns_output_only else (out, weights)
         if not evit_cls:
-            return out, weights
+            return out, weights, None
         # from q and k, as sdpa: eager's weights are taken after attention dropout
-        bias = attention_mask[:, :, :1] if attention_mask is not None else None
-        return out, weights, class_attention(q[:, :, :1], k, scale, bias)
+        rows = self.evit.num_prefix if spec.pooled_class_tokens else 1
+        bias = attention_mask[:, :, :rows] if attention_mask is not None else None
+        cls_attn = class_attention(q[:, :, :rows], k, scale, bias)
+        return out, weights, cls_attn.mean(1) if rows > 1 else cls_attn
+
+
+def _project(attn: nn.Module, spec: Family, x: Tensor, head_dim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values (B, H, N, D): three projections, or one fused one split in three (BLIP)."""
+    if spec.qkv:
+        qkv = resolve(attn, spec.qkv)(x).unflatten(-1, (3, -1, head_dim)).unbind(-3)
+        return tuple(t.transpose(1, 2) for t in qkv)
+    shape = (*x.shape[:-1], -1, head_dim)
+    return tuple(resolve(attn, p)(x).view(shape).transpose(1, 2) for p in (spec.q, spec.k, spec.v))
 
 
 def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, scale: float, **kwargs):
     """(B, N, H, D) output and the weights (eager only), through the model's own attention implementation."""
     impl = resolve(attn, spec.config)._attn_implementation
-    if spec.legacy:
-        return _legacy_attention(q, k, v, mask, dropout, scale, eager=impl == "eager")
+    if spec.legacy or spec.explicit_attention:
+        return _legacy_attention(q, k, v, mask, dropout, scale, eager=spec.explicit_attention or impl == "eager")
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     eager = sys.modules[original(type(attn)).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    kwargs["is_causal"] = False  # vision encoders: sdpa would read a missing module flag as causal
     return interface(attn, q, k, v, mask, dropout=dropout, scaling=scale, **kwargs)
 
 
@@ -96,27 +120,31 @@ def _branch(layer: nn.Module, spec: Family, y: Tensor, which: int) -> Tensor:
 class EViTLayerMixin(EViTBlock):
     """A family's layer with the reorganization between attention and MLP (its state in ``self.evit``)."""
 
-    def forward(self, hidden_states: Tensor, attention_mask=None, *args, **kwargs) -> Tensor:
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st: BlockState = self.evit
         spec: Family = st.family
+        kwargs.update(zip(spec.layer_args, args))
+        kwargs.pop("attention_mask", None)  # transformers' own all-visible mask (a user's is refused)
         want_weights = False
         if spec.legacy:  # the older call; the shared table's full bias is recomputed below for the tokens that remain
             want_weights = bool(kwargs.pop("output_attentions", False))
             kwargs.pop("relative_position_bias", None)
-        bias = bias_for(self, kwargs) if spec.relative_position_bias else None
+        if spec.rope:  # the rotations of the tokens that remain
+            kwargs["position_embeddings"] = positions.rope_for(self, kwargs["position_embeddings"])
+        bias = relpos.bias_for(self, kwargs) if spec.relative_position_bias else None
         # int(...) sizes are constants when traced; a rank hook makes it run at keep 1.0 too
         reduce = st.reorganizes and not runs_dense(st, int(hidden_states.shape[1]))
         if st.reorganizes:
             st.kept = None
         if not reduce and not spec.relative_position_bias and not spec.legacy:
-            return super().forward(hidden_states, None, *args, **kwargs)
+            mask = {"attention_mask": None} if "attention_mask" in spec.layer_args else {}
+            return super().forward(hidden_states, **mask, **kwargs)
         x = hidden_states
-        attn = getattr(self, spec.attention)
         h = getattr(self, spec.norm1)(x)
-        a, weights, cls_attn = attn(h, bias, evit_cls=True, **kwargs) if reduce else (*attn(h, bias, **kwargs), None)
+        a, weights, cls_attn = getattr(self, spec.attention)(h, bias, evit_cls=reduce, **kwargs)
         x = x + _branch(self, spec, a, 0)
-        if reduce:  # the positions follow the kept tokens there (relative-position families)
-            x, _ = reorganize_tokens(self, x, cls_attn)
+        if reduce:  # the positions follow the kept tokens there (position-term families)
+            x = positions.reorganize(self, x, cls_attn)
         x = x + _branch(self, spec, module_chain(self, spec.mlp)(getattr(self, spec.norm2)(x)), 1)
         if spec.legacy:  # the older layouts return a tuple, with the weights when asked
             return (x, weights) if want_weights else (x,)
