@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize
 
 import evit_cli
 from evit_cli.adapters import record_kept
-from conftest import randomize
 
 SIZE = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=6, num_attention_heads=3)
 VIT = dict(SIZE, intermediate_size=96, layer_norm_eps=1e-6)

@@ -15,10 +15,10 @@ import math
 import pytest
 import torch
 import transformers as tf
+from conftest import randomize
 
 import evit_cli
 from evit_cli.adapters import record_kept
-from conftest import randomize
 
 SIZE = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=6, num_attention_heads=3)
 V = dict(SIZE, intermediate_size=96)
@@ -253,8 +253,9 @@ def test_torchscript_export_matches_pytorch(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["dinov3", "yolos_det"])  # positions gathered per image inside the graph
 def test_onnx_export_matches_pytorch(name, tmp_path):
-    from evit_cli.export import export
     from test_export import _onnx_run
+
+    from evit_cli.export import export
 
     model, _, _ = _build(name)
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
@@ -293,6 +294,7 @@ def test_blip_captioning_checkpoint_is_refused_and_its_saved_tower_converts(tmp_
     one line; its vision tower, saved as the refusal says, converts with its weights and the hub preprocessing."""
     from test_cli import run
     from test_transformers_hub import HUB, _hf_pixels, _photo, _shrunk
+
     from evit_cli.data import transforms
 
     hub = HUB / "Salesforce__blip-image-captioning-base"
