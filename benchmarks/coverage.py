@@ -49,7 +49,8 @@ from evit_cli.errors import EvitError
 VIT_CLASSES = {"VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos", "VisionTransformerSAM", "NaFlexVit",
                "Cait", "Xcit", "VOLO", "CrossVit", "TNT"}
 MODULES = {"vision_transformer", "deit", "vision_transformer_hybrid", "vitamin", "eva", "beit",
-           "vision_transformer_relpos", "vision_transformer_sam", "naflexvit", "cait", "xcit", "volo", "crossvit", "tnt"}
+           "vision_transformer_relpos", "vision_transformer_sam", "naflexvit", "cait", "xcit", "volo", "crossvit",
+           "tnt"}
 
 
 def vit_class(model) -> str | None:
@@ -89,7 +90,8 @@ def try_timm(name: str) -> dict:
     with torch.no_grad():
         dense_shape = tuple(evit_cli.dense_copy(model)(x).shape)
     seen = []
-    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.shape[1])) for b in evit_cli.adapters.evit_blocks(model)]
+    hooks = [b.register_forward_hook(lambda m, i, o: seen.append(o.shape[1]))
+             for b in evit_cli.adapters.evit_blocks(model)]
     try:
         with torch.no_grad():
             shape = tuple(model(x).shape)
@@ -99,7 +101,8 @@ def try_timm(name: str) -> dict:
         for h in hooks:
             h.remove()
     if shape != dense_shape or seen != evit_cli.tokens_after_layers(model):
-        return {**row, "status": "wrong", "reason": f"output {shape} vs {dense_shape}, tokens {seen} vs {evit_cli.tokens_after_layers(model)}"}
+        return {**row, "status": "wrong",
+                "reason": f"output {shape} vs {dense_shape}, tokens {seen} vs {evit_cli.tokens_after_layers(model)}"}
     return {**row, "status": "converted", "tokens": [int(s) for s in seen]}
 
 
@@ -304,7 +307,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ok = sum(r["status"] == "converted" for r in timm_rows)
-    (out / "coverage.json").write_text(json.dumps({"timm": {"converted": ok, "total": len(timm_rows), "models": timm_rows},
+    (out / "coverage.json").write_text(json.dumps({"timm": {"converted": ok, "total": len(timm_rows),
+                                                            "models": timm_rows},
                                                    "transformers": hf_rows}, indent=1) + "\n")
     md = markdown(timm_rows, hf_rows)
     (out / "coverage.md").write_text(md)

@@ -42,7 +42,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise EvitError(f"{path} is not a readable safetensors file ({first_line(e)}): is it truncated? download it again") from None
+            raise EvitError(f"{path} is not a readable safetensors file ({first_line(e)}): "
+                            "is it truncated? download it again") from None
     elif kind == "torch":
         sd = _torch_load(path)
     else:
@@ -176,7 +177,8 @@ def create_timm(
         raise
     except Exception as e:  # timm surfaces hub failures as many exception types
         if is_out_of_memory(e):
-            raise EvitError(f"cannot build {name} with {kwargs}: " + memory_message(e, "lower --num-classes or --img-size")) from None
+            raise EvitError(f"cannot build {name} with {kwargs}: "
+                            + memory_message(e, "lower --num-classes or --img-size")) from None
         if not pretrained:
             raise EvitError(f"cannot build {name} with {kwargs}: {first_line(e)}") from None
         why = "the hub cannot be reached and they are not in the local cache" if offline else first_line(e)
@@ -185,7 +187,8 @@ def create_timm(
             "check the network, or use --no-pretrained for random weights, or --checkpoint FILE"
         ) from None
     if sd is not None:
-        load_weights(model, _without_head(model, sd) if kwargs.get("num_classes") == 0 else sd, f"checkpoint {checkpoint}")
+        load_weights(model, _without_head(model, sd) if kwargs.get("num_classes") == 0 else sd,
+                     f"checkpoint {checkpoint}")
     model.evit_source = {
         "family": "timm",
         "model": name,
@@ -210,7 +213,8 @@ TRANSFORMERS_CLASSES = (
     "ViTForImageClassification", "ViTModel",
     "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher", "DeiTModel",
     "ViTMSNModel", "ViTMSNForImageClassification", "ViTMAEModel",
-    "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification",
+    "Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
+    "Dinov2WithRegistersForImageClassification",
     "CLIPModel", "CLIPVisionModel", "CLIPVisionModelWithProjection",
     "BeitModel", "BeitForImageClassification", "Data2VecVisionModel", "Data2VecVisionForImageClassification",
     "MetaClip2VisionModel", "MetaClip2VisionModelWithProjection", "MetaClip2ForImageClassification",
@@ -290,7 +294,8 @@ def _instantiate(cls, spec: str, *, weights: bool, offline: bool, config_kwargs:
                                        **config_kwargs, **extra)
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(spec, local_files_only=offline, **{k: v for k, v in config_kwargs.items() if v is not None})
+        cfg = AutoConfig.from_pretrained(spec, local_files_only=offline,
+                                         **{k: v for k, v in config_kwargs.items() if v is not None})
         return cls._from_config(_vision_config(cls, cfg), **extra)
     except _config_errors() as e:
         if is_out_of_memory(e):
@@ -319,7 +324,8 @@ def create_transformers(
     config_kwargs = {}
     if kwargs.get("num_classes") == 0:
         raise EvitError(f"--num-classes 0 (headless) is for timm models; {spec} is a transformers model: save its "
-                        "headless class (transformers.AutoModel.from_pretrained(...).save_pretrained(DIR)) and give DIR")
+                        "headless class (transformers.AutoModel.from_pretrained(...).save_pretrained(DIR)) "
+                        "and give DIR")
     if "num_classes" in kwargs:
         n = kwargs.pop("num_classes")
         head_fits("--num-classes", n, _width(config))
@@ -401,7 +407,8 @@ def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs
             try:
                 checkpoint = hf_hub_download(repo, "model.safetensors", local_files_only=offline)
             except Exception as e:  # noqa: BLE001
-                raise EvitError(f"cannot get the weights of {repo} ({first_line(e)}): use --no-pretrained or --checkpoint FILE") from None
+                raise EvitError(f"cannot get the weights of {repo} ({first_line(e)}): "
+                                "use --no-pretrained or --checkpoint FILE") from None
         model = create_timm(arch, pretrained=False, checkpoint=checkpoint, **{**model_kwargs, **kwargs})
         model.evit_source["hub_id"] = repo
         return model

@@ -30,7 +30,8 @@ def _build(name: str, attn: str):
         "vit_msn": lambda: (tf.ViTMSNForImageClassification(tf.ViTMSNConfig(**VIT, num_labels=5, **kw)), 1),
         "vit_mae": lambda: (tf.ViTMAEModel(tf.ViTMAEConfig(**VIT, mask_ratio=0.75, **kw)), 1),
         "dinov2": lambda: (tf.Dinov2Model(tf.Dinov2Config(**SIZE, mlp_ratio=2, layerscale_value=0.5, **kw)), 1),
-        "dinov2_cls": lambda: (tf.Dinov2ForImageClassification(tf.Dinov2Config(**SIZE, mlp_ratio=2, num_labels=5, **kw)), 1),
+        "dinov2_cls": lambda: (tf.Dinov2ForImageClassification(tf.Dinov2Config(
+            **SIZE, mlp_ratio=2, num_labels=5, **kw)), 1),
         "dinov2_reg": lambda: (tf.Dinov2WithRegistersModel(tf.Dinov2WithRegistersConfig(
             **SIZE, mlp_ratio=2, num_register_tokens=4, **kw)), 5),
         "dinov2_reg_cls": lambda: (tf.Dinov2WithRegistersForImageClassification(tf.Dinov2WithRegistersConfig(
@@ -39,7 +40,8 @@ def _build(name: str, attn: str):
         "clip_projection": lambda: (tf.CLIPVisionModelWithProjection(tf.CLIPVisionConfig(**CLIP_VISION, **kw)), 1),
         "clip": lambda: (tf.CLIPModel(tf.CLIPConfig(text_config=CLIP_TEXT, vision_config=CLIP_VISION, projection_dim=16,
                                                     **kw)), 1),
-        "beit": lambda: (tf.BeitForImageClassification(tf.BeitConfig(**BEIT, use_relative_position_bias=True, **kw)), 1),
+        "beit": lambda: (tf.BeitForImageClassification(tf.BeitConfig(
+            **BEIT, use_relative_position_bias=True, **kw)), 1),
         "beit_shared": lambda: (tf.BeitModel(tf.BeitConfig(**BEIT, use_shared_relative_position_bias=True, **kw)), 1),
         "data2vec": lambda: (tf.Data2VecVisionForImageClassification(tf.Data2VecVisionConfig(
             **BEIT, use_relative_position_bias=True, **kw)), 1),
@@ -152,7 +154,8 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
     record_kept(model)
     seen = {}
     hooks = [_layers(model)[i - 1].register_forward_hook(
-        lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, (args[0], kwargs, out[0] if isinstance(out, tuple) else out)),
+        lambda mod, args, kwargs, out, i=i: seen.__setitem__(
+            i, (args[0], kwargs, out[0] if isinstance(out, tuple) else out)),
         with_kwargs=True)
         for i in layers_1b]
     with torch.no_grad():
@@ -176,14 +179,16 @@ def test_keep_rate_half_keeps_what_the_original_layer_computes(name, images):
             if positions is None:
                 positions = torch.arange(65).expand(inp.shape[0], -1)
             if per_layer:
-                table = getattr(ref_layer, "relative_position_bias", None) or ref_layer.attention.attention.relative_position_bias
+                table = (getattr(ref_layer, "relative_position_bias", None)
+                         or ref_layer.attention.attention.relative_position_bias)
                 bias = table((8, 8), False, dim_size=65).expand(inp.shape[0], -1, -1, -1)
             else:
                 bias = _naive_bias(dense, positions, 65)
         with torch.no_grad():
             ref = _reference_layer(name, ref_layer, inp, None if per_layer else bias, kw)
             ref_attn = getattr(ref_layer, "attention", None) or ref_layer.self_attn
-            norm1 = getattr(ref_layer, "layernorm_before", None) or getattr(ref_layer, "norm1", None) or ref_layer.layer_norm1
+            norm1 = (getattr(ref_layer, "layernorm_before", None) or getattr(ref_layer, "norm1", None)
+                     or ref_layer.layer_norm1)
             heads = SIZE["num_attention_heads"]
             scale = (getattr(ref_attn, "scaling", None) or getattr(ref_attn, "scale", None)
                      or (SIZE["hidden_size"] // heads) ** -0.5)  # the older layout divides by sqrt(head_dim)
@@ -273,7 +278,8 @@ def test_timm_wrapper_goes_through_the_timm_adapter(headless, images):
     with torch.no_grad():
         evit_cli.convert(model, keep_rate=1.0, layers=(2, 4))
         out = model(images)
-        dense = timm_model(images) if not headless else timm_model.forward_head(timm_model.forward_features(images), pre_logits=True)
+        dense = (timm_model(images) if not headless
+                 else timm_model.forward_head(timm_model.forward_features(images), pre_logits=True))
         assert ((out.pooler_output if headless else out.logits) - dense).abs().max() < 1e-5
         evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
         assert evit_cli.tokens_after_layers(model) == _independent_counts(65, 1, (0.5, 0.5))

@@ -123,7 +123,8 @@ def test_attn_implementation_option_is_kept_and_refused_for_timm(tmp_path, capsy
     code, _, err = run(["convert", "deit_tiny_patch16_224", "--no-pretrained", "--attn-implementation", "eager",
                         "-o", tmp_path / "t"], capsys)
     assert code == 2 and "timm" in err and len(err.strip().splitlines()) == 1
-    code, _, err = run(["convert", folder, "--no-pretrained", "--attn-implementation", "flash", "-o", tmp_path / "f"], capsys)
+    code, _, err = run(["convert", folder, "--no-pretrained", "--attn-implementation", "flash",
+                        "-o", tmp_path / "f"], capsys)
     assert code == 2 and "eager, sdpa" in err and len(err.strip().splitlines()) == 1
 
 

@@ -28,7 +28,8 @@ YOLOS = dict(V, image_size=[32, 32], num_detection_tokens=5)
 
 # name -> (builder(attn), class tokens first, tokens kept last)
 BUILD = {
-    "metaclip2": (lambda kw: tf.MetaClip2VisionModelWithProjection(tf.MetaClip2VisionConfig(**V, projection_dim=16, **kw)), 1, 0),
+    "metaclip2": (lambda kw: tf.MetaClip2VisionModelWithProjection(tf.MetaClip2VisionConfig(
+        **V, projection_dim=16, **kw)), 1, 0),
     "chinese_clip": (lambda kw: tf.ChineseCLIPVisionModel(tf.ChineseCLIPVisionConfig(**V, **kw)), 1, 0),
     "chinese_clip_full": (lambda kw: tf.ChineseCLIPModel(tf.ChineseCLIPConfig(
         vision_config=V, text_config=dict(TEXT, max_position_embeddings=32), projection_dim=16, **kw)), 1, 0),
@@ -36,7 +37,8 @@ BUILD = {
     "owlv2": (lambda kw: tf.Owlv2VisionModel(tf.Owlv2VisionConfig(**V, **kw)), 1, 0),
     "blip": (lambda kw: tf.BlipVisionModel(tf.BlipVisionConfig(**V, attn_implementation="eager")), 1, 0),
     "pixio": (lambda kw: tf.PixioModel(tf.PixioConfig(**SIZE, mlp_ratio=2, n_cls_tokens=4, **kw)), 4, 0),
-    "dinov3": (lambda kw: tf.DINOv3ViTModel(tf.DINOv3ViTConfig(**V, num_register_tokens=4, layerscale_value=0.5, **kw)), 5, 0),
+    "dinov3": (lambda kw: tf.DINOv3ViTModel(tf.DINOv3ViTConfig(
+        **V, num_register_tokens=4, layerscale_value=0.5, **kw)), 5, 0),
     "mlcd": (lambda kw: tf.MLCDVisionModel(tf.MLCDVisionConfig(**V, **kw)), 1, 0),
     "yolos": (lambda kw: tf.YolosModel(tf.YolosConfig(**YOLOS, use_mid_position_embeddings=False, **kw)), 1, 5),
     "yolos_det": (lambda kw: tf.YolosForObjectDetection(tf.YolosConfig(**YOLOS, use_mid_position_embeddings=True,
@@ -266,8 +268,10 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
 
 
 @pytest.mark.parametrize("cls, cfg, match", [
-    (tf.OwlViTForObjectDetection, tf.OwlViTConfig(vision_config=V, text_config=TEXT), "box from every patch.*OwlViTVisionModel"),
-    (tf.BlipForConditionalGeneration, tf.BlipConfig(vision_config=V, text_config=TEXT), "reads or writes text with the image"),
+    (tf.OwlViTForObjectDetection, tf.OwlViTConfig(vision_config=V, text_config=TEXT),
+     "box from every patch.*OwlViTVisionModel"),
+    (tf.BlipForConditionalGeneration, tf.BlipConfig(vision_config=V, text_config=TEXT),
+     "reads or writes text with the image"),
     (tf.DINOv3ViTBackbone, tf.DINOv3ViTConfig(**V), "map of every patch"),
     (tf.PixioBackbone, tf.PixioConfig(**SIZE), "map of every patch"),
 ])

@@ -132,7 +132,8 @@ class TransformersAdapter(Adapter):
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         spec = _family(model)
-        extra = [int(getattr(_config(model), name, 0) or 0) for name in (spec.prefix_config, spec.suffix_config) if name]
+        extra = [int(getattr(_config(model), name, 0) or 0)
+                 for name in (spec.prefix_config, spec.suffix_config) if name]
         return spec.prefix + sum(extra)  # the suffix tokens (YOLOS's detection tokens) are kept as the prefix ones
 
     def img_size(self, model: nn.Module) -> int:

@@ -144,7 +144,8 @@ DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
 # models whose head predicts a box from every patch token (open-vocabulary detection)
 PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
 # models that read or write text with the image (captioning, question answering, image-text matching, OCR)
-TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval", "VisionEncoderDecoderModel")
+TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval",
+                  "VisionEncoderDecoderModel")
 NO_CLASS_TOKEN = {
     "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
     "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",

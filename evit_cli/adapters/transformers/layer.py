@@ -80,7 +80,8 @@ def _project(attn: nn.Module, spec: Family, x: Tensor, head_dim: int) -> tuple[T
     return tuple(resolve(attn, p)(x).view(shape).transpose(1, 2) for p in (spec.q, spec.k, spec.v))
 
 
-def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, scale: float, **kwargs):
+def _attend(attn: nn.Module, spec: Family, q: Tensor, k: Tensor, v: Tensor, mask, dropout: float, scale: float,
+            **kwargs):
     """(B, N, H, D) output and the weights (eager only), through the model's own attention implementation."""
     impl = resolve(attn, spec.config)._attn_implementation
     if spec.legacy or spec.explicit_attention:

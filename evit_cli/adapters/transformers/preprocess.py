@@ -33,12 +33,15 @@ def image_processor(proc: dict | None, default: str):
     name = processor_class_name(proc, default)
     cls = get_image_processor_class_from_name(name)
     if cls is None:
-        raise EvitError(f"preprocessor_config.json names {name}, which this transformers does not have: upgrade transformers")
-    settings = {k: v for k, v in (proc or {}).items() if k not in ("image_processor_type", "feature_extractor_type", "processor_class")}
+        raise EvitError(f"preprocessor_config.json names {name}, which this transformers does not have: "
+                        "upgrade transformers")
+    settings = {k: v for k, v in (proc or {}).items()
+                if k not in ("image_processor_type", "feature_extractor_type", "processor_class")}
     try:
         return cls.from_dict(settings) if settings else cls()
     except (TypeError, ValueError) as e:
-        raise EvitError(f"preprocessor_config.json cannot be read by {name} ({e}): is it the model's own file?") from None
+        raise EvitError(f"preprocessor_config.json cannot be read by {name} ({e}): "
+                        "is it the model's own file?") from None
 
 
 def _edge(size) -> tuple[int, str]:
