@@ -244,7 +244,7 @@ _META_TYPES = {
     "format_version": ("an integer", lambda v: _is_int(v, 0)),
 }
 _SOURCE_TYPES = {
-    "model": ("a text", lambda v: isinstance(v, str)),
+    "model": ("a text", lambda v: v is None or isinstance(v, str)),  # None: a module built by hand, not by name
     "kwargs": ("an object", lambda v: v is None or isinstance(v, dict)),
     "checkpoint": ("a text", lambda v: v is None or isinstance(v, str)),
 }

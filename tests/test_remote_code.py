@@ -187,7 +187,7 @@ def test_the_shipped_code_is_self_contained_as_transformers_reads_it(entry, tmp_
     imports = set().union(*(get_imports(str(tmp_path / f)) for f in files))
     assert "evit_cli" not in imports
     allowed = {"__future__", "abc", "contextlib", "dataclasses", "errno", "functools", "inspect", "logging", "math",
-               "sys", "typing", "torch", "transformers"}
+               "re", "sys", "typing", "torch", "transformers"}
     assert imports <= allowed | ({"timm"} if entry.endswith("timm") else set()), imports - allowed
 
 

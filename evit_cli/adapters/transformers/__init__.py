@@ -27,14 +27,14 @@ from ...config import EViTConfig
 from ...errors import EvitError
 from ..base import Adapter
 from ..block import BlockState, PositionState
-from . import layer as hf_layer
-from . import relpos
 from .families import Family, refusal, refused_class, resolve
 from .layer import family_of, is_evit_layer, refuse_attention_mask
+from .layer import swap_in as swap_layer_in
 from .layer import swap_out as swap_layer_out
 from .positions import FollowMidPositions
 from .preprocess import data_config as processor_data_config
 from .preprocess import input_size as processor_input_size
+from .relpos import tables as bias_tables
 
 # --------------------------------------------------------------------------- where things live
 
@@ -162,10 +162,10 @@ class TransformersAdapter(Adapter):
         positions = PositionState() if follow else None
         states = [BlockState(index=i, num_prefix=prefix, family=spec, positions=positions, keep_rate=rates.get(i),
                              fuse=cfg.fuse, patch_size=_patch(model),
-                             bias_tables=relpos.tables(layer, spec, root) if spec.relative_position_bias else ())
+                             bias_tables=bias_tables(layer, spec, root) if spec.relative_position_bias else ())
                   for i, layer in enumerate(layers)]
         for layer, state in zip(layers, states):
-            hf_layer.swap_in(layer, state)
+            swap_layer_in(layer, state)
         if mid is not None:
             mid.register_forward_hook(FollowMidPositions(states[0]))
         if any(c.__name__ == "ViTMAEModel" for c in type(root).__mro__):  # also a subclass (remote code)

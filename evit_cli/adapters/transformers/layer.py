@@ -29,8 +29,10 @@ from ..block import BlockState, EViTBlock, clear_block, runs_dense
 from ..swap import original
 from ..swap import swap_in as swap_class
 from ..swap import swap_out as restore_class
-from . import positions, relpos
 from .families import FAMILIES, Family, module_chain, resolve
+from .positions import reorganize as follow_kept_positions
+from .positions import rope_for, rotate
+from .relpos import bias_for
 
 
 def family_of(layer: nn.Module) -> Family | None:
@@ -55,7 +57,7 @@ class EViTAttentionMixin:
         q, k, v = _project(self, spec, hidden_states, head_dim)
         if spec.rope:
             cos, sin = kwargs.pop("position_embeddings")
-            q, k = positions.rotate(q, cos, sin), positions.rotate(k, cos, sin)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         scale = resolve(self, spec.scaling) if spec.scaling else head_dim ** -0.5
         dropout = float(resolve(self, spec.attn_dropout)) if self.training else 0.0
         out, weights = _attend(self, spec, q, k, v, attention_mask, dropout, scale, **kwargs)
@@ -131,8 +133,8 @@ class EViTLayerMixin(EViTBlock):
             want_weights = bool(kwargs.pop("output_attentions", False))
             kwargs.pop("relative_position_bias", None)
         if spec.rope:  # the rotations of the tokens that remain
-            kwargs["position_embeddings"] = positions.rope_for(self, kwargs["position_embeddings"])
-        bias = relpos.bias_for(self, kwargs) if spec.relative_position_bias else None
+            kwargs["position_embeddings"] = rope_for(self, kwargs["position_embeddings"])
+        bias = bias_for(self, kwargs) if spec.relative_position_bias else None
         # int(...) sizes are constants when traced; a rank hook makes it run at keep 1.0 too
         reduce = st.reorganizes and not runs_dense(st, int(hidden_states.shape[1]))
         if st.reorganizes:
@@ -145,7 +147,7 @@ class EViTLayerMixin(EViTBlock):
         a, weights, cls_attn = getattr(self, spec.attention)(h, bias, evit_cls=reduce, **kwargs)
         x = x + _branch(self, spec, a, 0)
         if reduce:  # the positions follow the kept tokens there (position-term families)
-            x = positions.reorganize(self, x, cls_attn)
+            x = follow_kept_positions(self, x, cls_attn)
         x = x + _branch(self, spec, module_chain(self, spec.mlp)(getattr(self, spec.norm2)(x)), 1)
         if spec.legacy:  # the older layouts return a tuple, with the weights when asked
             return (x, weights) if want_weights else (x,)
