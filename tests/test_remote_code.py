@@ -291,3 +291,14 @@ def test_pipeline_on_a_transformers_export_with_its_processor(tmp_path):
     assert result["class"] == "EvitViTForImageClassification"
     expected = {model.config.id2label[i]: float(probs[i]) for i in range(5)}
     assert {r["label"]: r["score"] for r in result["top"]} == pytest.approx(expected, abs=1e-5)
+
+
+def test_an_unknown_layout_is_one_line_before_any_loading(tmp_path, capsys):
+    from evit_cli.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["convert", "no_such_model_anywhere", "--layout", "onnx", "-o", str(tmp_path / "o")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--layout timm or transformers" in err
+    assert not (tmp_path / "o").exists()
