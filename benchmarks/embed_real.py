@@ -42,6 +42,7 @@ def parse_args(argv):
     ap.add_argument("--finetune-args", default="", help="Extra `evit finetune` options.")
     ap.add_argument("--out", default=str(g.ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
+    g.check_numbers(ap, args, ("train_limit",))
     try:
         args.classes = g.parse_classes(args.train)
         args.layer_list = [int(x) for x in args.layers.split(",")]
@@ -164,19 +165,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    if not g.WEIGHTS.exists() or not g.PHOTOS.is_dir():
-        sys.stderr.write(f"embed_real.py: error: {g.REAL} must hold the DeiT-Tiny weights and imagenette-val\n")
-        return 2
-    try:
-        print(markdown(run(args)))
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        return 130
-    except RuntimeError as e:
-        sys.stderr.write(f"embed_real.py: error: {e}\n")
-        return 1
-    return 0
+    return g.run_script("embed_real.py", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,20 @@ def parse_classes(text: str) -> list[int]:
     return sorted(out)
 
 
+def check_numbers(ap, args, counts) -> None:
+    """Usage errors (one line, exit 2) for the counts that must be at least 1, --workers, --keep, --epochs."""
+    for name in counts:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
+    if args.workers < 0:
+        ap.error(f"--workers must be at least 0, got {args.workers}")
+    if not 0 < args.keep <= 1:
+        ap.error(f"--keep must be in (0, 1], got {args.keep}")
+    if not args.epochs > 0:
+        ap.error(f"--epochs must be above 0, got {args.epochs}")
+
+
 def parse_args(argv):
     ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--splits", default="0-4/5-9", help="The classes each split trains on, splits separated by '/', "
@@ -90,16 +104,7 @@ def parse_args(argv):
     except ValueError:
         ap.error(f"--splits {args.splits!r}: expected class sets such as 0-4/5-9 or 0,2,4,6,8/1,3,5,7,9 (classes 0..9, "
                  f"each split leaving at least one class unseen)")
-    for name in ("train_limit", "limit", "batch"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {v}")
-    if args.workers < 0:
-        ap.error(f"--workers must be at least 0, got {args.workers}")
-    if not 0 < args.keep <= 1:
-        ap.error(f"--keep must be in (0, 1], got {args.keep}")
-    if not args.epochs > 0:
-        ap.error(f"--epochs must be above 0, got {args.epochs}")
+    check_numbers(ap, args, ("train_limit", "limit", "batch"))
     try:
         args.layer_list = [int(x) for x in args.layers.split(",")]
         assert all(1 <= n <= 12 for n in args.layer_list)
@@ -319,21 +324,27 @@ def run(args) -> dict:
     return result
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_script(script: str, parse, work, render, argv=None) -> int:
+    """A benchmark script's command line: the real weights and photos must be there; Ctrl-C is
+    "interrupted" (exit 130), a failed run one line (exit 1); the result is printed as Markdown."""
+    args = parse(argv)
     if not WEIGHTS.exists() or not PHOTOS.is_dir():
-        sys.stderr.write(f"generalize_real.py: error: {REAL} must hold the DeiT-Tiny weights and imagenette-val\n")
+        sys.stderr.write(f"{script}: error: {REAL} must hold the DeiT-Tiny weights and imagenette-val\n")
         return 2
     try:
-        result = run(args)
+        result = work(args)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     except RuntimeError as e:
-        sys.stderr.write(f"generalize_real.py: error: {e}\n")
+        sys.stderr.write(f"{script}: error: {e}\n")
         return 1
-    print(markdown(result))
+    print(render(result))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_script("generalize_real.py", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,3 @@ def swap_in(module: nn.Module, mixin: type) -> None:
 
 def swap_out(module: nn.Module) -> None:
     module.__class__ = original(type(module))
-
-
-def is_swapped(module: nn.Module) -> bool:
-    return original(type(module)) is not type(module)
