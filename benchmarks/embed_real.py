@@ -133,33 +133,38 @@ def run(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     paths = g.photos()
     test_idx = g.held_out(paths, None)
-    dense = headless_dense()
-    classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
-    seen = torch.tensor([int(c) in args.classes for c in classes])
-    cached = [x.half() for x in g.eval_images(paths, test_idx, dense, 64)]
     result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "train": args.train,
               "train_photos": None,
               "finetune_args": args.finetune_args,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
               "torch": torch.__version__, "command": "python benchmarks/embed_real.py " + shlex.join(sys.argv[1:]),
               "rows": []}
-    dense_e = embed(dense, cached)
-
-    def add(name, e, secs=None):
-        result["rows"].append({"model": name, "train_s": secs and round(secs),
-                               "seen": score(e[seen], dense_e[seen], classes[seen]),
-                               "unseen": score(e[~seen], dense_e[~seen], classes[~seen])})
-        (out / "embed_real.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "embed_real.md").write_text(markdown(result))
-
-    add("dense", dense_e)
-    shelf = evit_cli.convert(headless_dense(), keep_rate=args.keep, layers=args.layer_list)
-    add(f"EViT {args.keep:g} off the shelf", embed(shelf, cached))
     with tempfile.TemporaryDirectory(prefix="embed_real.") as tmp:
         work = Path(tmp)
-        result["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
+        n_train = result["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
+        n_test = len(test_idx)
+        prog = g.Progress(4 * n_test + n_train * args.epochs * 4)  # decode + 3 scorings, one recovery
+        dense = headless_dense()
+        classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
+        seen = torch.tensor([int(c) in args.classes for c in classes])
+        cached = [x.half() for x in g.eval_images(paths, test_idx, dense, 64)]
+        prog.step(f"decoded {n_test} held-out photos", n_test)
+        dense_e = embed(dense, cached)
+
+        def add(name, e, secs=None):
+            result["rows"].append({"model": name, "train_s": secs and round(secs),
+                                   "seen": score(e[seen], dense_e[seen], classes[seen]),
+                                   "unseen": score(e[~seen], dense_e[~seen], classes[~seen])})
+            (out / "embed_real.json").write_text(json.dumps(result, indent=2) + "\n")
+            (out / "embed_real.md").write_text(markdown(result))
+            prog.step(f"scored {name} on {n_test} photos", n_test)
+
+        add("dense", dense_e)
+        shelf = evit_cli.convert(headless_dense(), keep_rate=args.keep, layers=args.layer_list)
+        add(f"EViT {args.keep:g} off the shelf", embed(shelf, cached))
         folder = evit_cli.save(shelf, work / "shelf")
         secs = recover(folder, work / "train", work / "rec", args, work / "log.txt")
+        prog.step(f"recovered on {n_train} photos ({secs:.0f} s)", n_train * args.epochs * 4)
         add(f"EViT {args.keep:g} recovered", embed(evit_cli.load(work / "rec"), cached), secs)
     return result
 
