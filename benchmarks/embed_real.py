@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import generalize_real as g
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when run from elsewhere
+import generalize_real as g  # noqa: E402
 
 K = 10
 
