@@ -56,10 +56,12 @@ def eval_class_map(data_names: list[str], model: nn.Module) -> list[int] | None:
 
 
 def choose_head(mode: str, data_names: list[str], model: nn.Module) -> tuple[str, list[int] | None]:
-    """``("keep", mapping)`` or ``("new", None)`` for ``--head auto|keep|new``.
+    """``("keep", mapping)``, ``("new", None)`` or ``("none", None)`` for ``--head auto|keep|new``.
 
     ``auto`` keeps the head when the data set's classes map onto the model's (or the data set has
-    no labels), and replaces it otherwise.
+    no labels), and replaces it otherwise. A headless (embedding) model stays headless under
+    ``auto`` and ``keep`` ("none": its embedding is distilled, the labels only score kNN top-1);
+    ``new`` gives it a classifier.
     """
     if mode not in HEAD_MODES:
         raise EvitError(f"--head must be one of {', '.join(HEAD_MODES)}, got {mode!r}")
@@ -69,6 +71,8 @@ def choose_head(mode: str, data_names: list[str], model: nn.Module) -> tuple[str
             raise EvitError("--head new needs labels, and the data set has none: drop --head new to keep the model's "
                             "head")
         return "keep", None
+    if count == 0 and mode != "new":
+        return "none", None
     mapping = class_map(data_names, model)
     if mode == "new" or (mode == "auto" and mapping is None):
         return "new", None

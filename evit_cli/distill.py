@@ -42,7 +42,7 @@ class Teacher:
 def teacher_mapping(teacher: nn.Module, head: str, student_classes: int, data_names: list[str]):
     """The teacher's classes for the student's, or a one-line reason why there are none."""
     count = adapters.get_adapter(teacher).num_classes(teacher)
-    if head == "keep":
+    if head in ("keep", "none"):  # none: a headless model, its embedding
         if count != student_classes:
             return None, f"the teacher predicts {count} classes and the model {student_classes}"
         return None, None

@@ -204,13 +204,18 @@ class Setup:
     model: nn.Module  # the EViT student
     adapter: object
     data: object  # data.ImageData
-    head: str  # "keep" or "new"
+    head: str  # "keep", "new", or "none" (a headless model with labels: they only score kNN top-1)
     label_map: list[int] | None  # data set class -> model class, when the head is kept
     teacher: object  # distill.Teacher or None
     loss: str  # what the loss is, in words
     previous: dict | None  # the model's own training record, when it was fine-tuned before
     oracle: object = None  # oracle.Oracle while training with --oracle
     oracle_source: str | None = None
+
+    @property
+    def trains_on_labels(self) -> bool:
+        """Whether the labels enter the loss (not for a model that stays headless)."""
+        return self.data.labelled and self.head != "none"
 
 
 def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
@@ -240,8 +245,14 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
         if not adapter.class_names(model):
             adapter.set_class_names(model, data.class_names)
         mapping = None
+    if head == "none" and cfg.distill is False and cfg.teacher is None:
+        raise EvitError("the model is headless (an embedding model) and --no-distill leaves nothing to train on: drop "
+                        "--no-distill to distil its embedding, or give --head new to train a classifier on the labels")
     teacher, loss = build_teacher(cfg.distill, cfg.teacher, dense, head, adapter.num_classes(model),
-                                  data.class_names, data.labelled, cfg.distill_loss, cfg.distill_tau)
+                                  data.class_names, data.labelled and head != "none", cfg.distill_loss,
+                                  cfg.distill_tau)
+    if head == "none":
+        loss = loss.replace("(no labels)", "(the labels are not in the loss: the model is headless)")
     if teacher is not None:
         t_adapter = adapters.get_adapter(teacher.model)
         if t_adapter.img_size(teacher.model) != adapter.img_size(model):
@@ -282,6 +293,9 @@ def head_note(s: Setup) -> str:
     n = s.adapter.num_classes(s.model)
     if s.head == "new":
         return f"new: {n} classes from the data set"
+    if s.head == "none":
+        return ("none: the model is headless, its embedding is distilled; the labels score kNN top-1 in validation "
+                "(--head new trains a classifier on them)")
     if not s.data.labelled:
         return f"kept: the model's {n} classes (the data set has no labels)"
     how = "mapped onto them" if s.label_map is not None else "the same"
@@ -367,7 +381,7 @@ def check_data(s: Setup) -> None:
     if hasattr(data.val, "__len__") and len(data.val) == 0:
         raise EvitError(f"the validation split ({data.val_source}) has no images: give --val-split, or a larger "
                         f"--val-fraction")
-    if not data.labelled or not hasattr(data.train, "select_columns") or not hasattr(data.train, "__len__"):
+    if not s.trains_on_labels or not hasattr(data.train, "select_columns") or not hasattr(data.train, "__len__"):
         return
     n = data.num_classes
     for name, split, unlabelled in (("training", data.train, ()), ("validation", data.val, (-1,))):
@@ -526,7 +540,7 @@ def mixed(cfg: TrainConfig, s: Setup, images: torch.Tensor, target: torch.Tensor
     if cfg.mixup <= 0 and cfg.cutmix <= 0:
         return images, target
     images, lam, perm = mix_batch(images, cfg.mixup, cfg.cutmix)
-    if s.data.labelled:
+    if s.trains_on_labels:
         target = mixed_target(target, s.adapter.num_classes(s.model), lam, perm, cfg.smoothing)
     return images, target
 
@@ -648,7 +662,7 @@ def _forward_backward(run: Run, images, target, rates: list[float], lr: float, t
         out = s.adapter.output(s.model, run.net(images)).float()
         t_out = _teacher_outputs(s.teacher, s.oracle, oracle_out, images)
         kind = s.teacher.kind if s.teacher is not None else None
-        loss = training_loss(out, target, t_out, labelled=s.data.labelled, alpha=cfg.distill_alpha, kind=kind,
+        loss = training_loss(out, target, t_out, labelled=s.trains_on_labels, alpha=cfg.distill_alpha, kind=kind,
                              tau=cfg.distill_tau, smoothing=cfg.smoothing) / cfg.accum_steps
     run.scaler.scale(loss).backward()
     tally.loss += loss.item()
@@ -801,7 +815,7 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
         "labels": s.data.labelled, "loss": s.loss, "head": head_note(s),
         "token_selection": f"oracle: {s.oracle_source}" if s.oracle_source else "own class attention",
         "distillation": None if t is None else {
-            "teacher": t.source, "loss": t.kind, "alpha": cfg.distill_alpha if s.data.labelled else 1.0,
+            "teacher": t.source, "loss": t.kind, "alpha": cfg.distill_alpha if s.trains_on_labels else 1.0,
             "tau": cfg.distill_tau, "mixup": cfg.mixup, "cutmix": cfg.cutmix},
         "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,
         "weight_decay": cfg.weight_decay, "img_size": s.adapter.img_size(s.model),

@@ -178,3 +178,42 @@ def test_headless_model_with_kl_is_one_line(tmp_path):
     data = _flat_folder(tmp_path / "photos", 16)
     with pytest.raises(EvitError, match="--distill-loss kl needs class logits"):
         finetune(_config(folder, data, tmp_path / "run", distill_loss="kl"))
+
+
+def _labelled_folder(root, per_class=12):
+    """Two classes (red-ish and blue-ish images), a subfolder each."""
+    rng = np.random.default_rng(0)
+    for name, base in (("reds", (200, 40, 40)), ("blues", (40, 40, 200))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = np.clip(rng.normal(0, 40, (32, 32, 3)) + base, 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def test_headless_model_with_labels_stays_headless_and_scores_knn(tmp_path):
+    dense, folder = _headless(tmp_path)
+    data = _labelled_folder(tmp_path / "photos")
+    out = tmp_path / "run"
+    final = finetune(_config(folder, data, out, epochs=2, lr=1e-4))
+    model = evit_cli.load(out)
+    assert model.num_classes == 0 and model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, dense.num_features)
+    assert "knn_top1" in final and final["labelled_images"] > 0  # the labels score the embedding
+    record = json.loads((out / "evit.json").read_text())["training"]
+    assert record["head"].startswith("none: the model is headless")
+    assert record["distillation"]["loss"] == "cosine" and record["distillation"]["alpha"] == 1.0
+
+
+def test_headless_model_with_labels_and_a_new_head_trains_a_classifier(tmp_path):
+    _, folder = _headless(tmp_path)
+    data = _labelled_folder(tmp_path / "photos")
+    finetune(_config(folder, data, tmp_path / "run", head="new"))
+    assert evit_cli.load(tmp_path / "run").num_classes == 2
+
+
+def test_headless_model_with_labels_and_no_distill_is_one_line(tmp_path):
+    _, folder = _headless(tmp_path)
+    data = _labelled_folder(tmp_path / "photos")
+    with pytest.raises(EvitError, match="headless .* --no-distill leaves nothing to train on"):
+        finetune(_config(folder, data, tmp_path / "run", distill=False))
+    assert not (tmp_path / "run").exists()

@@ -45,7 +45,8 @@ Pretrained = o.pretrained("Start from pretrained weights. [default: pretrained]"
 Checkpoint = o.checkpoint("Local weights for MODEL.", kind=str)
 Head = _checked(str, "head", "auto: keep the model's head when the data set's classes map onto its classes (ImageNet "
                 "synset folders onto a 1000-class model, names in id2label) or there are no labels, else a new one; "
-                "keep; new. [default: auto]")
+                "a headless model stays headless (its embedding is distilled, labels score kNN top-1); keep; new. "
+                "[default: auto]")
 NumClasses = _checked(int, "num_classes", "Classifier size; 0: headless, the embedding (timm models; a "
                       "checkpoint's head is dropped). Not for an exported folder. [default: the model's or the "
                       "checkpoint's]")
