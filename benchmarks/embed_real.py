@@ -37,10 +37,11 @@ def parse_args(argv):
     ap.add_argument("--train", default="0-4", help="Classes recovered on (0..9 in synset order). [0-4]")
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--layers", default="4,7,10")
-    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--epochs", type=float, default=2.0, help="Epochs of the recovery. [2: finetune's default]")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--finetune-args", default="", help="Extra `evit finetune` options.")
+    ap.add_argument("--no-control", action="store_true", help="Skip the dense model recovered the same way.")
     ap.add_argument("--out", default=str(g.ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
     g.check_numbers(ap, args, ("train_limit",))
@@ -144,7 +145,8 @@ def run(args) -> dict:
         work = Path(tmp)
         n_train = result["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
         n_test = len(test_idx)
-        prog = g.Progress(4 * n_test + n_train * args.epochs * 4)  # decode + 3 scorings, one recovery
+        runs = 1 if args.no_control else 2
+        prog = g.Progress((3 + runs) * n_test + runs * n_train * args.epochs * 4)  # decode, scorings, recoveries
         dense = headless_dense()
         classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
         seen = torch.tensor([int(c) in args.classes for c in classes])
@@ -163,10 +165,14 @@ def run(args) -> dict:
         add("dense", dense_e)
         shelf = evit_cli.convert(headless_dense(), keep_rate=args.keep, layers=args.layer_list)
         add(f"EViT {args.keep:g} off the shelf", embed(shelf, cached))
-        folder = evit_cli.save(shelf, work / "shelf")
-        secs = recover(folder, work / "train", work / "rec", args, work / "log.txt")
-        prog.step(f"recovered on {n_train} photos ({secs:.0f} s)", n_train * args.epochs * 4)
-        add(f"EViT {args.keep:g} recovered", embed(evit_cli.load(work / "rec"), cached), secs)
+        runs = [(f"EViT {args.keep:g} recovered", shelf)]
+        if not args.no_control:  # the same recovery of the dense model: what the procedure itself does
+            runs.append(("dense recovered (control)", evit_cli.convert(headless_dense(), 1.0, args.layer_list)))
+        for k, (name, model) in enumerate(runs):
+            folder = evit_cli.save(model, work / f"start{k}")
+            secs = recover(folder, work / "train", work / f"rec{k}", args, work / f"log{k}.txt")
+            prog.step(f"{name} on {n_train} photos ({secs:.0f} s)", n_train * args.epochs * 4)
+            add(name, embed(evit_cli.load(work / f"rec{k}"), cached), secs)
     return result
 
 

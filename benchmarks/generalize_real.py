@@ -88,7 +88,7 @@ def parse_args(argv):
                     "each like 0-4 or 0,2,4,6,8 (classes 0..9 in synset order). [0-4/5-9: two splits]")
     ap.add_argument("--keep", type=float, default=0.7, help="EViT keep rate. [0.7]")
     ap.add_argument("--layers", default="4,7,10", help="1-based EViT layers. [4,7,10]")
-    ap.add_argument("--epochs", type=float, default=1.0, help="Epochs of each recovery. [1]")
+    ap.add_argument("--epochs", type=float, default=2.0, help="Epochs of each recovery. [2: finetune's default]")
     ap.add_argument("--train-limit", type=int, default=None, help="At most N training photos per split, evenly spaced.")
     ap.add_argument("--limit", type=int, default=None, help="At most N held-out photos, evenly spaced (all: 982).")
     ap.add_argument("--batch", type=int, default=64, help="Scoring batch size. [64]")

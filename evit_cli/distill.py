@@ -11,6 +11,7 @@ embedding; KL at a temperature stays available for classifiers (``--distill-loss
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ class Teacher:
     mapping: list[int] | None  # teacher class of each student class; None: the same classes
     source: str  # what it is, for the record: "dense model before conversion" or a model name
     kind: str = "mse"  # the distillation term: distill_kind()
+    features: float = 0.0  # weight of the pre-logits feature term (0: none)
 
     @torch.no_grad()
     def outputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +57,7 @@ def teacher_mapping(teacher: nn.Module, head: str, student_classes: int, data_na
 
 def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Module, head: str,
                   student_classes: int, data_names: list[str], labelled: bool,
-                  loss: str = "auto", tau: float = 1.0) -> tuple[Teacher | None, str]:
+                  loss: str = "auto", tau: float = 1.0, features: float = 0.0) -> tuple[Teacher | None, str]:
     """The teacher (or None) and a line saying what the loss is; ``loss`` is ``--distill-loss``
     (the term follows what the model outputs: a headless model, 0 classes, outputs an embedding).
 
@@ -83,6 +85,12 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
     kind = distill_kind(loss, embedding=student_classes == 0)
     teacher = Teacher(dense.eval(), mapping, source, kind)
     words = DISTILL_WORDS[kind].format(tau=tau)
+    if features > 0 and kind != "cosine":
+        if teacher_name is not None or adapters.get_adapter(dense).head(dense) is None:
+            words += " (no feature term: --distill-features needs the dense model before conversion as the teacher)"
+        else:
+            teacher.features = features
+            words += f" + {features:g} x MSE on the pre-logits features"
     return teacher, (f"distillation only (no labels): {words}" if not labelled else f"labels and distillation: {words}")
 
 
@@ -97,6 +105,32 @@ def distill_kind(name: str, embedding: bool) -> str:
 
 DISTILL_WORDS = {"mse": "MSE on the logits", "kl": "KL at temperature {tau:g}",
                  "cosine": "1 - cosine + relative MSE on the embedding"}
+
+
+@contextmanager
+def head_inputs(student: nn.Module, teacher: Teacher | None):
+    """Collects, while open, the input of the student's and the teacher's classification heads
+    (their pre-logits features) in the dict it yields, keys "student" and "teacher"; nothing when
+    the teacher has no feature term."""
+    got: dict[str, torch.Tensor] = {}
+    if teacher is None or not teacher.features:
+        yield got
+        return
+    hooks = [adapters.get_adapter(m).head(m).register_forward_pre_hook(
+        lambda _m, args, key=key: got.__setitem__(key, args[0])) for key, m in (("student", student),
+                                                                               ("teacher", teacher.model))]
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def feature_term(got: dict, teacher: Teacher | None) -> torch.Tensor | None:
+    """``teacher.features`` x the MSE between the student's and the teacher's pre-logits features."""
+    if teacher is None or not teacher.features or "student" not in got or "teacher" not in got:
+        return None
+    return teacher.features * F.mse_loss(got["student"].float(), got["teacher"].float())
 
 
 def kl_to_teacher(logits: torch.Tensor, t_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -121,9 +155,13 @@ def distill_term(out: torch.Tensor, t_out: torch.Tensor, kind: str, tau: float =
     return F.mse_loss(out, t_out)
 
 
-def training_loss(out, target, t_out, *, labelled: bool, alpha: float, kind: str, tau: float, smoothing: float):
-    """Cross-entropy with the labels (soft targets under mixup), the distillation term, or their mix."""
+def training_loss(out, target, t_out, *, labelled: bool, alpha: float, kind: str, tau: float, smoothing: float,
+                  features: torch.Tensor | None = None):
+    """Cross-entropy with the labels (soft targets under mixup), the distillation term (plus the
+    feature term ``features``, when given), or their mix."""
     d = distill_term(out, t_out, kind, tau) if t_out is not None else None
+    if d is not None and features is not None:
+        d = d + features
     if not labelled:
         return d
     if target.ndim == 2:  # mixup soft targets (smoothing already in them)

@@ -89,7 +89,7 @@ def test_convert_a_hub_layout_folder_headless_and_eval_it(tmp_path, capsys):
 
 
 def test_finetune_takes_num_classes_zero(tmp_path, capsys):
-    """A headless model from the classifier's folder; with labels a new head is trained on its embedding."""
+    """A headless model from the classifier's folder; with labels it stays headless (the labels score kNN)."""
     folder = hub_folder(tmp_path / "tiny", tiny_timm("vit"))
     photos = write_colour_folder(tmp_path / "colours", 4)
     out = tmp_path / "ft"
@@ -98,7 +98,9 @@ def test_finetune_takes_num_classes_zero(tmp_path, capsys):
                              "--batch-size", 6, "--workers", 0, "--no-bench", "--json"], capsys)
     assert code == 0, err
     assert json.loads((out / "train_config.json").read_text())["num_classes"] == 0
-    assert json.loads(stdout)["head"] == "new: 3 classes from the data set"
+    result = json.loads(stdout)
+    assert result["head"].startswith("none: the model is headless") and "knn_top1" in result
+    assert evit_cli.load(out).num_classes == 0
 
 
 @pytest.mark.parametrize("argv, words", [

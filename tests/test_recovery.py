@@ -217,3 +217,33 @@ def test_headless_model_with_labels_and_no_distill_is_one_line(tmp_path):
     with pytest.raises(EvitError, match="headless .* --no-distill leaves nothing to train on"):
         finetune(_config(folder, data, tmp_path / "run", distill=False))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("convert", [False, True])
+def test_feature_term_is_the_mse_of_the_pre_logits_features(convert):
+    """head_inputs collects what timm's own forward_head(pre_logits=True) returns, for both models."""
+    dense = tiny_timm("vit", num_classes=5, seed=2).eval()
+    student = tiny_timm("vit", num_classes=5, seed=2).eval()
+    if convert:
+        student = evit_cli.convert(student, keep_rate=0.5, layers=(2,))
+    teacher = distill.Teacher(dense, None, "the dense model before conversion", "mse", features=2.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), distill.head_inputs(student, teacher) as got:
+        student(x), teacher.outputs(x)
+        term = distill.feature_term(got, teacher)
+        ref = {k: m.forward_head(m.forward_features(x), pre_logits=True) for k, m in (("s", student), ("t", dense))}
+    assert torch.allclose(term, 2.0 * F.mse_loss(ref["s"], ref["t"]), atol=1e-6)
+    assert (term.item() > 1e-6) == convert  # zero when the student is the teacher
+    assert not student.get_classifier()._forward_pre_hooks  # the hooks are gone
+
+
+def test_default_recovery_records_its_feature_term_and_a_headless_one_has_none(tmp_path):
+    model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2, 4)),
+                          tmp_path / "m")
+    data = _flat_folder(tmp_path / "photos", 16)
+    finetune(_config(model, data, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "evit.json").read_text())["training"]
+    assert record["distillation"]["features"] == 1.0 and "pre-logits features" in record["loss"]
+    _, headless = _headless(tmp_path)
+    finetune(_config(headless, data, tmp_path / "run2"))
+    assert json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]["distillation"]["features"] == 0

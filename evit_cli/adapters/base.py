@@ -90,6 +90,10 @@ class Adapter(ABC):
     @abstractmethod
     def set_class_names(self, model: nn.Module, class_names: list[str]) -> None: ...
 
+    def head(self, model: nn.Module) -> nn.Module | None:
+        """The classification head, whose input is the pre-logits feature (None when headless)."""
+        return None
+
     @abstractmethod
     def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
         """A new, freshly initialized classification head."""

@@ -200,6 +200,11 @@ class TimmAdapter(Adapter):
     def set_class_names(self, model: nn.Module, class_names: list[str]) -> None:
         model.evit_class_names = list(class_names)
 
+    def head(self, model: nn.Module) -> nn.Module | None:
+        """``get_classifier()`` (the class head of a distilled model); None with ``num_classes=0``."""
+        head = model.get_classifier() if model.num_classes else None
+        return head if isinstance(head, nn.Module) and not isinstance(head, nn.Identity) else None
+
     def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
         model.reset_classifier(num_classes)
         self.set_class_names(model, class_names)

@@ -94,6 +94,9 @@ DistillLoss = _checked(str, "distill_loss", "auto: MSE on all the logits of a cl
 DistillAlpha = _checked(float, "distill_alpha", "Weight of the distillation term against the label term (without "
                         "labels it is the whole loss). [default: 0.5]")
 DistillTau = _checked(float, "distill_tau", "Temperature of --distill-loss kl. [default: 1.0]")
+DistillFeatures = _checked(float, "distill_features", "A classifier's feature term: this weight x the MSE between the "
+                           "student's and the dense teacher's pre-logits features (the input of the head), added to "
+                           "the logit term; 0: off. [default: 1.0]")
 SaveEvery = _checked(int, "save_every", "Also checkpoint every N optimizer steps. [default: end of epoch only]")
 CheckpointDir = _checked(str, "checkpoint_dir",
                          "Where the training checkpoint goes. [default: OUTPUT.train, beside the export]")
@@ -117,7 +120,7 @@ def finetune(
     warmup_epochs: WarmupEpochs = None, clip_grad: ClipGrad = None, accum_steps: AccumSteps = None, amp: Amp = None,
     seed: Seed = None, device: Device = None, shrink_start: ShrinkStart = None, shrink_epochs: ShrinkEpochs = None,
     distill: Distill = None, teacher: Teacher = None, oracle: Oracle = None, distill_loss: DistillLoss = None,
-    distill_alpha: DistillAlpha = None,
+    distill_alpha: DistillAlpha = None, distill_features: DistillFeatures = None,
     distill_tau: DistillTau = None, save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None,
     resume: Resume = False, overwrite: Overwrite = False, bench_report: Bench = None, bench_batch: BenchBatch = None,
     skip_bad_images: o.SkipBadImages = False, as_json: AsJson = False,

@@ -205,6 +205,10 @@ class TransformersAdapter(Adapter):
         model.config.id2label = dict(enumerate(class_names))
         model.config.label2id = {c: i for i, c in enumerate(class_names)}
 
+    def head(self, model: nn.Module) -> nn.Module | None:
+        """The first linear head (``classifier``, or a distilled model's ``cls_classifier``)."""
+        return next((getattr(model, n) for n in _HEADS if isinstance(getattr(model, n, None), nn.Linear)), None)
+
     def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
         heads = [n for n in _HEADS if isinstance(getattr(model, n, None), nn.Linear)]
         if not heads:
