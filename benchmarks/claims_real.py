@@ -6,6 +6,8 @@ with the dense model at 224 px and KL(dense || model), with the counted GMACs of
 
 Off the shelf (no training):
 - fusing the inattentive tokens against dropping them (`--no-fuse`), at --keep on --layers;
+- proportional attention (ToMe's, for the fused token: every attention logit for a token raised by
+  the log of the patches it holds; `evit_cli.convert(..., proportional_attention=True)`);
 - where the layers go at equal GMACs: each placement of --placements gets the largest keep rate
   whose GMACs do not exceed those of --layers at --keep;
 - 288 px at the dense model's 224 px GMACs (`evit convert --img-size 288 --match-macs 224`)
@@ -96,7 +98,9 @@ def models(args):
     rows = [("dense 224 px", dense(), 224), ("dense 288 px", dense(288), 288),
             (f"EViT {args.keep:g} at {args.layers}, fuse", paper, 224),
             (f"EViT {args.keep:g} at {args.layers}, drop (--no-fuse)",
-             convert(dense(), keep_rate=args.keep, layers=args.layer_list, fuse=False), 224)]
+             convert(dense(), keep_rate=args.keep, layers=args.layer_list, fuse=False), 224),
+            (f"EViT {args.keep:g} at {args.layers}, fuse, proportional attention",
+             convert(dense(), keep_rate=args.keep, layers=args.layer_list, proportional_attention=True), 224)]
     budget = count_macs(paper, 224)
     for layers in args.placement_lists:
         m = convert(dense(), keep_rate=1.0, layers=layers)
@@ -173,7 +177,7 @@ def recover_rows(args, r, rows, paths, idx, cached, dense_logits, labels, prog, 
     import evit_cli
 
     seen = torch_seen(paths, idx, args.classes)
-    picked = [rows[2], rows[3], rows[-1]]
+    picked = [rows[2], rows[3], rows[-1]]  # fuse, drop, 288 px
     with tempfile.TemporaryDirectory(prefix="claims_real.") as tmp:
         work = Path(tmp)
         n = r["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")

@@ -304,7 +304,8 @@ def load(folder: str | os.PathLike) -> nn.Module:
     model.evit_training = meta.get("training")
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
-        convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse)
+        convert(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
+                proportional_attention=cfg.proportional)
     return model.eval()
 
 

@@ -11,18 +11,22 @@ DEFAULT_LAYERS = (4, 7, 10)  # the paper's DeiT setting (1-based)
 
 @dataclass(frozen=True)
 class EViTConfig:
-    """``layers`` are 1-based block numbers, as in the paper; one keep rate per layer."""
+    """``layers`` are 1-based block numbers, as in the paper; one keep rate per layer.
+    ``proportional``: proportional attention (timm models; measured, off by default, see the README)."""
 
     layers: tuple[int, ...]
     keep_rates: tuple[float, ...]
     fuse: bool = True
+    proportional: bool = False
 
     def to_dict(self) -> dict:
-        return {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
+        d = {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
+        return {**d, "proportional_attention": True} if self.proportional else d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EViTConfig":
-        return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)))
+        return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)),
+                   bool(d.get("proportional_attention", False)))
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -83,7 +87,7 @@ def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
     return rates
 
 
-def make_config(layers, keep_rate, depth: int, fuse: bool = True) -> EViTConfig:
+def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool = False) -> EViTConfig:
     """Validate user input against a model of ``depth`` blocks.
 
     ``keep_rate`` is one value for every layer or one per layer.
@@ -106,6 +110,9 @@ def make_config(layers, keep_rate, depth: int, fuse: bool = True) -> EViTConfig:
     for r in rates:
         if not 0.0 < r <= 1.0:
             raise EvitError(f"keep rate {r} is outside (0, 1]: 0.7 keeps 70% of the tokens")
-    return EViTConfig(layers, rates, fuse)
+    if proportional and not fuse:
+        raise EvitError("proportional attention weighs the fused token by the patches it holds: it needs fusing "
+                        "(drop --no-fuse)")
+    return EViTConfig(layers, rates, fuse, proportional)
 
 

@@ -12,15 +12,18 @@ from .errors import EvitError
 from .reorg import num_kept, token_counts
 
 
-def convert(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True) -> nn.Module:
+def convert(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True,
+            proportional_attention: bool = False) -> nn.Module:
     """Inject EViT reorganization into the module ``model`` (in place) and return it.
 
     ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
-    drops the inattentive tokens instead of fusing them. (``evit_cli.convert`` also takes names.)
+    drops the inattentive tokens instead of fusing them; ``proportional_attention`` raises each
+    token's attention logit by the log of the patches it holds, as ToMe does (timm models; measured in
+    the README, off by default). (``evit_cli.convert`` also takes names.)
     """
     adapter = adapters.get_adapter(model)
     adapter.check(model)
-    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse)
+    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention)
     _check_keeps_tokens(model, cfg)
     adapter.apply(model, cfg)
     model.evit_config = cfg
@@ -35,6 +38,7 @@ def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | 
         keep_rate=keep_rate if keep_rate is not None else (old.keep_rates if old else 0.7),
         layers=layers if layers is not None else (old.layers if old else DEFAULT_LAYERS),
         fuse=fuse if fuse is not None else (old.fuse if old else True),
+        proportional_attention=bool(old and old.proportional),
     )
 
 

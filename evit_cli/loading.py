@@ -93,6 +93,7 @@ def convert(
     keep_rate=0.7,
     layers=DEFAULT_LAYERS,
     fuse: bool = True,
+    proportional_attention: bool = False,
     **load_kwargs,
 ) -> nn.Module:
     """Inject EViT reorganization into ``model`` and return it.
@@ -100,13 +101,15 @@ def convert(
     ``model`` is a module (changed in place) or anything :func:`load_model` takes (a timm name, a hub
     id, a folder); ``load_kwargs`` (``pretrained``, ``checkpoint``, ``num_classes``, ...) go to the
     loader. ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers;
-    ``fuse=False`` drops the inattentive tokens instead of fusing them.
+    ``fuse=False`` drops the inattentive tokens instead of fusing them; ``proportional_attention``
+    (timm models) raises each token's attention logit by the log of the patches it holds.
     """
     if not isinstance(model, nn.Module):
         model = load_model(model, **load_kwargs)
     elif load_kwargs:
         raise TypeError(f"loading options ({', '.join(load_kwargs)}) need a model name or folder, not a module")
-    return core.convert(model, keep_rate=keep_rate, layers=layers, fuse=fuse)
+    return core.convert(model, keep_rate=keep_rate, layers=layers, fuse=fuse,
+                        proportional_attention=proportional_attention)
 
 
 def is_exported(spec: str | os.PathLike) -> bool:

@@ -111,6 +111,24 @@ def follow_positions(pos: Tensor | None, kept: Tensor, m: int, fuse: bool) -> Te
     return new
 
 
+def follow_sizes(sizes: Tensor | None, kept: Tensor, m: int, fuse: bool) -> Tensor:
+    """Patches held by each non-prefix token after a reorganization that kept ``kept`` (B, k) of
+    ``m`` candidates: ``[sizes[kept], the sum of the rest]`` (``sizes`` None: one patch each)."""
+    if sizes is None:
+        sizes = torch.ones(kept.shape[0], m, device=kept.device)
+    new = sizes.gather(1, kept)
+    if fuse:
+        new = torch.cat([new, (sizes.sum(1) - new.sum(1)).unsqueeze(1)], dim=1)
+    return new
+
+
+def size_bias(sizes: Tensor, num_prefix: int) -> Tensor:
+    """Proportional attention (ToMe's, for EViT's fused token): the additive bias (B, 1, 1, P + M)
+    that raises every query's logit for a token by the log of the patches it holds (prefix: 0)."""
+    logs = torch.cat([sizes.new_zeros(sizes.shape[0], num_prefix), sizes.log()], dim=1)
+    return logs[:, None, None, :]
+
+
 def gather_rope(rope: Tensor, pos: Tensor) -> Tensor:
     """The rotary embedding rows (sin and cos concatenated, tokens on dim -2) of ``pos``.
 

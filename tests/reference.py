@@ -11,28 +11,34 @@ import math
 import torch
 
 
-def _attention(blk, x):
-    """x: (N, C) for one image. Returns (attention output (N, C), attention matrix (H, N, N))."""
+def _attention(blk, x, sizes=None):
+    """x: (N, C) for one image. Returns (attention output (N, C), attention matrix (H, N, N)).
+    ``sizes`` (N,): proportional attention, every logit of key j raised by log(sizes[j])."""
     attn = blk.attn
     n, c = x.shape
     h, d = attn.num_heads, attn.head_dim
     qkv = attn.qkv(x).reshape(n, 3, h, d)
     q, k, v = qkv[:, 0].transpose(0, 1), qkv[:, 1].transpose(0, 1), qkv[:, 2].transpose(0, 1)  # (H, N, d)
-    a = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(d), dim=-1)
+    logits = q @ k.transpose(1, 2) / math.sqrt(d)
+    if sizes is not None:
+        logits = logits + torch.log(torch.tensor(sizes, dtype=logits.dtype))
+    a = torch.softmax(logits, dim=-1)
     out = (a @ v).transpose(0, 1).reshape(n, h * d)
     return attn.proj(out), a
 
 
-def reference_forward(model, images, layers, keep_rates, fuse=True):
-    """Logits and the token count after each EViT layer (1-based ``layers``)."""
+def reference_forward(model, images, layers, keep_rates, fuse=True, proportional=False):
+    """Logits and the token count after each EViT layer (1-based ``layers``); ``proportional``:
+    proportional attention, each token's patch count kept in a Python list."""
     rates = dict(zip(layers, keep_rates))
     prefix = model.num_prefix_tokens
     logits, counts = [], []
     for img in images:
         x = model._pos_embed(model.patch_embed(img[None]))[0]
         seen = []
+        sizes = [1.0] * x.shape[0]
         for i, blk in enumerate(model.blocks, start=1):
-            a_out, a = _attention(blk, blk.norm1(x))
+            a_out, a = _attention(blk, blk.norm1(x), sizes if proportional else None)
             x = x + a_out
             if i in rates:
                 m = x.shape[0] - prefix
@@ -47,6 +53,8 @@ def reference_forward(model, images, layers, keep_rates, fuse=True):
                         fused = sum(cls_row[j] * toks[j] for j in drop)
                         new.append(fused[None])
                     x = torch.cat(new, 0)
+                    held = sizes[prefix:]
+                    sizes = sizes[:prefix] + [held[j] for j in keep] + ([sum(held[j] for j in drop)] if fuse else [])
                 seen.append(x.shape[0])
             x = x + blk.mlp(blk.norm2(x))
         x = model.norm(x)

@@ -137,3 +137,35 @@ def test_revert_gives_back_the_dense_model(images):
     evit_cli.revert(model)
     with torch.no_grad():
         assert torch.equal(model(images), dense(images))
+
+
+@pytest.mark.parametrize("kind", ["vit", "registers"])
+def test_proportional_attention_matches_independent_reference(kind, images, tmp_path):
+    """Each token's attention logit raised by the log of the patches it holds (a Python list in
+    the reference); it changes the output, survives save/load, and keep 1.0 is the dense model."""
+    layers, rates = (2, 4, 5), (0.6, 0.5, 0.5)
+    model = tiny_timm(kind)
+    with torch.no_grad():
+        expected, counts = reference_forward(model, images, layers, rates, proportional=True)
+        plain, _ = reference_forward(model, images, layers, rates)
+        evit_cli.convert(model, keep_rate=rates, layers=layers, proportional_attention=True)
+        got = model(images)
+        loaded = evit_cli.load(evit_cli.save(model, tmp_path / "m"))(images)
+        dense = evit_cli.convert(tiny_timm(kind), 1.0, layers, proportional_attention=True)(images)
+    assert (got - expected).abs().max().item() < 1e-4 and (got - plain).abs().max().item() > 1e-3
+    assert (loaded - got).abs().max().item() < 1e-6 and evit_cli.load(tmp_path / "m").evit_config.proportional
+    assert (dense - tiny_timm(kind)(images)).abs().max().item() < 1e-5
+
+
+def test_proportional_attention_is_refused_where_it_cannot_apply():
+    with pytest.raises(evit_cli.EvitError, match="needs fusing"):
+        evit_cli.convert(tiny_timm("vit"), 0.5, (2,), fuse=False, proportional_attention=True)
+
+
+def test_proportional_attention_is_refused_for_transformers_models():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    hf = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=3,
+                                             num_attention_heads=2, intermediate_size=64, num_labels=3))
+    with pytest.raises(evit_cli.EvitError, match="timm models only"):
+        evit_cli.convert(hf, 0.5, (2,), proportional_attention=True)

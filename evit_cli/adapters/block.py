@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ..reorg import follow_positions, num_kept, reorganize
+from ..reorg import follow_positions, follow_sizes, num_kept, reorganize
 
 
 class PositionState:
@@ -27,10 +27,11 @@ class PositionState:
 
     def __init__(self):
         self.pos: Tensor | None = None
+        self.sizes: Tensor | None = None  # (B, M) patches each token holds (proportional attention)
         self.after: dict[int, Tensor] = {}  # block index -> positions after that block
 
     def reset(self) -> None:
-        self.pos, self.after = None, {}
+        self.pos, self.sizes, self.after = None, None, {}
 
     @contextmanager
     def run(self):
@@ -42,6 +43,7 @@ class PositionState:
 
     def follow(self, index: int, kept: Tensor, m: int, fuse: bool) -> None:
         """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates."""
+        self.sizes = follow_sizes(self.sizes, kept, m, fuse)
         self.pos = follow_positions(self.pos, kept, m, fuse)
         self.after[index] = self.pos
 
@@ -58,6 +60,7 @@ class BlockState:
     positions: PositionState | None = None  # shared by the model's blocks when positions are followed
     keep_rate: float | None = None  # None: the block only follows positions
     fuse: bool = True
+    proportional: bool = False  # later attention weighs each token by the patches it holds
     record: bool = False  # keep the indices of the kept tokens in ``kept``
     kept: Tensor | None = None
     rank: Callable | None = None  # (blk, x, cls_attn) -> (B, N) scores or None: chooses instead (an oracle)

@@ -173,13 +173,14 @@ class TimmAdapter(Adapter):
         rates = dict(zip(cfg.indices, cfg.keep_rates))
         first = min(cfg.indices)
         for i, group in enumerate(fam.layers(model)):
-            if i not in rates and (fam.position is None or i < first):
+            if i not in rates and ((fam.position is None and not cfg.proportional) or i < first):
                 continue
             for seq, blk in enumerate(group):  # one block per token sequence (CrossViT: per branch)
                 spec = fam.block_spec(original(type(blk)))
                 swap_in(blk, EViTBlockMixin)
                 blk.evit = BlockState(index=i, num_prefix=prefixes[seq], family=fam, block_spec=spec, sequence=seq,
-                                      positions=positions, keep_rate=rates.get(i), fuse=cfg.fuse)
+                                      positions=positions, keep_rate=rates.get(i), fuse=cfg.fuse,
+                                      proportional=cfg.proportional)
 
     def remove(self, model: nn.Module) -> None:
         swap_out(model)

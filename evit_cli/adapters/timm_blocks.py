@@ -29,7 +29,7 @@ from timm.layers import apply_rot_embed_cat
 from torch import Tensor, nn
 
 from ..errors import EvitError
-from ..reorg import class_attention, gather_bias, gather_rope
+from ..reorg import class_attention, gather_bias, gather_rope, size_bias
 from .block import BlockState, EViTBlock, reorganize_tokens, runs_dense
 
 
@@ -178,11 +178,16 @@ def parallel_scaling(blk, spec, x, terms, active):
 # ----------------------------------------------------------------- the block
 
 
-def _follow(terms: Terms, pos: Tensor | None, num_prefix: int) -> Terms:
+def _follow(terms: Terms, st: BlockState) -> Terms:
+    """The position terms of the tokens that remain, and with proportional attention the size bias."""
+    pos = st.positions.pos if st.positions is not None else None
     if pos is None:
         return terms
     rope = gather_rope(terms.rope, pos) if terms.rope is not None else None
-    bias = gather_bias(terms.bias, pos, num_prefix) if terms.bias is not None else None
+    bias = gather_bias(terms.bias, pos, st.num_prefix) if terms.bias is not None else None
+    if st.proportional and st.sequence == 0:
+        sizes = size_bias(st.positions.sizes, st.num_prefix)
+        bias = sizes if bias is None else bias + sizes
     return Terms(rope, bias, terms.masked)
 
 
@@ -203,10 +208,10 @@ class EViTBlockMixin(EViTBlock):
         active = st.reorganizes and not runs_dense(st, int(x.shape[1]))
         if st.reorganizes:
             st.kept = None
-        if not active and (pos is None or st.family.position is None):
+        if not active and (pos is None or (st.family.position is None and not st.proportional)):
             return super().forward(x, *args, **kwargs)
         terms = st.family.terms(self, *args, **kwargs)
         if terms.masked:
             raise EvitError("EViT blocks take no attention mask: call the model without attn_mask/is_causal")
-        x, _ = st.block_spec.layout(self, st.block_spec, x, _follow(terms, pos, st.num_prefix), active)
+        x, _ = st.block_spec.layout(self, st.block_spec, x, _follow(terms, st), active)
         return x

@@ -129,10 +129,10 @@ def finetune(
 
     The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense model before
     conversion (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE on all
-    the logits and on the pre-logits features, or cosine on an embedding model's embedding), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine,
-    2 epochs. Labels are optional (a flat folder of photos), for classifiers and headless embedding models; what
-    it wins on images it never saw is measured in the README. The old recovery: --distill-loss kl --mixup 0
-    --cutmix 0.
+    the logits and on the pre-logits features, or cosine on an embedding model's embedding), AdamW lr 5e-5,
+    weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional (a flat folder of photos), for classifiers
+    and headless embedding models; what it wins on images it never saw is measured in the README. The old
+    recovery: --distill-loss kl --mixup 0 --distill-features 0 --cutmix 0.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """

@@ -154,6 +154,8 @@ class TransformersAdapter(Adapter):
         return processor_data_config(proc, _family(model).processor, self.img_size(model))
 
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
+        if cfg.proportional:
+            raise EvitError("proportional attention is implemented for timm models only: convert without it")
         self.remove(model)
         spec, layers, root = _family(model), _layers(model), vision_root(model)
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
