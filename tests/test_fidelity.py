@@ -96,7 +96,8 @@ def test_label_free_distillation_lowers_kl_and_the_folder_says_how_it_was_made(t
     out = tmp_path / "ft"
     final = finetune(TrainConfig(model=str(start), dataset=str(flat), output=str(out), epochs=4, batch_size=8,
                                  lr=3e-4, workers=0, bench=False))
-    assert final["loss"] == "distillation only (no labels): MSE on the logits" and "kept" in final["head"]
+    assert final["loss"] == "distillation only (no labels): MSE on the logits + 1 x MSE on the pre-logits features"
+    assert "kept" in final["head"]
     assert "agreement" in final and "kl" in final and "top1" not in final
     dense = dense_copy(evit_cli.load(start))  # the teacher: the dense model before conversion
     before, _ = kl_and_agreement(independent_logits(dense, heldout), independent_logits(evit_cli.load(start), heldout))
@@ -132,13 +133,13 @@ def test_head_auto_keeps_a_1000_class_head_on_synset_folders(tmp_path):
     base = dict(model=str(start), dataset=str(data), epochs=1, batch_size=4, lr=1e-3, workers=0, bench=False)
     final = finetune(TrainConfig(output=str(tmp_path / "auto"), **base))
     assert final["head"].startswith("kept: the model's 1000 classes")
-    assert final["loss"] == "labels and distillation: MSE on the logits"
+    assert final["loss"] == "labels and distillation: MSE on the logits + 1 x MSE on the pre-logits features"
     assert json.loads((tmp_path / "auto" / "evit.json").read_text())["num_classes"] == 1000
     assert 0 <= final["top1"] <= 100 and final["labelled_images"] == final["images"]
     # a new head maps the 1000-class teacher onto the 3 synsets
     final = finetune(TrainConfig(output=str(tmp_path / "new"), head="new", **base))
     assert final["head"] == "new: 3 classes from the data set"
-    assert final["loss"] == "labels and distillation: MSE on the logits"
+    assert final["loss"] == "labels and distillation: MSE on the logits + 1 x MSE on the pre-logits features"
     assert json.loads((tmp_path / "new" / "evit.json").read_text())["num_classes"] == 3
 
 
