@@ -49,6 +49,8 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "benchmarks/recover_real.py": "fine-tunes the real DeiT-Tiny on 2943 photos for most of an hour",
     "benchmarks/generalize_real.py": "fine-tunes the real DeiT-Tiny four times: most of an hour",
     "benchmarks/embed_real.py": "fine-tunes the headless real DeiT-Tiny: most of an hour",
+    "benchmarks/claims_real.py": "scores the real DeiT-Tiny in nine settings on 982 photos: minutes",
+    "benchmarks/recovery_variants.py": "fine-tunes the real DeiT-Tiny: minutes per variant",
     "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/test_fidelity.py trains the same way on tiny "
                         "models)",
     "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/test_oracle.py trains the same way on tiny models)",
