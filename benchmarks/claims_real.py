@@ -70,12 +70,13 @@ def _layers(text: str) -> list[int]:
 
 
 def cached_at(paths, idx, size: int):
-    """The held-out photos through timm's eval preprocessing at ``size`` px (crop 0.9), float16."""
+    """The held-out photos through the dense model's own eval preprocessing (timm's, crop 0.9) at
+    ``size`` px, float16."""
     import timm.data
     import torch
     from PIL import Image
 
-    tf = timm.data.create_transform(input_size=(3, size, size), crop_pct=0.875 if size == 224 else 0.9,
+    tf = timm.data.create_transform(input_size=(3, size, size), crop_pct=0.9,
                                     interpolation="bicubic", mean=timm.data.IMAGENET_DEFAULT_MEAN,
                                     std=timm.data.IMAGENET_DEFAULT_STD)
     return [torch.stack([tf(Image.open(paths[i]).convert("RGB")) for i in idx[s:s + 64]]).half()
