@@ -55,6 +55,11 @@ def teacher_mapping(teacher: nn.Module, head: str, student_classes: int, data_na
     return (None if mapping == list(range(count)) else mapping), None
 
 
+def labels_in_loss(labelled: bool, head: str) -> bool:
+    """Whether a data set's labels enter the loss: not for a model that stays headless (head "none")."""
+    return labelled and head != "none"
+
+
 def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Module, head: str,
                   student_classes: int, data_names: list[str], labelled: bool,
                   loss: str = "auto", tau: float = 1.0, features: float = 0.0) -> tuple[Teacher | None, str]:
@@ -64,7 +69,13 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
     ``distill`` None (the default) distils whenever the teacher's classes fit, and must when there
     are no labels; True refuses when they do not fit; False trains on the labels alone.
     """
+    headless = labelled and head == "none"  # labels there, but not in the loss
+    labelled = labels_in_loss(labelled, head)
     if distill is False and teacher_name is None:
+        if headless:
+            raise EvitError("the model is headless (an embedding model) and --no-distill leaves nothing to train on: "
+                            "drop --no-distill to distil its embedding, or give --head new to train a classifier on "
+                            "the labels")
         if not labelled:
             raise EvitError("the data set has no labels and --no-distill leaves nothing to train on: drop --no-distill")
         return None, "labels only (--no-distill)"
@@ -91,7 +102,10 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
         else:
             teacher.features = features
             words += f" + {features:g} x MSE on the pre-logits features"
-    return teacher, (f"distillation only (no labels): {words}" if not labelled else f"labels and distillation: {words}")
+    if labelled:
+        return teacher, f"labels and distillation: {words}"
+    why = "the labels are not in the loss: the model is headless" if headless else "no labels"
+    return teacher, f"distillation only ({why}): {words}"
 
 
 def distill_kind(name: str, embedding: bool) -> str:

@@ -216,7 +216,9 @@ class Setup:
     @property
     def trains_on_labels(self) -> bool:
         """Whether the labels enter the loss (not for a model that stays headless)."""
-        return self.data.labelled and self.head != "none"
+        from .distill import labels_in_loss
+
+        return labels_in_loss(self.data.labelled, self.head)
 
 
 def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
@@ -246,14 +248,9 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
         if not adapter.class_names(model):
             adapter.set_class_names(model, data.class_names)
         mapping = None
-    if head == "none" and cfg.distill is False and cfg.teacher is None:
-        raise EvitError("the model is headless (an embedding model) and --no-distill leaves nothing to train on: drop "
-                        "--no-distill to distil its embedding, or give --head new to train a classifier on the labels")
     teacher, loss = build_teacher(cfg.distill, cfg.teacher, dense, head, adapter.num_classes(model),
-                                  data.class_names, data.labelled and head != "none", cfg.distill_loss,
+                                  data.class_names, data.labelled, cfg.distill_loss,
                                   cfg.distill_tau, cfg.distill_features)
-    if head == "none":
-        loss = loss.replace("(no labels)", "(the labels are not in the loss: the model is headless)")
     if teacher is not None:
         t_adapter = adapters.get_adapter(teacher.model)
         if t_adapter.img_size(teacher.model) != adapter.img_size(model):
