@@ -315,4 +315,8 @@ def main():
 if __name__ == "__main__":
     if not g.WEIGHTS.exists():
         sys.exit(f"recovery_variants.py: error: {REAL} must hold the DeiT-Tiny weights and imagenette-val")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
