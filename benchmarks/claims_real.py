@@ -184,7 +184,7 @@ def recover_rows(args, r, rows, paths, idx, cached, dense_logits, labels, prog, 
         n = r["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
         for k, (name, model, size) in enumerate(picked):
             folder = evit_cli.save(model, work / f"m{k}")
-            secs = recover_folder(folder, work / "train", work / f"r{k}", args, work / f"log{k}.txt")
+            secs = g.finetune([str(folder)], work / "train", work / f"r{k}", args, work / f"log{k}.txt")
             prog.step(f"recovered {name} on {n} photos ({secs:.0f} s)", 4 * args.epochs * 900)
             row = score_row(f"{name}, recovered", evit_cli.load(work / f"r{k}"), size, cached, dense_logits, labels,
                             seen, {"train_s": round(secs)})
@@ -198,21 +198,6 @@ def torch_seen(paths, idx, classes):
 
     names = {g.SYNSETS[c] for c in classes}
     return torch.tensor([paths[i].parent.name in names for i in idx])
-
-
-def recover_folder(folder: Path, data: Path, dest: Path, args, log: Path) -> float:
-    import subprocess
-    import time
-
-    cmd = [sys.executable, "-m", "evit_cli", "finetune", str(folder), "--dataset", str(data), "--output", str(dest),
-           "--epochs", f"{args.epochs:g}", "--workers", str(args.workers), "--no-bench", "--overwrite"]
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=g.ROOT,
-                             env={**g.os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(g.ROOT)})
-    if rc:
-        raise RuntimeError(f"evit finetune failed ({rc}): {' | '.join(log.read_text().strip().splitlines()[-5:])}")
-    return time.perf_counter() - t0
 
 
 def write(out: Path, r: dict) -> None:

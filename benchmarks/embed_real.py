@@ -17,13 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shlex
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when run from elsewhere
@@ -96,20 +93,6 @@ def score(e, dense_e, labels) -> dict:
             "knn_top1": 100 * correct / len(e), "knn_correct": correct}
 
 
-def recover(folder: Path, data: Path, out: Path, args, log: Path) -> float:
-    cmd = [sys.executable, "-m", "evit_cli", "finetune", str(folder), "--dataset", str(data), "--output", str(out),
-           "--epochs", f"{args.epochs:g}", "--workers", str(args.workers), "--no-bench", "--overwrite",
-           *shlex.split(args.finetune_args)]
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=g.ROOT,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                                                                       "PYTHONPATH": str(g.ROOT)})
-    if rc:
-        raise RuntimeError(f"evit finetune failed ({rc}): {' | '.join(log.read_text().strip().splitlines()[-5:])}")
-    return time.perf_counter() - t0
-
-
 def markdown(r: dict) -> str:
     lines = ["# Headless DeiT-Tiny recovered without labels, scored on classes it never saw (benchmarks/embed_real.py)",
              "",
@@ -170,7 +153,7 @@ def run(args) -> dict:
             runs.append(("dense recovered (control)", evit_cli.convert(headless_dense(), 1.0, args.layer_list)))
         for k, (name, model) in enumerate(runs):
             folder = evit_cli.save(model, work / f"start{k}")
-            secs = recover(folder, work / "train", work / f"rec{k}", args, work / f"log{k}.txt")
+            secs = g.finetune([str(folder)], work / "train", work / f"rec{k}", args, work / f"log{k}.txt")
             prog.step(f"{name} on {n_train} photos ({secs:.0f} s)", n_train * args.epochs * 4)
             add(name, embed(evit_cli.load(work / f"rec{k}"), cached), secs)
     return result

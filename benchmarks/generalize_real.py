@@ -184,12 +184,12 @@ def score(logits, dense_logits, labels, mask) -> dict:
 # --------------------------------------------------------------------------- recovery through the CLI
 
 
-def recover(keep: float, layers: list[int], data: Path, out: Path, args, log: Path) -> float:
-    """`evit finetune deit_tiny_patch16_224 --checkpoint W ...` as a user runs it; returns seconds."""
-    cmd = [sys.executable, "-m", "evit_cli", "finetune", "deit_tiny_patch16_224", "--checkpoint", str(WEIGHTS),
-           "--keep-rate", f"{keep:g}", "--layers", ",".join(map(str, layers)), "--dataset", str(data),
-           "--output", str(out), "--epochs", f"{args.epochs:g}", "--workers", str(args.workers), "--no-bench",
-           "--overwrite", *shlex.split(args.finetune_args)]
+def finetune(model: list[str], data: Path, out: Path, args, log: Path) -> float:
+    """`evit finetune MODEL... --dataset DATA --output OUT` as a user runs it (plus ``args.finetune_args``),
+    its output in ``log``; returns seconds. The other real-photo benchmarks recover through it too."""
+    cmd = [sys.executable, "-m", "evit_cli", "finetune", *model, "--dataset", str(data), "--output", str(out),
+           "--epochs", f"{args.epochs:g}", "--workers", str(args.workers), "--no-bench", "--overwrite",
+           *shlex.split(getattr(args, "finetune_args", ""))]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
         rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -198,6 +198,12 @@ def recover(keep: float, layers: list[int], data: Path, out: Path, args, log: Pa
         tail = log.read_text().strip().splitlines()[-5:]
         raise RuntimeError(f"evit finetune failed ({rc}): {' | '.join(tail)}\ncommand: {shlex.join(cmd)}")
     return time.perf_counter() - t0
+
+
+def recover(keep: float, layers: list[int], data: Path, out: Path, args, log: Path) -> float:
+    """`evit finetune deit_tiny_patch16_224 --checkpoint W --keep-rate K --layers L ...`; returns seconds."""
+    return finetune(["deit_tiny_patch16_224", "--checkpoint", str(WEIGHTS), "--keep-rate", f"{keep:g}",
+                     "--layers", ",".join(map(str, layers))], data, out, args, log)
 
 
 # --------------------------------------------------------------------------- the run

@@ -194,6 +194,11 @@ def main():
     ap.add_argument("--l2sp", type=float, default=0)
     ap.add_argument("--feat", type=float, default=0)
     ap.add_argument("--ema", type=float, default=0)
+    ap.add_argument("--rel", type=float, default=0, help="weight of the relational (similarity) term, --embed")
+    ap.add_argument("--rel-tau", type=float, default=0.05)
+    ap.add_argument("--bank", type=int, default=0, help="teacher embeddings kept for --rel (0: the batch)")
+    ap.add_argument("--cls-layers", type=float, default=0, help="MSE on the class token after every block")
+    ap.add_argument("--tokens", type=float, default=0, help="MSE on every kept token after every block")
     ap.add_argument("--wise", default="")
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--name", default="")
@@ -241,6 +246,21 @@ def main():
         (teacher.norm if not EMBED else teacher.blocks[-2]).register_forward_hook(
             lambda m, i, o: feats.__setitem__("t", o[:, 0])
         )
+    if a.tokens:
+        def grab(key, bi):
+            def hook(m, i, o):
+                pos = getattr(student, "evit_positions", None)
+                feats[(key, bi)] = (o, pos.pos if key == "s" and pos is not None else None)
+            return hook
+
+        for key, mm in (("s", student), ("t", teacher)):
+            for bi, blk in enumerate(mm.blocks[:-1]):
+                blk.register_forward_hook(grab(key, bi))
+    if a.cls_layers:
+        for key, mm in (("s", student), ("t", teacher)):
+            for bi, blk in enumerate(mm.blocks[:-1]):
+                blk.register_forward_hook(lambda m, i, o, key=key, bi=bi: feats.__setitem__((key, bi), o[:, 0]))
+    bank = []
     t0 = time.time()
     step = 0
     student.train()
@@ -278,6 +298,38 @@ def main():
             if a.feat:
                 fs, ft = feats["s"], feats["t"]
                 loss = loss + a.feat * F.mse_loss(fs, ft)
+            if a.cls_layers:
+                nb = len(student.blocks) - 1
+                loss = loss + a.cls_layers * sum(
+                    F.mse_loss(feats[("s", b)], feats[("t", b)]) / feats[("t", b)].pow(2).mean() for b in range(nb)
+                ) / nb
+            if a.tokens:
+                tl = []
+                for b in range(len(student.blocks) - 1):
+                    (so, pos), (to, _) = feats[("s", b)], feats[("t", b)]
+                    if pos is None:
+                        tl.append(F.mse_loss(so, to) / to.pow(2).mean())
+                        continue
+                    ok = (pos >= 0).float()[..., None]  # the fused tokens have no counterpart
+                    tp = to[:, 1:].gather(1, pos.clamp_min(0)[..., None].expand(-1, -1, to.shape[-1]))
+                    err = ((so[:, 1 : 1 + pos.shape[1]] - tp) ** 2 * ok).sum() + ((so[:, :1] - to[:, :1]) ** 2).sum()
+                    n = (ok.sum() + len(so)) * to.shape[-1]
+                    tl.append(err / n / to.pow(2).mean())
+                    continue
+                loss = loss + a.tokens * sum(tl) / len(tl)
+            if a.rel:
+                zs, zt = F.normalize(o, dim=-1), F.normalize(t, dim=-1)
+                ref = torch.cat([zt, *bank]) if a.bank else zt
+                ss, st = zs @ ref.T / a.rel_tau, zt @ ref.T / a.rel_tau
+                eye = torch.eye(len(zs), ref.shape[0], dtype=torch.bool)
+                ss, st = ss.masked_fill(eye, -1e9), st.masked_fill(eye, -1e9)
+                loss = loss + a.rel * F.kl_div(
+                    F.log_softmax(ss, -1), F.log_softmax(st, -1), reduction="batchmean", log_target=True
+                )
+                if a.bank:
+                    bank.insert(0, zt.detach())
+                    while sum(len(b) for b in bank) > a.bank:
+                        bank.pop()
             if a.l2sp:
                 loss = loss + a.l2sp * sum(
                     ((p - start[n]) ** 2).sum() for n, p in student.named_parameters() if p.requires_grad

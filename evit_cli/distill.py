@@ -30,6 +30,7 @@ class Teacher:
     source: str  # what it is, for the record: "dense model before conversion" or a model name
     kind: str = "mse"  # the distillation term: distill_kind()
     features: float = 0.0  # weight of the pre-logits feature term (0: none)
+    layers: float = 0.0  # weight of the layer term: the prefix tokens after every layer but the last (0: none)
 
     @torch.no_grad()
     def outputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -62,9 +63,11 @@ def labels_in_loss(labelled: bool, head: str) -> bool:
 
 def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Module, head: str,
                   student_classes: int, data_names: list[str], labelled: bool,
-                  loss: str = "auto", tau: float = 1.0, features: float = 0.0) -> tuple[Teacher | None, str]:
+                  loss: str = "auto", tau: float = 1.0, features: float = 0.0,
+                  layers: float | None = None) -> tuple[Teacher | None, str]:
     """The teacher (or None) and a line saying what the loss is; ``loss`` is ``--distill-loss``
-    (the term follows what the model outputs: a headless model, 0 classes, outputs an embedding).
+    (the term follows what the model outputs: a headless model, 0 classes, outputs an embedding),
+    ``features`` and ``layers`` the weights of the inner terms (``layers`` None: :func:`layer_weight`).
 
     ``distill`` None (the default) distils whenever the teacher's classes fit, and must when there
     are no labels; True refuses when they do not fit; False trains on the labels alone.
@@ -102,10 +105,32 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
         else:
             teacher.features = features
             words += f" + {features:g} x MSE on the pre-logits features"
+    words += _layer_term(teacher, dense, teacher_name, layer_weight(layers, kind))
     if labelled:
         return teacher, f"labels and distillation: {words}"
     why = "the labels are not in the loss: the model is headless" if headless else "no labels"
     return teacher, f"distillation only ({why}): {words}"
+
+
+def layer_weight(layers: float | None, kind: str) -> float:
+    """``--distill-layers``: as given, or by default 1 for an embedding model and 0 for a classifier
+    (measured on embedding models only: benchmarks/recovery_variants.py)."""
+    if layers is not None:
+        return layers
+    return 1.0 if kind == "cosine" else 0.0
+
+
+def _layer_term(teacher: Teacher, dense: nn.Module, teacher_name: str | None, weight: float) -> str:
+    """Give ``teacher`` the layer term of ``weight`` where it can have one; the words for the loss line."""
+    if weight <= 0:
+        return ""
+    adapter = adapters.get_adapter(dense)
+    if teacher_name is not None:
+        return " (no layer term: --distill-layers needs the dense model before conversion as the teacher)"
+    if adapter.num_prefix_tokens(dense) == 0:
+        return " (no layer term: the model has no class token to compare)"
+    teacher.layers = weight
+    return f" + {weight:g} x relative MSE on the class token after every layer"
 
 
 def distill_kind(name: str, embedding: bool) -> str:
@@ -121,18 +146,20 @@ DISTILL_WORDS = {"mse": "MSE on the logits", "kl": "KL at temperature {tau:g}",
                  "cosine": "1 - cosine + relative MSE on the embedding"}
 
 
+def _tokens(output) -> torch.Tensor:
+    """The token sequence a layer returned (alone, or first in a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
 @contextmanager
-def head_inputs(student: nn.Module, teacher: Teacher | None):
-    """Collects, while open, the input of the student's and the teacher's classification heads
-    (their pre-logits features) in the dict it yields, keys "student" and "teacher"; nothing when
-    the teacher has no feature term."""
-    got: dict[str, torch.Tensor] = {}
-    if teacher is None or not teacher.features:
-        yield got
-        return
-    hooks = [adapters.get_adapter(m).head(m).register_forward_pre_hook(
-        lambda _m, args, key=key: got.__setitem__(key, args[0])) for key, m in (("student", student),
-                                                                               ("teacher", teacher.model))]
+def inner_outputs(student: nn.Module, teacher: Teacher | None):
+    """Collects, while open, what the teacher's inner terms compare, in the dict it yields: for
+    "student" and "teacher", "head" the input of the classification head (the pre-logits
+    features) and, for each layer i but the last, the prefix (class) tokens after it. Nothing is
+    collected for a term the teacher does not have."""
+    got: dict[str, dict] = {"student": {}, "teacher": {}}
+    hooks = [] if teacher is None else _watch(student, teacher, got["student"]) + _watch(teacher.model, teacher,
+                                                                                          got["teacher"])
     try:
         yield got
     finally:
@@ -140,11 +167,37 @@ def head_inputs(student: nn.Module, teacher: Teacher | None):
             h.remove()
 
 
-def feature_term(got: dict, teacher: Teacher | None) -> torch.Tensor | None:
-    """``teacher.features`` x the MSE between the student's and the teacher's pre-logits features."""
-    if teacher is None or not teacher.features or "student" not in got or "teacher" not in got:
+def _watch(model: nn.Module, teacher: Teacher, into: dict) -> list:
+    """Hooks that put into ``into`` what :func:`inner_outputs` collects from ``model``."""
+    adapter, hooks = adapters.get_adapter(model), []
+    if teacher.features:
+        hooks.append(adapter.head(model).register_forward_pre_hook(lambda _m, args: into.__setitem__("head", args[0])))
+    if teacher.layers:
+        n = adapter.num_prefix_tokens(model)
+        hooks += [layer.register_forward_hook(lambda _m, _args, out, i=i: into.__setitem__(i, _tokens(out)[:, :n]))
+                  for i, layer in enumerate(adapter.layers(model)[:-1])]
+    return hooks
+
+
+def relative_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The MSE divided by the target's mean square: scale-free, comparable across layers."""
+    return F.mse_loss(out, target) / target.pow(2).mean().clamp_min(1e-12)
+
+
+def inner_term(got: dict, teacher: Teacher | None) -> torch.Tensor | None:
+    """The teacher's inner terms on what :func:`inner_outputs` collected: ``teacher.features`` x the
+    MSE on the pre-logits features, plus ``teacher.layers`` x the mean over layers of the relative
+    MSE on the prefix tokens; None when it has neither."""
+    if teacher is None:
         return None
-    return teacher.features * F.mse_loss(got["student"].float(), got["teacher"].float())
+    s, t = got["student"], got["teacher"]
+    terms = []
+    if teacher.features and "head" in s and "head" in t:
+        terms.append(teacher.features * F.mse_loss(s["head"].float(), t["head"].float()))
+    layers = [i for i in t if i != "head" and i in s]
+    if teacher.layers and layers:
+        terms.append(teacher.layers * sum(relative_mse(s[i].float(), t[i].float()) for i in layers) / len(layers))
+    return sum(terms) if terms else None
 
 
 def kl_to_teacher(logits: torch.Tensor, t_logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -157,7 +210,7 @@ def embedding_loss(out: torch.Tensor, t_out: torch.Tensor) -> torch.Tensor:
     """1 - cosine to the teacher's embedding (its direction), plus the MSE divided by the teacher's
     mean square (its length, scale-free), both mean per image."""
     cos = F.cosine_similarity(out.flatten(1), t_out.flatten(1), dim=-1).mean()
-    return 1 - cos + F.mse_loss(out, t_out) / t_out.pow(2).mean().clamp_min(1e-12)
+    return 1 - cos + relative_mse(out, t_out)
 
 
 def distill_term(out: torch.Tensor, t_out: torch.Tensor, kind: str, tau: float = 1.0) -> torch.Tensor:
@@ -170,12 +223,12 @@ def distill_term(out: torch.Tensor, t_out: torch.Tensor, kind: str, tau: float =
 
 
 def training_loss(out, target, t_out, *, labelled: bool, alpha: float, kind: str, tau: float, smoothing: float,
-                  features: torch.Tensor | None = None):
+                  inner: torch.Tensor | None = None):
     """Cross-entropy with the labels (soft targets under mixup), the distillation term (plus the
-    feature term ``features``, when given), or their mix."""
+    teacher's inner terms ``inner``, when given: :func:`inner_term`), or their mix."""
     d = distill_term(out, t_out, kind, tau) if t_out is not None else None
-    if d is not None and features is not None:
-        d = d + features
+    if d is not None and inner is not None:
+        d = d + inner
     if not labelled:
         return d
     if target.ndim == 2:  # mixup soft targets (smoothing already in them)

@@ -102,6 +102,7 @@ class TrainConfig:
     distill_alpha: float = 0.5  # weight of the distillation term when there are labels
     distill_tau: float = 1.0  # temperature of --distill-loss kl
     distill_features: float = 1.0  # weight of the MSE on the pre-logits features (classifiers; 0: off)
+    distill_layers: float | None = None  # weight of the class-token term after each layer; None: by the output
     oracle: bool = False  # the teacher's class attention chooses the kept tokens while training
     # bookkeeping
     save_every: int = 0  # optimizer steps between mid-epoch checkpoints; 0: end of epoch only
@@ -250,7 +251,7 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
         mapping = None
     teacher, loss = build_teacher(cfg.distill, cfg.teacher, dense, head, adapter.num_classes(model),
                                   data.class_names, data.labelled, cfg.distill_loss,
-                                  cfg.distill_tau, cfg.distill_features)
+                                  cfg.distill_tau, cfg.distill_features, cfg.distill_layers)
     if teacher is not None:
         t_adapter = adapters.get_adapter(teacher.model)
         if t_adapter.img_size(teacher.model) != adapter.img_size(model):
@@ -645,7 +646,7 @@ def _no_batch(epoch: int, bad_images=None):
 
 def _forward_backward(run: Run, images, target, rates: list[float], lr: float, tally: _Tally) -> bool:
     """One micro-batch, its gradients added; returns whether it completes an optimizer step."""
-    from .distill import feature_term, head_inputs, training_loss
+    from .distill import inner_outputs, inner_term, training_loss
 
     s, cfg = run.s, run.cfg
     adapters.set_keep_rates(s.model, rates)
@@ -656,13 +657,13 @@ def _forward_backward(run: Run, images, target, rates: list[float], lr: float, t
     sync = (tally.micro + 1) % cfg.accum_steps == 0
     ctx = run.net.no_sync() if (run.d.world > 1 and not sync) else contextlib.nullcontext()
     guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
-    with head_inputs(s.model, s.teacher) as feats, ctx, autocast(run.device, cfg.amp), guide as oracle_out:
+    with inner_outputs(s.model, s.teacher) as inner, ctx, autocast(run.device, cfg.amp), guide as oracle_out:
         out = s.adapter.output(s.model, run.net(images)).float()
         t_out = _teacher_outputs(s.teacher, s.oracle, oracle_out, images)
         kind = s.teacher.kind if s.teacher is not None else None
         loss = training_loss(out, target, t_out, labelled=s.trains_on_labels, alpha=cfg.distill_alpha, kind=kind,
                              tau=cfg.distill_tau, smoothing=cfg.smoothing,
-                             features=feature_term(feats, s.teacher)) / cfg.accum_steps
+                             inner=inner_term(inner, s.teacher)) / cfg.accum_steps
     run.scaler.scale(loss).backward()
     tally.loss += loss.item()
     tally.seen += images.shape[0]
@@ -815,7 +816,8 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
         "token_selection": f"oracle: {s.oracle_source}" if s.oracle_source else "own class attention",
         "distillation": None if t is None else {
             "teacher": t.source, "loss": t.kind, "alpha": cfg.distill_alpha if s.trains_on_labels else 1.0,
-            "tau": cfg.distill_tau, "features": t.features, "mixup": cfg.mixup, "cutmix": cfg.cutmix},
+            "tau": cfg.distill_tau, "features": t.features, "layers": t.layers, "mixup": cfg.mixup,
+            "cutmix": cfg.cutmix},
         "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,
         "weight_decay": cfg.weight_decay, "img_size": s.adapter.img_size(s.model),
         "metrics_split": f"{final['split']}, {final['images']} images", "previous": s.previous,

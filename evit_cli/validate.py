@@ -279,6 +279,7 @@ TRAIN_CHECKS = {
     "clip_grad": optional(positive), "accum_steps": positive_int, "seed": non_negative_int,
     "device": optional(device), "shrink_start": non_negative, "shrink_epochs": non_negative,
     "distill_alpha": unit_interval, "distill_tau": positive, "distill_features": non_negative,
+    "distill_layers": optional(non_negative),
     "save_every": non_negative_int,
     "bench_batch": positive_int, "pretrained": boolean, "streaming": boolean, "amp": boolean,
     "distill": optional(boolean), "resume": boolean, "overwrite": boolean, "bench": boolean,

@@ -221,16 +221,16 @@ def test_headless_model_with_labels_and_no_distill_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("convert", [False, True])
 def test_feature_term_is_the_mse_of_the_pre_logits_features(convert):
-    """head_inputs collects what timm's own forward_head(pre_logits=True) returns, for both models."""
+    """inner_outputs collects what timm's own forward_head(pre_logits=True) returns, for both models."""
     dense = tiny_timm("vit", num_classes=5, seed=2).eval()
     student = tiny_timm("vit", num_classes=5, seed=2).eval()
     if convert:
         student = evit_cli.convert(student, keep_rate=0.5, layers=(2,))
     teacher = distill.Teacher(dense, None, "the dense model before conversion", "mse", features=2.0)
     x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad(), distill.head_inputs(student, teacher) as got:
+    with torch.no_grad(), distill.inner_outputs(student, teacher) as got:
         student(x), teacher.outputs(x)
-        term = distill.feature_term(got, teacher)
+        term = distill.inner_term(got, teacher)
         ref = {k: m.forward_head(m.forward_features(x), pre_logits=True) for k, m in (("s", student), ("t", dense))}
     assert torch.allclose(term, 2.0 * F.mse_loss(ref["s"], ref["t"]), atol=1e-6)
     assert (term.item() > 1e-6) == convert  # zero when the student is the teacher
@@ -247,3 +247,65 @@ def test_default_recovery_records_its_feature_term_and_a_headless_one_has_none(t
     _, headless = _headless(tmp_path)
     finetune(_config(headless, data, tmp_path / "run2"))
     assert json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]["distillation"]["features"] == 0
+
+
+def _tiny_hf_vit(seed):
+    import transformers as tf
+
+    from conftest import randomize
+
+    cfg = tf.ViTConfig(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
+                       intermediate_size=96)
+    return randomize(tf.ViTModel(cfg, add_pooling_layer=False), seed)
+
+
+def _class_tokens(model, x):
+    """The class token after each layer but the last, from the library's own forward."""
+    if hasattr(model, "forward_intermediates"):  # timm
+        _, mid = model.forward_intermediates(x, return_prefix_tokens=True, intermediates_only=False)
+        return [prefix for _, prefix in mid[:-1]]
+    return [h[:, :1] for h in model(pixel_values=x, output_hidden_states=True).hidden_states[1:-1]]
+
+
+@pytest.mark.parametrize("library", ["timm", "transformers"])
+def test_layer_term_is_the_relative_mse_of_the_class_tokens_after_each_layer(library):
+    """inner_outputs collects the class token after every layer but the last as the library's own forward
+    returns it (timm's forward_intermediates, transformers' hidden_states), for both models."""
+    make = (lambda seed: tiny_timm("vit", num_classes=0, seed=seed)) if library == "timm" else _tiny_hf_vit
+    dense, student = make(2), make(3)
+    teacher = distill.Teacher(dense, None, "the dense model before conversion", "cosine", layers=2.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        s, t = _class_tokens(student, x), _class_tokens(dense, x)
+    hooks = sum(len(m._forward_hooks) for m in student.modules())  # transformers keeps its own
+    with torch.no_grad(), distill.inner_outputs(student, teacher) as got:
+        student(x), teacher.outputs(x)
+        term = distill.inner_term(got, teacher)
+    ref = 2.0 * sum(F.mse_loss(a, b) / b.pow(2).mean() for a, b in zip(s, t)) / len(t)
+    assert len(got["student"]) == len(t) and torch.allclose(term, ref, rtol=1e-5)
+    assert sum(len(m._forward_hooks) for m in student.modules()) == hooks  # ours are gone
+
+
+def test_layer_term_follows_the_class_token_through_evit_layers():
+    dense = tiny_timm("vit", num_classes=0, seed=2)
+    student = evit_cli.convert(tiny_timm("vit", num_classes=0, seed=2), keep_rate=0.5, layers=(2, 4))
+    teacher = distill.Teacher(dense, None, "the dense model before conversion", "cosine", layers=1.0)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), distill.inner_outputs(student, teacher) as got:
+        student(x), teacher.outputs(x)
+        term = distill.inner_term(got, teacher)
+    assert all(torch.equal(got["student"][i], got["teacher"][i]) for i in (0, 1))  # before the first EViT layer
+    assert term.item() > 1e-6  # the class token changes once tokens are fused
+
+
+def test_layer_term_by_default_for_embedding_models_only(tmp_path):
+    data = _flat_folder(tmp_path / "photos", 16)
+    _, headless = _headless(tmp_path)
+    finetune(_config(headless, data, tmp_path / "run"))
+    record = json.loads((tmp_path / "run" / "evit.json").read_text())["training"]
+    assert record["distillation"]["layers"] == 1.0 and "class token after every layer" in record["loss"]
+    finetune(_config(headless, data, tmp_path / "run0", distill_layers=0))
+    assert json.loads((tmp_path / "run0" / "evit.json").read_text())["training"]["distillation"]["layers"] == 0
+    model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2,)), tmp_path / "m")
+    finetune(_config(model, data, tmp_path / "run2"))
+    assert json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]["distillation"]["layers"] == 0

@@ -53,6 +53,11 @@ class Adapter(ABC):
     def depth(self, model: nn.Module) -> int:
         """Number of layers a user can choose EViT layers from."""
 
+    @abstractmethod
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The model's layers, in order (those of its reported token sequence): what EViT layers are
+        chosen among. Each returns the token sequence (B, N, D) first (alone or in a tuple)."""
+
     def sequences(self, model: nn.Module) -> list[Sequence]:
         """Every token sequence the model runs side by side, the reported one first."""
         return [Sequence(self.num_tokens(model), self.num_prefix_tokens(model))]

@@ -25,9 +25,10 @@ class PositionState:
     the fused token (``None`` while no token was removed); see ``reorg.follow_positions``.
     """
 
-    def __init__(self):
+    def __init__(self, track_sizes: bool = False):
         self.pos: Tensor | None = None
-        self.sizes: Tensor | None = None  # (B, M) patches each token holds (proportional attention)
+        self.track_sizes = track_sizes  # follow ``sizes`` too (only proportional attention reads them)
+        self.sizes: Tensor | None = None  # (B, M) patches each token holds
         self.after: dict[int, Tensor] = {}  # block index -> positions after that block
 
     def reset(self) -> None:
@@ -43,7 +44,8 @@ class PositionState:
 
     def follow(self, index: int, kept: Tensor, m: int, fuse: bool) -> None:
         """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates."""
-        self.sizes = follow_sizes(self.sizes, kept, m, fuse)
+        if self.track_sizes:
+            self.sizes = follow_sizes(self.sizes, kept, m, fuse)
         self.pos = follow_positions(self.pos, kept, m, fuse)
         self.after[index] = self.pos
 

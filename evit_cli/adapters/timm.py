@@ -128,6 +128,9 @@ class TimmAdapter(Adapter):
         """Number of EViT layers a user can choose from (blocks; CrossViT: multi-scale stages)."""
         return len(_family(model).layers(model))
 
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return [group[0] for group in _family(model).layers(model)]
+
     def sequences(self, model: nn.Module) -> list[Sequence]:
         """Every token sequence of the model (one, or one per CrossViT branch), the reported one first."""
         return _family(model).sequences(model)
@@ -166,7 +169,7 @@ class TimmAdapter(Adapter):
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
         self.remove(model)
         fam = _family(model)
-        positions = PositionState()
+        positions = PositionState(track_sizes=cfg.proportional)
         prefixes = [seq.num_prefix for seq in fam.sequences(model)]
         swap_in(model, EViTModelMixin)
         model.evit_positions = positions

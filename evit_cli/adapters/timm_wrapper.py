@@ -35,6 +35,9 @@ class TimmWrapperAdapter(TransformersAdapter):
     def depth(self, model: nn.Module) -> int:
         return TIMM.depth(model.timm_model)
 
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return TIMM.layers(model.timm_model)
+
     def sequences(self, model: nn.Module) -> list[Sequence]:
         return TIMM.sequences(model.timm_model)
 

@@ -97,6 +97,10 @@ DistillTau = _checked(float, "distill_tau", "Temperature of --distill-loss kl. [
 DistillFeatures = _checked(float, "distill_features", "A classifier's feature term: this weight x the MSE between the "
                            "student's and the dense teacher's pre-logits features (the input of the head), added to "
                            "the logit term; 0: off. [default: 1.0]")
+DistillLayers = _checked(float, "distill_layers", "The layer term: this weight x the MSE between the student's and "
+                         "the dense teacher's class (prefix) tokens after every layer but the last, relative to the "
+                         "teacher's mean square, averaged over layers; 0: off. [default: 1 for an embedding model, "
+                         "0 for a classifier]")
 SaveEvery = _checked(int, "save_every", "Also checkpoint every N optimizer steps. [default: end of epoch only]")
 CheckpointDir = _checked(str, "checkpoint_dir",
                          "Where the training checkpoint goes. [default: OUTPUT.train, beside the export]")
@@ -121,7 +125,7 @@ def finetune(
     seed: Seed = None, device: Device = None, shrink_start: ShrinkStart = None, shrink_epochs: ShrinkEpochs = None,
     distill: Distill = None, teacher: Teacher = None, oracle: Oracle = None, distill_loss: DistillLoss = None,
     distill_alpha: DistillAlpha = None, distill_features: DistillFeatures = None,
-    distill_tau: DistillTau = None, save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None,
+    distill_layers: DistillLayers = None, distill_tau: DistillTau = None, save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None,
     resume: Resume = False, overwrite: Overwrite = False, bench_report: Bench = None, bench_batch: BenchBatch = None,
     skip_bad_images: o.SkipBadImages = False, as_json: AsJson = False,
 ):
@@ -129,8 +133,8 @@ def finetune(
 
     The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense model before
     conversion (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE on all
-    the logits and on the pre-logits features, or cosine on an embedding model's embedding), AdamW lr 5e-5,
-    weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional (a flat folder of photos), for classifiers
+    the logits and on the pre-logits features, or cosine on an embedding model's embedding and MSE on its class
+    token after every layer), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional (a flat folder of photos), for classifiers
     and headless embedding models; what it wins on images it never saw is measured in the README. The old
     recovery: --distill-loss kl --mixup 0 --distill-features 0 --cutmix 0.
 

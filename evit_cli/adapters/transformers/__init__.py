@@ -130,6 +130,10 @@ class TransformersAdapter(Adapter):
         _family(model)
         return len(_layers(model))
 
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        _family(model)
+        return list(_layers(model))
+
     def num_prefix_tokens(self, model: nn.Module) -> int:
         spec = _family(model)
         extra = [int(getattr(_config(model), name, 0) or 0)
