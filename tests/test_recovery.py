@@ -251,7 +251,6 @@ def test_default_recovery_records_its_feature_term_and_a_headless_one_has_none(t
 
 def _tiny_hf_vit(seed):
     import transformers as tf
-
     from conftest import randomize
 
     cfg = tf.ViTConfig(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
