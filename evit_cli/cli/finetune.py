@@ -124,8 +124,8 @@ def finetune(
     warmup_epochs: WarmupEpochs = None, clip_grad: ClipGrad = None, accum_steps: AccumSteps = None, amp: Amp = None,
     seed: Seed = None, device: Device = None, shrink_start: ShrinkStart = None, shrink_epochs: ShrinkEpochs = None,
     distill: Distill = None, teacher: Teacher = None, oracle: Oracle = None, distill_loss: DistillLoss = None,
-    distill_alpha: DistillAlpha = None, distill_features: DistillFeatures = None,
-    distill_layers: DistillLayers = None, distill_tau: DistillTau = None, save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None,
+    distill_alpha: DistillAlpha = None, distill_features: DistillFeatures = None, distill_layers: DistillLayers = None,
+    distill_tau: DistillTau = None, save_every: SaveEvery = None, checkpoint_dir: CheckpointDir = None,
     resume: Resume = False, overwrite: Overwrite = False, bench_report: Bench = None, bench_batch: BenchBatch = None,
     skip_bad_images: o.SkipBadImages = False, as_json: AsJson = False,
 ):
@@ -134,9 +134,9 @@ def finetune(
     The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense model before
     conversion (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE on all
     the logits and on the pre-logits features, or cosine on an embedding model's embedding and MSE on its class
-    token after every layer), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional (a flat folder of photos), for classifiers
-    and headless embedding models; what it wins on images it never saw is measured in the README. The old
-    recovery: --distill-loss kl --mixup 0 --distill-features 0 --cutmix 0.
+    token after every layer), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional
+    (a flat folder of photos), for classifiers and headless embedding models; what it wins on images it never saw
+    is measured in the README. The old recovery: --distill-loss kl --mixup 0 --distill-features 0 --cutmix 0.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
