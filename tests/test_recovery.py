@@ -308,3 +308,19 @@ def test_layer_term_by_default_for_embedding_models_only(tmp_path):
     model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2,)), tmp_path / "m")
     finetune(_config(model, data, tmp_path / "run2"))
     assert json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]["distillation"]["layers"] == 0
+
+
+@pytest.mark.parametrize("repo", ["openai__clip-vit-base-patch16", "facebook__dinov2-small"])
+def test_transformers_embedding_tower_recovers_with_the_layer_term(repo, tmp_path):
+    """A real hub folder (CLIP: its image tower, image_embeds; DINOv2: the pooled output), two layers of
+    random weights, converted and recovered on a flat folder: the layer term is on, behind the EViT layer."""
+    from test_transformers_hub import HUB, _shrunk
+
+    folder = _shrunk(HUB / repo, tmp_path / repo)
+    start = evit_cli.save(evit_cli.convert(evit_cli.load_model(folder, pretrained=False), keep_rate=0.5, layers=(1,)),
+                          tmp_path / "start")
+    data = _flat_folder(tmp_path / "photos", 9)
+    final = finetune(_config(start, data, tmp_path / "run", batch_size=4, lr=1e-5))
+    record = json.loads((tmp_path / "run" / "evit.json").read_text())["training"]
+    assert record["distillation"]["layers"] == 1.0 and "class token after every layer" in record["loss"]
+    assert math.isfinite(final["cosine"]) and 0 < final["cosine"] <= 1 + 1e-6
