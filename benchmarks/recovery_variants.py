@@ -14,6 +14,9 @@ logits, AdamW, cosine lr, as `evit finetune`; the options change one thing each:
     python benchmarks/recovery_variants.py --split 0-4 --name jig50 --jigsaw 0.5   # + shuffled 4x4 tiles
     python benchmarks/recovery_variants.py --split 0-4 --name ep4 --epochs 4 --wise 0.7
     python benchmarks/recovery_variants.py --embed --split 0-4 --name e_cosrel --loss cosrel  # headless
+    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_cls1 --loss cosrel --cls-layers 1
+    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_tok1 --loss cosrel --tokens 1
+    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_rel1 --loss cosrel --rel 1 --rel-tau 0.1
 
 --wise A also scores the weights interpolated A of the way from the start to the end (WiSE-FT).
 Each result is a line in --out/recovery_variants.jsonl. The decoded photos are cached in --cache.
