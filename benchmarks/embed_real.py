@@ -34,7 +34,8 @@ def parse_args(argv):
     ap.add_argument("--train", default="0-4", help="Classes recovered on (0..9 in synset order). [0-4]")
     ap.add_argument("--keep", type=float, default=0.7)
     ap.add_argument("--layers", default="4,7,10")
-    ap.add_argument("--epochs", type=float, default=2.0, help="Epochs of the recovery. [2: finetune's default]")
+    ap.add_argument("--epochs", type=float, default=None,
+                    help="Epochs of the recovery. [finetune's default: 4 for an embedding model]")
     ap.add_argument("--train-limit", type=int, default=None)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--finetune-args", default="", help="Extra `evit finetune` options.")
@@ -94,9 +95,10 @@ def score(e, dense_e, labels) -> dict:
 
 
 def markdown(r: dict) -> str:
+    epochs = format(r["epochs"], "g") if r["epochs"] else "its default"
     lines = ["# Headless DeiT-Tiny recovered without labels, scored on classes it never saw (benchmarks/embed_real.py)",
              "",
-             f"EViT keep {r['keep']:g} at {r['layers']}; recovered with `evit finetune` ({r['epochs']:g} epoch"
+             f"EViT keep {r['keep']:g} at {r['layers']}; recovered with `evit finetune` ({epochs} epochs"
              f"{', ' + r['finetune_args'] if r['finetune_args'] else ''}) on {r['train_photos']} photos of classes "
              f"{r['train']} (flat folder, 10% held out by finetune for validation). Figures: cosine to the dense "
              f"embedding / top-{K} neighbour overlap with the dense embedding (%) / kNN top-1 (%, {K}-NN "
@@ -129,7 +131,8 @@ def run(args) -> dict:
         n_train = result["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
         n_test = len(test_idx)
         runs = 1 if args.no_control else 2
-        prog = g.Progress((3 + runs) * n_test + runs * n_train * args.epochs * 4)  # decode, scorings, recoveries
+        per_run = n_train * (args.epochs or 4) * 4  # progress units of one recovery (4 per photo and epoch)
+        prog = g.Progress((3 + runs) * n_test + runs * per_run)  # decode, scorings, recoveries
         dense = headless_dense()
         classes = torch.tensor([g.SYNSETS.index(paths[i].parent.name) for i in test_idx])
         seen = torch.tensor([int(c) in args.classes for c in classes])
@@ -154,7 +157,7 @@ def run(args) -> dict:
         for k, (name, model) in enumerate(runs):
             folder = evit_cli.save(model, work / f"start{k}")
             secs = g.finetune([str(folder)], work / "train", work / f"rec{k}", args, work / f"log{k}.txt")
-            prog.step(f"{name} on {n_train} photos ({secs:.0f} s)", n_train * args.epochs * 4)
+            prog.step(f"{name} on {n_train} photos ({secs:.0f} s)", per_run)
             add(name, embed(evit_cli.load(work / f"rec{k}"), cached), secs)
     return result
 

@@ -51,7 +51,8 @@ class TrainConfig:
 
     The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense
     model (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE
-    on the logits, or cosine on an embedding), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs.
+    on the logits, or cosine on an embedding), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs
+    (an embedding model: 4).
     """
 
     model: str = ""
@@ -80,7 +81,7 @@ class TrainConfig:
     cutmix: float = 1.0
     smoothing: float = 0.1  # label smoothing of the label term (there is none without labels)
     # optimisation
-    epochs: float = 2
+    epochs: float | None = None  # None: recovery_epochs() (2, an embedding model 4)
     batch_size: int = 32  # per process
     lr: float | None = None  # absolute; None: lr_per_512 * global batch / 512 if given, else 5e-5
     lr_per_512: float | None = None
@@ -338,7 +339,7 @@ def _create_folders(cfg: TrainConfig, out: Path, train_dir: Path) -> None:
 
 
 def _check(cfg: TrainConfig) -> None:
-    if cfg.accum_steps < 1 or cfg.batch_size < 1 or cfg.epochs <= 0:
+    if cfg.accum_steps < 1 or cfg.batch_size < 1 or (cfg.epochs is not None and cfg.epochs <= 0):
         raise EvitError("--batch-size and --accum-steps must be at least 1 and --epochs above 0")
     if not 0 <= cfg.distill_alpha <= 1:
         raise EvitError(f"--distill-alpha must be between 0 and 1, got {cfg.distill_alpha}")
@@ -525,10 +526,20 @@ def _schedule(cfg: TrainConfig, s: Setup, sampler, d: Dist) -> tuple[Schedule, s
     per_epoch = steps_per_epoch(sampler.per_rank if sampler else None, batch_size=cfg.batch_size,
                                 accum_steps=cfg.accum_steps, given=cfg.steps_per_epoch, world=d.world)
     base_lr, min_lr, lr_note = resolve_lr(cfg, cfg.batch_size * cfg.accum_steps * d.world)
-    sched = Schedule.plan(cfg.epochs, cfg.warmup_epochs, per_epoch, base_lr=base_lr, min_lr=min_lr,
+    sched = Schedule.plan(recovery_epochs(cfg, s), cfg.warmup_epochs, per_epoch, base_lr=base_lr, min_lr=min_lr,
                           keep_targets=tuple(get_config(s.model).keep_rates), shrink_start=cfg.shrink_start,
                           shrink_epochs=cfg.shrink_epochs)
     return sched, lr_note
+
+
+def recovery_epochs(cfg: TrainConfig, s: Setup) -> float:
+    """``--epochs``, or by default 2, and 4 for a model that outputs an embedding (no classification
+    head): on the held-out real photos 4 epochs raised an embedding model's fidelity on classes the
+    folder did not show (benchmarks/embed_real.py) and lowered a classifier's top-1 there
+    (benchmarks/recovery_variants.py); the README has both."""
+    if cfg.epochs is not None:
+        return cfg.epochs
+    return 4.0 if s.adapter.num_classes(s.model) == 0 else 2.0
 
 
 def mixed(cfg: TrainConfig, s: Setup, images: torch.Tensor, target: torch.Tensor):
@@ -818,7 +829,7 @@ def training_record(cfg: TrainConfig, s: Setup, final: dict, *, total_steps: int
             "teacher": t.source, "loss": t.kind, "alpha": cfg.distill_alpha if s.trains_on_labels else 1.0,
             "tau": cfg.distill_tau, "features": t.features, "layers": t.layers, "mixup": cfg.mixup,
             "cutmix": cfg.cutmix},
-        "steps": total_steps, "epochs": cfg.epochs, "global_batch": global_batch, "lr": lr,
+        "steps": total_steps, "epochs": recovery_epochs(cfg, s), "global_batch": global_batch, "lr": lr,
         "weight_decay": cfg.weight_decay, "img_size": s.adapter.img_size(s.model),
         "metrics_split": f"{final['split']}, {final['images']} images", "previous": s.previous,
     }

@@ -274,9 +274,10 @@ DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")  # --distill-loss: distill.dist
 TRAIN_CHECKS = {
     "val_fraction": open_fraction, "workers": non_negative_int, "steps_per_epoch": optional(positive_int),
     "randaugment": optional(randaugment), "mixup": non_negative, "cutmix": non_negative, "smoothing": below_one,
-    "epochs": positive, "batch_size": positive_int, "lr": optional(positive), "lr_per_512": optional(positive),
-    "min_lr": non_negative, "weight_decay": non_negative, "warmup_epochs": non_negative,
-    "clip_grad": optional(positive), "accum_steps": positive_int, "seed": non_negative_int,
+    "epochs": optional(positive), "batch_size": positive_int, "lr": optional(positive),
+    "lr_per_512": optional(positive), "min_lr": non_negative, "weight_decay": non_negative,
+    "warmup_epochs": non_negative, "clip_grad": optional(positive), "accum_steps": positive_int,
+    "seed": non_negative_int,
     "device": optional(device), "shrink_start": non_negative, "shrink_epochs": non_negative,
     "distill_alpha": unit_interval, "distill_tau": positive, "distill_features": non_negative,
     "distill_layers": optional(non_negative),

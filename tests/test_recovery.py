@@ -297,17 +297,20 @@ def test_layer_term_follows_the_class_token_through_evit_layers():
     assert term.item() > 1e-6  # the class token changes once tokens are fused
 
 
-def test_layer_term_by_default_for_embedding_models_only(tmp_path):
+def test_layer_term_and_four_epochs_by_default_for_embedding_models_only(tmp_path):
     data = _flat_folder(tmp_path / "photos", 16)
     _, headless = _headless(tmp_path)
-    finetune(_config(headless, data, tmp_path / "run"))
+    finetune(_config(headless, data, tmp_path / "run", epochs=None))
     record = json.loads((tmp_path / "run" / "evit.json").read_text())["training"]
     assert record["distillation"]["layers"] == 1.0 and "class token after every layer" in record["loss"]
+    assert record["epochs"] == 4 and len({json.loads(x)["epoch"] for x in (tmp_path / "run" / "train_log.jsonl")
+                                         .read_text().splitlines()}) == 4  # an embedding model's default
     finetune(_config(headless, data, tmp_path / "run0", distill_layers=0))
     assert json.loads((tmp_path / "run0" / "evit.json").read_text())["training"]["distillation"]["layers"] == 0
     model = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=5), keep_rate=0.5, layers=(2,)), tmp_path / "m")
-    finetune(_config(model, data, tmp_path / "run2"))
-    assert json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]["distillation"]["layers"] == 0
+    finetune(_config(model, data, tmp_path / "run2", epochs=None))
+    record = json.loads((tmp_path / "run2" / "evit.json").read_text())["training"]
+    assert record["distillation"]["layers"] == 0 and record["epochs"] == 2  # a classifier's defaults
 
 
 @pytest.mark.parametrize("repo", ["openai__clip-vit-base-patch16", "facebook__dinov2-small"])

@@ -65,7 +65,7 @@ ColorJitter = _checked(float, "color_jitter", "[default: 0]")
 Mixup = _checked(float, "mixup", "Mixup alpha (0 = off); the teacher sees the same mixed images. [default: 1.0]")
 CutMix = _checked(float, "cutmix", "CutMix alpha (0 = off); with mixup on, one of the two per batch. [default: 1.0]")
 Smoothing = _checked(float, "smoothing", "Label smoothing of the label term (none without labels). [default: 0.1]")
-Epochs = _checked(float, "epochs", "[default: 2]")
+Epochs = _checked(float, "epochs", "[default: 2, and 4 for an embedding model (no classification head)]")
 BatchSize = _checked(int, "batch_size", "Per process. [default: 32]", "-b")
 Lr = _checked(float, "lr", "Peak learning rate. [default: 5e-5, or --lr-per-512 x global batch / 512]")
 LrPer512 = _checked(float, "lr_per_512",
@@ -134,9 +134,10 @@ def finetune(
     The defaults are the recovery recipe (recipes/recover.yaml): function matching with the dense model before
     conversion (teacher and student see the same random-resized, flipped, mixup/CutMix-mixed images; MSE on all
     the logits and on the pre-logits features, or cosine on an embedding model's embedding and MSE on its class
-    token after every layer), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs. Labels are optional
-    (a flat folder of photos), for classifiers and headless embedding models; what it wins on images it never saw
-    is measured in the README. The old recovery: --distill-loss kl --mixup 0 --distill-features 0 --cutmix 0.
+    token after every layer), AdamW lr 5e-5, weight decay 0.05, batch 32, cosine, 2 epochs (4 for an embedding
+    model). Labels are optional (a flat folder of photos), for classifiers and headless embedding models; what it
+    wins on images it never saw is measured in the README. The old recovery: --distill-loss kl --mixup 0
+    --distill-features 0 --cutmix 0.
 
     Under torchrun (torchrun --nproc_per_node 8 -m evit_cli finetune ...) it trains data-parallel.
     """
