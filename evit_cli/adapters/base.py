@@ -49,9 +49,9 @@ class Adapter(ABC):
 
     # ------------------------------------------------------------ shape of the token sequence
 
-    @abstractmethod
     def depth(self, model: nn.Module) -> int:
         """Number of layers a user can choose EViT layers from."""
+        return len(self.layers(model))
 
     @abstractmethod
     def layers(self, model: nn.Module) -> list[nn.Module]:

@@ -124,11 +124,8 @@ class TimmAdapter(Adapter):
         if why:
             raise EvitError(why)
 
-    def depth(self, model: nn.Module) -> int:
-        """Number of EViT layers a user can choose from (blocks; CrossViT: multi-scale stages)."""
-        return len(_family(model).layers(model))
-
     def layers(self, model: nn.Module) -> list[nn.Module]:
+        """The blocks (CrossViT: the multi-scale stages), of the reported sequence."""
         return [group[0] for group in _family(model).layers(model)]
 
     def sequences(self, model: nn.Module) -> list[Sequence]:

@@ -32,9 +32,6 @@ class TimmWrapperAdapter(TransformersAdapter):
     def remove(self, model: nn.Module) -> None:
         TIMM.remove(model.timm_model)
 
-    def depth(self, model: nn.Module) -> int:
-        return TIMM.depth(model.timm_model)
-
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return TIMM.layers(model.timm_model)
 

@@ -126,10 +126,6 @@ class TransformersAdapter(Adapter):
                     "install transformers>=5 (pip install -U transformers)"
                 )
 
-    def depth(self, model: nn.Module) -> int:
-        _family(model)
-        return len(_layers(model))
-
     def layers(self, model: nn.Module) -> list[nn.Module]:
         _family(model)
         return list(_layers(model))
