@@ -86,7 +86,7 @@ def cached_at(paths, idx, size: int):
 def models(args):
     """(name, model, size) for every off-the-shelf row: the size picks the preprocessing."""
     from evit_cli import convert
-    from evit_cli.macs import count_macs, largest_keep_rate_under, match_macs
+    from evit_cli.model.macs import count_macs, largest_keep_rate_under, match_macs
 
     def dense(size=224):
         m = g.dense_model()
@@ -116,7 +116,7 @@ def models(args):
 def score_row(name, model, size, cached, dense_logits, labels, seen=None, extra=None) -> dict:
     import torch
 
-    from evit_cli.macs import count_macs
+    from evit_cli.model.macs import count_macs
 
     logits = g.logits_of(model, (x.float() for x in cached[size]))
     row = {"model": name, "img_size": size, "gmacs": round(count_macs(model, size) / 1e9, 4), **(extra or {})}

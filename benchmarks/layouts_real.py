@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from test_transformers_real import WEIGHTS, batch, data2vec_deit_tiny, hub_folder, photos  # noqa: E402
 
 import evit_cli  # noqa: E402
-from evit_cli.core import dense_copy  # noqa: E402
+from evit_cli.model.convert import dense_copy  # noqa: E402
 
 LAYERS, KEEP = (4, 7, 10), 0.7
 

@@ -33,10 +33,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import evit_cli  # noqa: E402
-from evit_cli.core import dense_copy  # noqa: E402
-from evit_cli.data import IMAGE_SUFFIXES, load_image_data  # noqa: E402
-from evit_cli.evaluate import evaluate_models  # noqa: E402
-from evit_cli.train import TrainConfig, finetune  # noqa: E402
+from evit_cli.io.data import IMAGE_SUFFIXES, load_image_data  # noqa: E402
+from evit_cli.measure.evaluate import evaluate_models  # noqa: E402
+from evit_cli.model.convert import dense_copy  # noqa: E402
+from evit_cli.train.run import TrainConfig, finetune  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "real"
 WEIGHTS = REAL / "deit_tiny_patch16_224.safetensors"

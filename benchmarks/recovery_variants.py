@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generalize_real as g  # noqa: E402
 
 import evit_cli  # noqa: E402
-from evit_cli.data import mix_batch  # noqa: E402
+from evit_cli.io.data import mix_batch  # noqa: E402
 
 REAL = g.REAL
 R = Path(os.environ.get("EVIT_VARIANTS_CACHE", Path(tempfile.gettempdir()) / "evit_recovery_variants"))
@@ -149,7 +149,7 @@ def metrics(lg, dl, y, mask):
 
 
 def escore(model, d, seen):
-    from evit_cli.fidelity import knn_top1, neighbour_overlap
+    from evit_cli.measure.fidelity import knn_top1, neighbour_overlap
 
     with torch.inference_mode():
         e = torch.cat([model.eval()(d["ev"][s : s + 128]) for s in range(0, len(d["ev"]), 128)])

@@ -1,7 +1,7 @@
 """The README's speed table: DeiT-S and DeiT-B, EViT at layers 4,7,10, keep rates 0.5-0.9.
 
 Every model of one architecture is timed side by side in one run, interleaved rep by rep
-(evit_cli.sweep.sweep), so the speedups are ratios measured under the same conditions.
+(evit_cli.measure.sweep.sweep), so the speedups are ratios measured under the same conditions.
 
     python benchmarks/speed_table.py                                  # CPU, fp32, batch 64
     python benchmarks/speed_table.py --device cuda --batch 256 --amp  # GPU, fp16 autocast
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import evit_cli
-from evit_cli.device import describe_device, resolve_device
-from evit_cli.sweep import sweep
+from evit_cli.measure.sweep import sweep
+from evit_cli.utils.device import describe_device, resolve_device
 
 
 def main() -> None:

@@ -8,13 +8,13 @@
 """
 
 from ._version import __version__
-from .artifact import load, save
-from .bench import bench
-from .config import EViTConfig
-from .core import dense_copy, revert, tokens_after_layers
+from .algorithm.config import EViTConfig
+from .algorithm.schedule import keep_rate_at
 from .errors import EvitError
-from .loading import convert, load_model
-from .schedule import keep_rate_at
+from .io.folder import load, save
+from .io.loading import convert, load_model
+from .measure.bench import bench
+from .model.convert import dense_copy, revert, tokens_after_layers
 
 __all__ = [
     "__version__", "EViTConfig", "EvitError", "bench", "convert", "dense_copy", "keep_rate_at", "load", "load_model",

@@ -9,7 +9,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
-from evit_cli.models import create_timm  # noqa: E402
+from evit_cli.io.resolve import create_timm  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=6, num_heads=3, num_classes=10)
 

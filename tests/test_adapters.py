@@ -16,8 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 import evit_cli
 from evit_cli import adapters
 from evit_cli.adapters import timm_families
-from evit_cli.export import _Logits
-from evit_cli.fidelity import outputs
+from evit_cli.io.export import _Logits
+from evit_cli.measure.fidelity import outputs
 
 SIZE = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3)
 TIMM = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3)

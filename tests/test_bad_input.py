@@ -356,9 +356,9 @@ def _boom(*a, **k):
 
 
 def test_a_bug_is_one_line_exit_1_naming_debug(ws, capsys, monkeypatch, tmp_path):
-    import evit_cli.core
+    import evit_cli.model.convert
 
-    monkeypatch.setattr(evit_cli.core, "convert_keeping", _boom)
+    monkeypatch.setattr(evit_cli.model.convert, "convert_keeping", _boom)
     code, _, stderr = run(["convert", ws / M, "-o", tmp_path / "o"], capsys)
     assert code == 1 and len(stderr.strip().splitlines()) == 1, stderr
     assert "RuntimeError: boom" in stderr and "--debug" in stderr and "EVIT_DEBUG=1" in stderr
@@ -367,9 +367,9 @@ def test_a_bug_is_one_line_exit_1_naming_debug(ws, capsys, monkeypatch, tmp_path
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(how, ws, capsys, monkeypatch, tmp_path):
-    import evit_cli.core
+    import evit_cli.model.convert
 
-    monkeypatch.setattr(evit_cli.core, "convert_keeping", _boom)
+    monkeypatch.setattr(evit_cli.model.convert, "convert_keeping", _boom)
     args = ["convert", ws / M, "-o", tmp_path / "o"]
     if how == "flag":
         args.append("--debug")
@@ -385,7 +385,7 @@ def test_out_of_memory_says_lower_the_batch(ws, capsys, monkeypatch):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(importlib.import_module("evit_cli.bench"), "time_side_by_side", oom)
+    monkeypatch.setattr(importlib.import_module("evit_cli.measure.bench"), "time_side_by_side", oom)
     code, _, stderr = run(["bench", ws / M, "--batch", "100000", "--report", ws / "never"], capsys)
     assert code == 2 and "lower --batch" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     assert not (ws / "never").exists()
@@ -456,12 +456,12 @@ def test_help_is_plain_text_with_defaults_and_an_example(capsys):
 
 
 def test_missing_extra_hint_keeps_its_brackets(ws, capsys, monkeypatch):
-    import evit_cli.export
+    import evit_cli.io.export
 
     def no_onnx(*a, **k):
         raise evit_cli.EvitError("ONNX export needs the onnx extra: pip install 'evit-cli[onnx]'")
 
-    monkeypatch.setattr(evit_cli.export, "_export_onnx", no_onnx)
+    monkeypatch.setattr(evit_cli.io.export, "_export_onnx", no_onnx)
     code, _, stderr = run(["export", ws / M, "-f", "onnx", "-o", ws / "x.onnx"], capsys)
     assert code == 2 and "pip install 'evit-cli[onnx]'" in stderr
     assert not (ws / "x.onnx").exists()
@@ -491,7 +491,7 @@ def test_tables_fit_80_columns_without_ellipsis(ws):
 
     from rich.console import Console
 
-    from evit_cli.report import bench_table, kv_table, sweep_table
+    from evit_cli.measure.report import bench_table, kv_table, sweep_table
 
     r = evit_cli.bench(evit_cli.load(ws / M), batch=2, reps=1, warmup=0)
     r.update(batch=256, model="hf-hub:timm/vit_small_patch16_224.augreg_in21k_ft_in1k")

@@ -308,7 +308,7 @@ def test_memory_estimate_is_counted_by_hand_and_is_what_one_block_holds_at_once(
     """The refusal's estimate for the tiny model (32 px, patch 4, width 48, 1 class token) against a
     count by hand, and against tensors that one real pass holds at the same time: the images, the
     first block's input, and its MLP's input and 4x-wide hidden layer."""
-    from evit_cli.validate import forward_bytes
+    from evit_cli.model.validate import forward_bytes
 
     model = evit_cli.load(ws / M)
     tokens = (32 // 4) ** 2 + 1

@@ -6,9 +6,9 @@ import pytest
 from conftest import tiny_timm
 
 import evit_cli
-from evit_cli.bench import measure_tokens
-from evit_cli.macs import count_macs
-from evit_cli.models import create_timm
+from evit_cli.io.resolve import create_timm
+from evit_cli.measure.bench import measure_tokens
+from evit_cli.model.macs import count_macs
 
 
 def vit_macs(num_patches, patch, dim, depth, classes, prefix, evit_layers):
@@ -71,7 +71,7 @@ def test_bench_reports_attention_kernels_training_and_compiled_figures():
 def test_attention_kernels_see_the_math_path():
     import torch
 
-    from evit_cli.bench import attention_kernels
+    from evit_cli.measure.bench import attention_kernels
 
     model = tiny_timm("vit")
     for blk in model.blocks:
@@ -101,8 +101,8 @@ def test_cuda_paths_choose_the_amp_dtype_and_synchronise(monkeypatch, bf16):
 
     import torch
 
-    bench_mod = importlib.import_module("evit_cli.bench")  # evit_cli.bench is also the function
-    device_mod = importlib.import_module("evit_cli.device")
+    bench_mod = importlib.import_module("evit_cli.measure.bench")  # evit_cli.measure.bench is also the function
+    device_mod = importlib.import_module("evit_cli.utils.device")
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: calls.append(d))

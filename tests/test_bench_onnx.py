@@ -8,8 +8,8 @@ import pytest
 from conftest import tiny_timm
 
 import evit_cli
-from evit_cli.bench import bench
-from evit_cli.report import bench_notes, bench_rows
+from evit_cli.measure.bench import bench
+from evit_cli.measure.report import bench_notes, bench_rows
 
 
 def test_bench_times_dense_and_evit_in_onnxruntime(tmp_path):

@@ -13,11 +13,11 @@ import torch
 from conftest import tiny_timm
 
 import evit_cli
-from evit_cli import loading
-from evit_cli.artifact import folder_summary
-from evit_cli.data import BadImages, make_loader, open_image, with_transform
-from evit_cli.evaluate import eval_report
-from evit_cli.search import reproduce_command
+from evit_cli.io import loading
+from evit_cli.io.data import BadImages, make_loader, open_image, with_transform
+from evit_cli.io.folder import folder_summary
+from evit_cli.measure.evaluate import eval_report
+from evit_cli.measure.search import reproduce_command
 
 
 def test_eval_report_puts_accuracy_beside_speed():

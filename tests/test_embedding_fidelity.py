@@ -16,9 +16,9 @@ from test_fidelity import independent_logits, write_flat_folder
 from test_train import COLORS, write_colour_folder
 
 import evit_cli
-from evit_cli import fidelity
-from evit_cli.core import dense_copy
-from evit_cli.fidelity import Tally, knn_top1, neighbour_overlap
+from evit_cli.measure import fidelity
+from evit_cli.measure.fidelity import Tally, knn_top1, neighbour_overlap
+from evit_cli.model.convert import dense_copy
 
 # --------------------------------------------------------------------------- naive references
 
@@ -181,7 +181,7 @@ def test_sweep_rows_carry_the_embedding_measures(headless, colours, tmp_path, ca
 def test_tables_show_the_measures_within_80_columns():
     from rich.console import Console
 
-    from evit_cli.report import eval_table, sweep_table
+    from evit_cli.measure.report import eval_table, sweep_table
 
     m = {"cosine": 0.94123, "neighbour_overlap": 67.25, "knn_top1": 71.5, "gmacs": 1.2568, "images_per_s": 1234.5}
     ev = {"model": "deit_tiny_patch16_224", "dataset": "photos", "images": 3925, "labelled": True, "batch": 64,
@@ -238,9 +238,9 @@ def test_min_cosine_refuses_a_classifier(tmp_path, colours, capsys):
 def test_per_epoch_validation_measures_embeddings(headless, colours):
     """The validation of a fine-tune, with the dense model as teacher, on a headless model."""
     from evit_cli import adapters
-    from evit_cli.data import load_image_data, transforms, with_transform
-    from evit_cli.distill import Teacher
-    from evit_cli.train import Dist, TrainConfig, describe_metrics, evaluate
+    from evit_cli.io.data import load_image_data, transforms, with_transform
+    from evit_cli.train.distill import Teacher
+    from evit_cli.train.run import Dist, TrainConfig, describe_metrics, evaluate
 
     model = evit_cli.load(headless)
     adapter = adapters.get_adapter(model)

@@ -14,9 +14,9 @@ from test_cli import run
 from test_train import write_colour_folder
 
 import evit_cli
-from evit_cli.classes import eval_class_map
-from evit_cli.search import candidate_layer_sets
-from evit_cli.visualize import BLANK
+from evit_cli.measure.search import candidate_layer_sets
+from evit_cli.measure.visualize import BLANK
+from evit_cli.model.classes import eval_class_map
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from test_cli import run
 from test_transformers import HF_TINY
 
 import evit_cli
-from evit_cli.export import export
+from evit_cli.io.export import export
 
 
 def _onnx_run(path, x):
@@ -72,7 +72,7 @@ def test_export_of_position_dependent_families(name, fmt, tmp_path):
     """RoPE (EVA-02, DINOv3) and relative-position bias (BEiT) follow the kept tokens in the exported graph too."""
     from conftest import TINY, randomize
 
-    from evit_cli.models import create_timm
+    from evit_cli.io.resolve import create_timm
 
     model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **dict(TINY, depth=4))), keep_rate=0.5,
                              layers=(2, 3))

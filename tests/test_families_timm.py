@@ -321,7 +321,7 @@ def test_an_unsupported_block_in_a_supported_family_is_named():
 
 @pytest.mark.parametrize("name", ["eva02_tiny_patch14_224", "beit_base_patch16_224"])
 def test_save_and_load_round_trip(name, tmp_path, x):
-    from evit_cli.models import create_timm
+    from evit_cli.io.resolve import create_timm
 
     model = evit_cli.convert(randomize(create_timm(name, pretrained=False, **TINY)), keep_rate=0.5, layers=LAYERS)
     loaded = evit_cli.load(evit_cli.save(model, tmp_path / "m"))
@@ -401,7 +401,7 @@ def test_crossvit_keep_rate_1_is_the_original_model(x):
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_crossvit_token_counts_of_both_branches_at_keep_05(fuse, x):
-    from evit_cli.bench import measure_tokens
+    from evit_cli.measure.bench import measure_tokens
 
     model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS, fuse=fuse)
     out, seen = _crossvit_lengths(model, x)
@@ -487,7 +487,7 @@ def test_crossvit_forward_backward_revert_and_schedules(x):
 
 
 def test_crossvit_intermediates_oracle_and_resizing_answer_in_one_line(x):
-    from evit_cli.oracle import Oracle
+    from evit_cli.model.oracle import Oracle
 
     model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS)
     with torch.no_grad():
@@ -508,7 +508,7 @@ def test_crossvit_layers_are_its_stages():
 
 def test_crossvit_torchscript_export_matches_pytorch(tmp_path):
     """ONNX works too (``evit export --format onnx``, checked by hand) but costs ~15 s of CPU here."""
-    from evit_cli.export import export
+    from evit_cli.io.export import export
 
     model = evit_cli.convert(tiny_crossvit(), keep_rate=0.5, layers=LAYERS)
     # runs the file and compares it with PyTorch

@@ -15,8 +15,8 @@ from test_cli import run
 from test_train import write_colour_folder
 
 import evit_cli
-from evit_cli.core import dense_copy
-from evit_cli.train import TrainConfig, finetune
+from evit_cli.model.convert import dense_copy
+from evit_cli.train.run import TrainConfig, finetune
 
 SYNSETS = ["n01440764", "n02102040", "n03888257"]  # ImageNet classes 0, 217, 701
 

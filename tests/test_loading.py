@@ -14,7 +14,7 @@ from conftest import TINY, tiny_timm
 from safetensors.torch import save_file
 
 import evit_cli
-from evit_cli.models import create_timm, load_state_dict
+from evit_cli.io.resolve import create_timm, load_state_dict
 
 
 def test_unknown_name_suggests_close_matches():

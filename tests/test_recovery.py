@@ -13,10 +13,10 @@ from conftest import tiny_timm
 from PIL import Image
 
 import evit_cli
-from evit_cli import distill
-from evit_cli.data import mix_batch, mixed_target
 from evit_cli.errors import EvitError
-from evit_cli.train import TrainConfig, finetune
+from evit_cli.io.data import mix_batch, mixed_target
+from evit_cli.train import distill
+from evit_cli.train.run import TrainConfig, finetune
 
 
 def _batch(n=4, seed=0):
@@ -123,7 +123,7 @@ def test_teacher_and_student_see_the_same_mixed_batch(tmp_path, monkeypatch):
         seen["teacher"].append(images.clone())
         return real_outputs(self, images)
 
-    import evit_cli.train as train
+    import evit_cli.train.run as train
 
     real_mixed = train.mixed
 

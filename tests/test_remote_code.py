@@ -16,9 +16,11 @@ from conftest import tiny_timm
 from test_transformers_families import FAMILIES, _build
 
 import evit_cli
-from evit_cli import adapters, artifact, bundle
-from evit_cli.core import dense_copy
+from evit_cli import adapters
 from evit_cli.errors import EvitError
+from evit_cli.io import bundle
+from evit_cli.io import folder as artifact
+from evit_cli.model.convert import dense_copy
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL = next((p for p in (ROOT.parent / "shared" / "real", Path("/work/shared/real")) if p.is_dir()), None)
@@ -176,7 +178,7 @@ def test_a_transformers_model_has_no_timm_layout(tmp_path):
 # --------------------------------------------------------------------------- the shipped code
 
 
-@pytest.mark.parametrize("entry", ["evit_cli.remote", "evit_cli.remote_timm"])
+@pytest.mark.parametrize("entry", ["evit_cli.io.remote", "evit_cli.io.remote_timm"])
 def test_the_shipped_code_is_self_contained_as_transformers_reads_it(entry, tmp_path):
     from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
@@ -192,12 +194,13 @@ def test_the_shipped_code_is_self_contained_as_transformers_reads_it(entry, tmp_
 
 
 def test_the_shipped_code_is_the_package_source_with_flat_imports(tmp_path):
-    files = bundle.write(tmp_path, "evit_cli.remote")
-    shipped = (tmp_path / "evit_reorg.py").read_text().splitlines()
-    assert shipped[1:] == (ROOT / "evit_cli" / "reorg.py").read_text().splitlines()  # no import of the package
+    files = bundle.write(tmp_path, "evit_cli.io.remote")
+    shipped = (tmp_path / "evit_algorithm_reorg.py").read_text().splitlines()
+    source = (ROOT / "evit_cli" / "algorithm" / "reorg.py").read_text().splitlines()
+    assert shipped[1:] == source  # no import of the package
     layer = (tmp_path / "evit_adapters_transformers_layer.py").read_text()
     assert "from .evit_adapters_block import BlockState" in layer and "from ..block" not in layer
-    assert "evit_adapters_timm.py" not in files  # a transformers model's code needs no timm
+    assert not [f for f in files if f.startswith("evit_adapters_timm")]  # a transformers model's code needs no timm
 
 
 def test_a_module_the_flat_copy_cannot_keep_is_refused(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ from reference import reference_forward
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import evit_cli
-from evit_cli.reorg import class_attention, num_kept, reorganize, token_counts
+from evit_cli.algorithm.reorg import class_attention, num_kept, reorganize, token_counts
 
 
 def test_num_kept_is_ceil_without_float_noise():

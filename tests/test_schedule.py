@@ -8,9 +8,9 @@ import math
 import pytest
 
 from evit_cli import EvitError
-from evit_cli.checkpoint import Position, kept_rows, save_due
-from evit_cli.schedule import Schedule, lr_at, steps_per_epoch
-from evit_cli.train import changed_setting
+from evit_cli.algorithm.schedule import Schedule, lr_at, steps_per_epoch
+from evit_cli.train.checkpoint import Position, kept_rows, save_due
+from evit_cli.train.run import changed_setting
 
 
 def test_steps_per_epoch_drops_the_last_partial_step():

@@ -13,7 +13,7 @@ from test_fidelity import independent_logits, write_flat_folder
 from test_train import write_colour_folder
 
 import evit_cli
-from evit_cli.core import dense_copy
+from evit_cli.model.convert import dense_copy
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_min_agreement_on_an_unlabelled_folder(confident, tmp_path, capsys):
     code, _, err = run([*argv[1:], "-o", tmp_path / "found"], capsys)
     assert code == 0, err
     found = evit_cli.load(tmp_path / "found")
-    assert list(evit_cli.core.get_config(found).keep_rates) == r["keep_rates"]
+    assert list(evit_cli.model.convert.get_config(found).keep_rates) == r["keep_rates"]
     dense, evit = independent_logits(dense_copy(found), photos), independent_logits(found, photos)
     agreement = 100 * (dense.argmax(-1) == evit.argmax(-1)).float().mean().item()
     assert agreement >= 90 and agreement == pytest.approx(r["agreement"])

@@ -19,7 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evit_cli
-from evit_cli.train import TrainConfig, finetune, load_recipe
+from evit_cli.train.run import TrainConfig, finetune, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -153,7 +153,7 @@ def test_torchrun_two_cpu_processes_write_one_output(tiny_model, colours, tmp_pa
 def test_data_formats_and_columns(tmp_path, colours):
     import datasets
 
-    from evit_cli.data import load_image_data
+    from evit_cli.io.data import load_image_data
 
     folder = load_image_data(str(colours))
     assert folder.class_names == ["blue", "green", "red"] and len(folder.val) == 9
@@ -203,7 +203,7 @@ def test_recipes_load_and_flags_override():
 
 
 def test_the_defaults_are_the_recovery_recipe():
-    from evit_cli.train import resolve_lr
+    from evit_cli.train.run import resolve_lr
 
     recipe = load_recipe(ROOT / "recipes" / "recover.yaml")
     defaults = TrainConfig()

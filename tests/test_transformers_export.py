@@ -8,7 +8,7 @@ from test_export import _onnx_run
 from test_transformers_families import _build, _out
 
 import evit_cli
-from evit_cli.export import export
+from evit_cli.io.export import export
 
 
 # one per layout

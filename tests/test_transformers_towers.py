@@ -241,7 +241,7 @@ def test_forward_and_backward_run(name, images):
 
 @pytest.mark.parametrize("name", ["blip", "pixio", "dinov3", "mlcd", "yolos_det"])
 def test_torchscript_export_matches_pytorch(name, tmp_path):
-    from evit_cli.export import export
+    from evit_cli.io.export import export
 
     model, _, _ = _build(name)
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
@@ -257,7 +257,7 @@ def test_torchscript_export_matches_pytorch(name, tmp_path):
 def test_onnx_export_matches_pytorch(name, tmp_path):
     from test_export import _onnx_run
 
-    from evit_cli.export import export
+    from evit_cli.io.export import export
 
     model, _, _ = _build(name)
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
@@ -299,7 +299,7 @@ def test_blip_captioning_checkpoint_is_refused_and_its_saved_tower_converts(tmp_
     from test_cli import run
     from test_transformers_hub import HUB, _hf_pixels, _photo, _shrunk
 
-    from evit_cli.data import transforms
+    from evit_cli.io.data import transforms
 
     hub = HUB / "Salesforce__blip-image-captioning-base"
     folder = _shrunk(hub, tmp_path / "blip")

@@ -14,7 +14,7 @@ from ..errors import EvitError
 from .base import Adapter
 from .block import BlockState, state_of
 from .timm import TIMM
-from .timm_wrapper import TIMM_WRAPPER
+from .timm.wrapper import TIMM_WRAPPER
 from .transformers import TRANSFORMERS
 
 ADAPTERS: tuple[Adapter, ...] = (TIMM, TIMM_WRAPPER, TRANSFORMERS)

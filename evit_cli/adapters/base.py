@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from ..config import EViTConfig
+from ..algorithm.config import EViTConfig
 
 
 class Sequence(NamedTuple):

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ..reorg import follow_positions, follow_sizes, num_kept, reorganize
+from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize
 
 
 class PositionState:

@@ -7,12 +7,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import loading
-from ..bench import bench as run
-from ..bench import compile_mode_of
-from ..device import resolve_device
-from ..fsutil import check_report_dir
-from ..report import bench_table, write_bench
+from ..io import loading
+from ..measure.bench import bench as run
+from ..measure.bench import compile_mode_of
+from ..measure.report import bench_table, write_bench
+from ..utils.device import resolve_device
+from ..utils.files import check_report_dir
 from . import options as o
 from .render import emit
 

@@ -7,12 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import adapters, artifact, core, fsutil, loading, validate
-from ..bench import model_summary
-from ..config import DEFAULT_LAYERS
+from .. import adapters
+from ..algorithm.config import DEFAULT_LAYERS
 from ..errors import EvitError
-from ..macs import match_macs as match_macs_to
-from ..report import kv_table
+from ..io import folder as artifact
+from ..io import loading
+from ..measure.bench import model_summary
+from ..measure.report import kv_table
+from ..model import convert as core
+from ..model import validate
+from ..model.macs import match_macs as match_macs_to
+from ..utils import files as fsutil
 from . import options as o
 from .render import emit
 

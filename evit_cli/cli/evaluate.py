@@ -7,18 +7,18 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import loading
-from ..bench import bench
-from ..config import parse_keep_rates
-from ..data import BadImages, sample_size
-from ..device import resolve_device
+from ..algorithm.config import parse_keep_rates
 from ..errors import EvitError
-from ..evaluate import eval_report, evaluate_models, load_eval_data, reference_model
-from ..fsutil import check_report_dir, write_json, write_text
-from ..progress import Progress
-from ..report import eval_table, sweep_markdown, sweep_table
-from ..sweep import plot_sweep
-from ..sweep import sweep as run_sweep
+from ..io import loading
+from ..io.data import BadImages, sample_size
+from ..measure.bench import bench
+from ..measure.evaluate import eval_report, evaluate_models, load_eval_data, reference_model
+from ..measure.report import eval_table, sweep_markdown, sweep_table
+from ..measure.sweep import plot_sweep
+from ..measure.sweep import sweep as run_sweep
+from ..utils.device import resolve_device
+from ..utils.files import check_report_dir, write_json, write_text
+from ..utils.progress import Progress
 from . import options as o
 from .render import emit
 

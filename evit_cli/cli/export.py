@@ -7,12 +7,13 @@ from typing import Annotated
 
 import typer
 
-from .. import artifact, validate
 from ..errors import EvitError
-from ..export import FORMATS
-from ..export import export as run
-from ..fsutil import check_output_file
-from ..report import kv_table
+from ..io import folder as artifact
+from ..io.export import FORMATS
+from ..io.export import export as run
+from ..measure.report import kv_table
+from ..model import validate
+from ..utils.files import check_output_file
 from . import options as o
 from .render import emit
 

@@ -9,14 +9,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import loading, validate
-from ..checkpoint import CHECKPOINT
-from ..data import BadImages
 from ..errors import EvitError
-from ..fsutil import check_writable
-from ..report import kv_table
-from ..train import TrainConfig, load_recipe, run_folders
-from ..train import finetune as run
+from ..io import loading
+from ..io.data import BadImages
+from ..measure.report import kv_table
+from ..model import validate
+from ..train.checkpoint import CHECKPOINT
+from ..train.run import TrainConfig, load_recipe, run_folders
+from ..train.run import finetune as run
+from ..utils.files import check_writable
 from . import options as o
 from .render import emit, err
 

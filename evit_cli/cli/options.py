@@ -12,8 +12,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import validate
-from ..config import parse_keep_rates, parse_layers
+from ..algorithm.config import parse_keep_rates, parse_layers
+from ..model import validate
 
 KEEP_HELP = "Keep rate: one for every layer (0.7) or one per layer (0.9,0.8,0.7)."
 LAYERS_HELP = "1-based block numbers to reorganize in, as in the paper."

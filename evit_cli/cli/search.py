@@ -6,14 +6,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from .. import adapters, loading, validate
-from ..device import resolve_device
+from .. import adapters
 from ..errors import EvitError
-from ..evaluate import load_eval_data
-from ..progress import Progress
-from ..report import kv_table
-from ..search import candidate_layer_sets, reproduce_command, search_by_accuracy, search_fidelity
-from ..search import search as run
+from ..io import loading
+from ..measure.evaluate import load_eval_data
+from ..measure.report import kv_table
+from ..measure.search import candidate_layer_sets, reproduce_command, search_by_accuracy, search_fidelity
+from ..measure.search import search as run
+from ..model import validate
+from ..utils.device import resolve_device
+from ..utils.progress import Progress
 from . import options as o
 from .render import emit, out, without
 

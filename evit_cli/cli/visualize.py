@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from .. import loading
-from ..fsutil import check_output_file
-from ..report import kv_table
-from ..visualize import visualize as run
+from ..io import loading
+from ..measure.report import kv_table
+from ..measure.visualize import visualize as run
+from ..utils.files import check_output_file
 from . import options as o
 from .render import emit, without
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import EViTConfig
+from ...algorithm.config import EViTConfig
 from ...errors import EvitError
 from ..base import Adapter
 from ..block import BlockState, PositionState

@@ -23,8 +23,8 @@ import sys
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...algorithm.reorg import class_attention
 from ...errors import EvitError
-from ...reorg import class_attention
 from ..block import BlockState, EViTBlock, clear_block, runs_dense
 from ..swap import original
 from ..swap import swap_in as swap_class

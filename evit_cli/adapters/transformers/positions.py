@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...reorg import gather_rope
+from ...algorithm.reorg import gather_rope
 from ..block import BlockState, reorganize_tokens
 from .families import resolve
 

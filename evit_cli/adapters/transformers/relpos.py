@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ...reorg import gather_bias
+from ...algorithm.reorg import gather_bias
 from ..block import BlockState
 from .families import Family, resolve
 

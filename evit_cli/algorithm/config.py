@@ -1,0 +1,118 @@
+"""Which layers reorganize, at what keep rate: parsing and validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import EvitError
+
+DEFAULT_LAYERS = (4, 7, 10)  # the paper's DeiT setting (1-based)
+
+
+@dataclass(frozen=True)
+class EViTConfig:
+    """``layers`` are 1-based block numbers, as in the paper; one keep rate per layer.
+    ``proportional``: proportional attention (timm models; measured, off by default, see the README)."""
+
+    layers: tuple[int, ...]
+    keep_rates: tuple[float, ...]
+    fuse: bool = True
+    proportional: bool = False
+
+    def to_dict(self) -> dict:
+        d = {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
+        return {**d, "proportional_attention": True} if self.proportional else d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EViTConfig":
+        return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)),
+                   bool(d.get("proportional_attention", False)))
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """0-based block indices."""
+        return tuple(layer - 1 for layer in self.layers)
+
+
+def _split(text: str, option: str, example: str) -> list[str]:
+    """Comma-separated entries, spaces allowed around them; an empty entry (``0.7,,0.5``) is refused."""
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise EvitError(f"{option} is empty: give at least one value, e.g. {option} {example}")
+    if not all(parts):
+        raise EvitError(f"{option} {text!r} has an empty entry: separate the values by single commas, e.g. {example}")
+    return parts
+
+
+def parse_layers(value, option: str = "--layers") -> tuple[int, ...]:
+    if isinstance(value, str):
+        parts = _split(value, option, "4,7,10")
+        try:
+            layers = tuple(int(p) for p in parts)
+        except ValueError:
+            raise EvitError(f"{option} must be comma-separated block numbers such as 4,7,10, got {value!r}") from None
+    else:
+        values = (value,) if isinstance(value, int) else value
+        if not isinstance(values, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in values):
+            raise EvitError(f"--layers must be block numbers such as 4,7,10, got {value!r}")
+        layers = tuple(int(v) for v in values)
+    if not layers:
+        raise EvitError("--layers is empty: give at least one block number, e.g. --layers 4,7,10")
+    return layers
+
+
+def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
+    if isinstance(value, bool):
+        raise EvitError(f"--keep-rate must be a number in (0, 1], got {value!r}")
+    if isinstance(value, (int, float)):
+        rates = (float(value),)
+    elif isinstance(value, str):
+        parts = _split(value, option, "0.9,0.8,0.7")
+        try:
+            rates = tuple(float(p) for p in parts)
+        except ValueError:
+            raise EvitError(f"{option} must be a number in (0, 1] or one per layer such as 0.9,0.8,0.7, "
+                            f"got {value!r}") from None
+    else:
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise EvitError(f"--keep-rate must be numbers in (0, 1] such as 0.9,0.8,0.7, got {value!r}")
+        rates = tuple(float(v) for v in values)
+    if not rates:
+        raise EvitError("--keep-rate is empty: give at least one value, e.g. --keep-rate 0.7")
+    for r in rates:
+        if not 0.0 < r <= 1.0:  # nan fails this too
+            raise EvitError(f"keep rate {r} is outside (0, 1]: 0.7 keeps 70% of the tokens")
+    return rates
+
+
+def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool = False) -> EViTConfig:
+    """Validate user input against a model of ``depth`` blocks.
+
+    ``keep_rate`` is one value for every layer or one per layer.
+    """
+    layers = parse_layers(layers)
+    rates = parse_keep_rates(keep_rate)
+    for layer in layers:
+        if not 1 <= layer <= depth:
+            raise EvitError(f"layer {layer} is out of range: the model has {depth} blocks, numbered 1 to {depth}")
+    if len(set(layers)) != len(layers):
+        raise EvitError(f"--layers {','.join(map(str, layers))} repeats a block: give each block once")
+    if list(layers) != sorted(layers):
+        raise EvitError(f"--layers must be in increasing order, got {','.join(map(str, layers))}")
+    if len(rates) == 1:
+        rates = rates * len(layers)
+    if len(rates) != len(layers):
+        raise EvitError(
+            f"{len(rates)} keep rates for {len(layers)} layers: give one keep rate, or one per layer"
+        )
+    for r in rates:
+        if not 0.0 < r <= 1.0:
+            raise EvitError(f"keep rate {r} is outside (0, 1]: 0.7 keeps 70% of the tokens")
+    if proportional and not fuse:
+        raise EvitError("proportional attention weighs the fused token by the patches it holds: it needs fusing "
+                        "(drop --no-fuse)")
+    return EViTConfig(layers, rates, fuse, proportional)
+
+

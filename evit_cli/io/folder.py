@@ -1,0 +1,392 @@
+"""The exported folder: weights plus ``evit.json`` and a model card; save and load.
+
+- timm: ``model.safetensors`` (timm's own state-dict keys) and ``evit.json``,
+  which says how to rebuild the architecture.
+- transformers: what ``save_pretrained`` writes (``config.json`` +
+  ``model.safetensors``, readable by ``from_pretrained`` as the dense model),
+  plus ``evit.json``.
+- timm in transformers' TimmWrapper layout (``layout="transformers"``): timm's
+  hub ``config.json`` (model type ``timm_wrapper``) and the weights under
+  ``timm_model.``, plus ``evit.json``.
+
+The transformers layouts also carry their modeling code (:mod:`.bundle`,
+``auto_map`` in ``config.json``): ``from_pretrained(folder, trust_remote_code=True)``
+gives the EViT model without evit installed. Every folder gets a ``README.md``
+model card. Loading needs nothing but the folder (or its hub repository).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch import nn
+
+from .. import adapters
+from .._version import __version__
+from ..algorithm.config import EViTConfig
+from ..errors import EvitError, first_line
+from ..model import validate
+from ..model.convert import convert_module, get_config, tokens_after_layers
+from ..utils.files import atomic_dir, read_json, write_json, write_text
+from . import bundle
+from .hub import go_offline_if_unreachable, hub_reachable
+from .resolve import create_timm, create_transformers, load_state_dict, load_weights
+
+META_FILE = "evit.json"
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
+FORMAT_VERSION = 1
+LAYOUTS = ("timm", "transformers")  # a timm model's: timm's own, or transformers' TimmWrapper
+WRAPPER_PREFIX = "timm_model."  # TimmWrapper's key prefix of the timm model's weights
+
+
+def source_of(model: nn.Module) -> dict:
+    """How to rebuild ``model``'s architecture: recorded by the loader, or derived from the model."""
+    src = getattr(model, "evit_source", None)
+    if src is not None:
+        return src
+    adapter = adapters.get_adapter(model)
+    if adapter.name == "transformers":
+        return {"family": "transformers", "model": getattr(model, "name_or_path", "") or None,
+                "class": type(model).__name__, "pretrained": None, "checkpoint": None}
+    arch = getattr(model, "pretrained_cfg", {}).get("architecture")
+    if arch is None:
+        raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before "
+                        "converting")
+    kwargs = {"num_classes": int(model.num_classes), "img_size": adapter.img_size(model)}
+    return {"family": "timm", "model": arch, "kwargs": kwargs, "pretrained": None, "checkpoint": None}
+
+
+def metadata(model: nn.Module, extra: dict | None = None) -> dict:
+    adapter = adapters.get_adapter(model)
+    cfg = get_config(model)
+    meta = {
+        "format": "evit",
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "family": adapter.name,
+        "source": source_of(model),
+        "num_classes": adapter.num_classes(model),
+        "class_names": adapter.class_names(model),
+        "img_size": adapter.img_size(model),
+        "num_prefix_tokens": adapter.num_prefix_tokens(model),
+        "num_tokens": adapter.num_tokens(model),
+        "evit": cfg.to_dict() if cfg else None,
+        "token_counts": tokens_after_layers(model),
+        "data_config": adapter.data_config(model),
+        "training": getattr(model, "evit_training", None),  # how it was fine-tuned; None: not
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def model_card(meta: dict) -> str:
+    src, e = meta["source"], meta["evit"]
+    lines = [
+        "---",
+        "library_name: "
+        + ("timm" if meta["family"] == "timm" and meta.get("layout") != "transformers" else "transformers"),
+        "tags: [image-classification, vision-transformer, evit]",
+        "---",
+        "",
+        f"# {src.get('model')} + EViT",
+        "",
+        f"{src.get('model')} ({meta['family']}) with EViT token reorganization (Liang et al., ICLR 2022),",
+        f"made with evit {meta['tool_version']}.",
+        "",
+    ]
+    if e:
+        lines += [
+            f"- EViT layers (1-based): {', '.join(map(str, e['layers']))}",
+            f"- keep rates: {', '.join(f'{k:g}' for k in e['keep_rates'])}; inattentive tokens "
+            + ("fused into one token" if e["fuse"] else "dropped"),
+            f"- tokens: {' -> '.join(map(str, [meta['num_tokens']] + meta['token_counts']))}",
+        ]
+    if "gmacs" in meta:
+        lines.append(f"- GMACs per image: {meta['gmacs_dense']:.2f} dense -> {meta['gmacs']:.2f} EViT")
+    lines += [
+        f"- weights: {weights_of(meta)}",
+        f"- image size: {meta['img_size']}, classes: {meta['num_classes']}",
+    ]
+    lines += training_lines(meta)
+    return "\n".join(lines + loading_lines(meta)) + "\n"
+
+
+def loading_lines(meta: dict) -> list[str]:
+    """The model card's account of what loads how: with evit, with transformers' remote code, dense."""
+    lines = ["", "## Loading", "", "With evit installed (`pip install evit-cli`), the EViT model:", "",
+             "```python", "import evit_cli", 'model = evit_cli.load("path/to/this/folder")  # or "org/name" on the hub',
+             "```"]
+    auto = meta.get("auto_class")
+    if not auto:
+        return lines
+    return lines + [
+        "", "Without evit, the EViT model through transformers: the folder carries its modeling code "
+        f"(`{bundle.ENTRY_FILE}` and the `evit_*.py` files it imports, evit's own EViT code), which "
+        "`trust_remote_code=True` runs:", "",
+        "```python", f"from transformers import {auto}",
+        f'model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)', "```", "",
+        f"Without `trust_remote_code`, `{auto}.from_pretrained` gives the **dense** model with the same "
+        "weights: correct outputs, but none of EViT's speed.",
+    ]
+
+
+def weights_of(meta: dict) -> str:
+    """Where the weights come from, in words: fine-tuned, a checkpoint, pretrained or random."""
+    t, src = meta.get("training"), meta["source"]
+    if t:
+        return f"fine-tuned from {describe_start(t['from'])} on {t['dataset']} ({t['steps']} steps)"
+    if src.get("pretrained") is False and not src.get("checkpoint"):
+        return "random"
+    return src.get("checkpoint") or "pretrained"
+
+
+def describe_start(start: dict) -> str:
+    pretrained = start.get("pretrained")
+    w = start.get("checkpoint") or {True: "pretrained weights", False: "random weights",
+                                    None: "its weights"}[pretrained]
+    return f"{start.get('model')} ({w})"
+
+
+def training_summary(meta: dict) -> str:
+    """One line on how the weights were trained (for ``evit info``)."""
+    t = meta.get("training")
+    if not t:
+        return "none (converted, not fine-tuned)"
+    dist = f", distilled from {t['distillation']['teacher']}" if t.get("distillation") else ""
+    if t.get("token_selection", "own class attention") != "own class attention":
+        dist += f", tokens chosen by the {t['token_selection']}"
+    return (f"{t['steps']} steps on {t['dataset']} ({'with' if t['labels'] else 'without'} labels{dist}); "
+            f"head {t['head']}; metrics on {t['metrics_split']}")
+
+
+def training_lines(meta: dict) -> list[str]:
+    """The model card's account of a fine-tune."""
+    t = meta.get("training")
+    if not t:
+        return ["- training: none (converted, not fine-tuned)"]
+    lines = [
+        "",
+        "## Fine-tuning",
+        "",
+        f"- from: {describe_start(t['from'])}",
+        f"- data: {t['dataset']}, split {t['train_split']!r}"
+        + (f", {t['train_images']} images" if t.get("train_images") else ""),
+        f"- labels: {'used' if t['labels'] else 'none (unlabelled images)'}; loss: {t['loss']}",
+        f"- head: {t['head']}",
+        f"- steps: {t['steps']} ({t['epochs']:g} epochs at batch {t['global_batch']}, peak lr {t['lr']:g})",
+    ]
+    if t.get("token_selection", "own class attention") != "own class attention":
+        lines.append(f"- token selection while training: {t['token_selection']} (the paper's oracle); "
+                     "at inference the model chooses by its own class attention")
+    if t.get("distillation"):
+        dd = t["distillation"]
+        lines.append(f"- distillation: teacher {dd['teacher']}, weight {dd['alpha']:g}, temperature {dd['tau']:g}")
+    m = meta.get("metrics") or {}
+    keys = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
+    shown = ", ".join(f"{k} {m[k]:.{4 if k in ('kl', 'cosine') else 2}f}" for k in keys if k in m)
+    if shown:
+        lines.append(f"- metrics on {t['metrics_split']}: {shown}")
+    return lines
+
+
+def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None,
+         layout: str | None = None) -> Path:
+    """Export ``model`` to ``folder`` atomically: the folder appears complete or not at all.
+
+    ``layout="transformers"`` writes a timm model in transformers' TimmWrapper layout; a
+    transformers model is always written in its own."""
+    meta = metadata(model, extra)
+    check_layout(layout)
+    if meta["family"] == "transformers" and layout == "timm":
+        raise EvitError("a transformers model is written in transformers' layout: drop --layout timm")
+    with atomic_dir(folder, overwrite) as tmp:
+        if meta["family"] == "transformers":
+            _save_transformers(model, tmp, meta)
+        elif layout == "transformers":
+            _save_timm_wrapper(model, tmp, meta)
+        else:
+            _save_weights(model.state_dict(), tmp)
+        write_json(tmp / META_FILE, meta)
+        write_text(tmp / CARD_FILE, model_card(meta))
+    return Path(folder)
+
+
+def check_layout(layout: str | None) -> None:
+    if layout not in (None, *LAYOUTS):
+        raise EvitError(f"unknown layout {layout!r}: use --layout {' or '.join(LAYOUTS)}")
+
+
+def _save_weights(state: dict, tmp: Path, prefix: str = "") -> None:
+    from safetensors.torch import save_file
+
+    state = {prefix + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def _save_transformers(model: nn.Module, tmp: Path, meta: dict) -> None:
+    import transformers
+
+    from ..adapters.swap import original
+
+    transformers.utils.logging.disable_progress_bar()
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    proc = getattr(model, "evit_preprocessor", None)
+    if proc:
+        write_json(tmp / "preprocessor_config.json", proc)
+    entry = "evit_cli.io.remote_timm" if adapters.get_adapter(model) is adapters.TIMM_WRAPPER else "evit_cli.io.remote"
+    _ship_code(tmp, meta, original(type(model)).__name__, entry)
+
+
+def _save_timm_wrapper(model: nn.Module, tmp: Path, meta: dict) -> None:
+    """timm's hub config (what TimmWrapperConfig reads) with transformers' model type, the weights under
+    ``timm_model.``, and the TimmWrapper modeling code."""
+    from timm.models._hub import save_config_for_hf
+
+    args = {k: v for k, v in (meta["source"].get("kwargs") or {}).items() if k != "num_classes"}
+    labels = {"label_names": meta["class_names"]} if meta["class_names"] else None
+    save_config_for_hf(model, str(tmp / "config.json"), model_config=labels, model_args=args)
+    cls = "TimmWrapperForImageClassification" if meta["num_classes"] else "TimmWrapperModel"
+    config = json.loads((tmp / "config.json").read_text())
+    config["model_args"] = {k: v for k, v in (config.get("model_args") or {}).items() if k != "num_classes"}
+    write_json(tmp / "config.json", {**config, "model_type": "timm_wrapper", "architectures": [cls]})
+    _save_weights(model.state_dict(), tmp, WRAPPER_PREFIX)
+    meta["layout"] = "transformers"
+    _ship_code(tmp, meta, cls, "evit_cli.io.remote_timm")
+
+
+def _ship_code(tmp: Path, meta: dict, model_class: str, entry: str) -> None:
+    """The modeling code, and ``config.json``'s pointer to it (see :mod:`.bundle`)."""
+    auto = "AutoModelForImageClassification" if meta["num_classes"] else "AutoModel"
+    meta["remote_code"] = bundle.write(tmp, entry)
+    meta["auto_class"] = auto
+    bundle.add_auto_map(tmp / "config.json", auto, model_class, meta["evit"])
+
+
+def read_meta(folder: str | os.PathLike) -> dict:
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise EvitError(f"{folder} has no {META_FILE}: give a folder written by `evit convert`")
+    meta = read_json(path, META_FILE, fix="export the model again")
+    if meta.get("format") != "evit":
+        raise EvitError(f"{path} is not an evit export file")
+    missing = [k for k in ("family", "source", "num_classes", "img_size", "num_tokens", "tool_version")
+               if k not in meta]
+    if missing or not isinstance(meta["source"], dict):
+        raise EvitError(f"{path} is incomplete (missing {', '.join(missing) or 'source'}): export the model again")
+    validate.export_meta(path, meta)
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise EvitError(f"{folder} was written by a newer evit (format {meta['format_version']}): upgrade evit-cli")
+    return meta
+
+
+def load(folder: str | os.PathLike) -> nn.Module:
+    """Rebuild the EViT model of an exported folder, from the folder alone; or of its hub repository
+    (``org/name``, from the hub or its local cache)."""
+    folder = locate(str(folder))
+    meta = read_meta(folder)
+    src = meta["source"]
+    if meta["family"] == "timm":
+        if not (folder / WEIGHTS_FILE).is_file():
+            raise EvitError(f"{folder} has no {WEIGHTS_FILE} file (its weights): export the model again")
+        model = create_timm(src["model"], pretrained=False, **src.get("kwargs", {}))
+        state = load_state_dict(folder / WEIGHTS_FILE)
+        if meta.get("layout") == "transformers":  # TimmWrapper's keys
+            state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
+        load_weights(model, state, f"{folder / WEIGHTS_FILE}")
+        if meta.get("class_names"):
+            model.evit_class_names = meta["class_names"]
+    elif meta["family"] == "transformers":
+        model = create_transformers(str(folder), folder=folder, pretrained=True)
+    else:
+        raise EvitError(f"{folder}: unknown model family {meta['family']!r}")
+    model.evit_source = src
+    model.evit_training = meta.get("training")
+    if meta.get("evit"):
+        cfg = EViTConfig.from_dict(meta["evit"])
+        convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
+                proportional_attention=cfg.proportional)
+    return model.eval()
+
+
+def from_hub(repo_id: str) -> Path | None:
+    """The local snapshot of the hub repository ``repo_id`` when it holds an evit export (its
+    ``evit.json``), downloaded or, when the hub does not answer within seconds, from the cache
+    (``HF_HUB_CACHE``); ``None`` when no such export can be had."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    offline = go_offline_if_unreachable()
+    try:
+        hf_hub_download(repo_id, META_FILE, local_files_only=offline)
+    except Exception:  # noqa: BLE001 - no such repo, no evit.json, not cached: not an export we can read
+        return None
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except Exception as e:  # noqa: BLE001
+        raise EvitError(f"cannot get the files of {repo_id} from the Hugging Face hub ({first_line(e)}): "
+                        "retry, or download the repository and give its folder") from None
+
+
+def locate(spec: str) -> Path:
+    """The folder of an export: ``spec`` itself, or the snapshot of the hub repository ``org/name``."""
+    path = Path(spec)
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        return path
+    folder = from_hub(spec)
+    if folder is not None:
+        return folder
+    if go_offline_if_unreachable():
+        raise EvitError(f"{spec} is not a folder here, and no evit export {spec} is in the local Hugging Face cache "
+                        "(the hub cannot be reached): give the exported folder")
+    raise EvitError(f"{spec} is neither a folder here nor a hub repository holding an evit export ({META_FILE})")
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
+    """Upload an exported folder to the Hugging Face hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    if not hub_reachable():
+        raise EvitError(
+            f"cannot push to {repo_id}: the Hugging Face hub cannot be reached. The export in {folder} is "
+            f"complete; upload it later with `hf upload {repo_id} {folder}`"
+        )
+    try:
+        api = HfApi()
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload EViT model (evit)")
+    except Exception as e:  # noqa: BLE001 - auth, permissions, network: all one message
+        raise EvitError(
+            f"pushing {folder} to {repo_id} failed ({first_line(e)}); the local export is complete: "
+            "log in with `hf auth login` and retry"
+        ) from None
+    from huggingface_hub import constants
+
+    return f"{constants.ENDPOINT}/{repo_id}"
+
+
+def folder_summary(folder: str | os.PathLike) -> dict:
+    """What an exported folder holds: source, layers, keep rates, token counts, GMACs, and the
+    metrics of `evit finetune` and the speedup of `evit bench` when they wrote theirs into it."""
+    meta = read_meta(folder)
+    e = meta.get("evit") or {}
+    result = {
+        "folder": str(folder), "family": meta["family"], "source": meta["source"].get("model"),
+        "weights": weights_of(meta), "training": training_summary(meta),
+        "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
+        "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"),
+        "tokens": [meta["num_tokens"]] + list(meta.get("token_counts") or []),
+        "gmacs_dense": meta.get("gmacs_dense"), "gmacs": meta.get("gmacs"), "tool_version": meta["tool_version"],
+    }
+    metrics, bench = Path(folder) / "metrics.json", Path(folder) / "bench.json"
+    if metrics.is_file():
+        data = read_json(metrics, "metrics (evit finetune)")
+        keys = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5", "val_loss", "epoch",
+                "split")
+        result["metrics"] = {k: data[k] for k in keys if k in data}
+    if bench.is_file():
+        data = read_json(bench, "benchmark (evit bench)")
+        keys = (("speedup", "speedup"), ("batch", "batch"), ("device", "device_name"))
+        result["bench"] = {name: data[k] for name, k in keys if k in data}
+    return result

@@ -1,0 +1,77 @@
+"""Model-level EViT: convert a model, undo it, describe it."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .. import adapters
+from ..algorithm.config import DEFAULT_LAYERS, EViTConfig, make_config
+from ..algorithm.reorg import num_kept, token_counts
+from ..errors import EvitError
+
+
+def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True,
+            proportional_attention: bool = False) -> nn.Module:
+    """Inject EViT reorganization into the module ``model`` (in place) and return it.
+
+    ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
+    drops the inattentive tokens instead of fusing them; ``proportional_attention`` raises each
+    token's attention logit by the log of the patches it holds, as ToMe does (timm models; measured in
+    the README, off by default). (``evit_cli.convert`` also takes names.)
+    """
+    adapter = adapters.get_adapter(model)
+    adapter.check(model)
+    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention)
+    _check_keeps_tokens(model, cfg)
+    adapter.apply(model, cfg)
+    model.evit_config = cfg
+    return model
+
+
+def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None) -> nn.Module:
+    """:func:`convert_module`, where what is not given stays as the model already has it (or the defaults)."""
+    old = get_config(model)
+    return convert_module(
+        model,
+        keep_rate=keep_rate if keep_rate is not None else (old.keep_rates if old else 0.7),
+        layers=layers if layers is not None else (old.layers if old else DEFAULT_LAYERS),
+        fuse=fuse if fuse is not None else (old.fuse if old else True),
+        proportional_attention=bool(old and old.proportional),
+    )
+
+
+def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
+    adapter = adapters.get_adapter(model)
+    n, p = adapter.num_tokens(model), adapter.num_prefix_tokens(model)
+    for layer, rate, after in zip(cfg.layers, cfg.keep_rates,
+                                  [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.fuse)):
+        if num_kept(after - p, rate) < 1:
+            raise EvitError(f"keep rate {rate} at layer {layer} keeps no token out of {after - p}: raise it")
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Remove EViT from ``model`` (in place): the original dense model again."""
+    adapters.get_adapter(model).remove(model)
+    model.__dict__.pop("evit_config", None)
+    return model
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A dense copy of an EViT model, sharing nothing with it."""
+    return revert(copy.deepcopy(model))
+
+
+def get_config(model: nn.Module) -> EViTConfig | None:
+    return getattr(model, "evit_config", None)
+
+
+def tokens_after_layers(model: nn.Module) -> list[int]:
+    """Sequence length after each EViT layer, for the model's input size."""
+    cfg = get_config(model)
+    if cfg is None:
+        return []
+    adapter = adapters.get_adapter(model)
+    return token_counts(adapter.num_tokens(model), adapter.num_prefix_tokens(model), cfg.layers, cfg.keep_rates,
+                        cfg.fuse)
