@@ -10,6 +10,7 @@
 from ._version import __version__
 from .algorithm.config import EViTConfig
 from .algorithm.schedule import keep_rate_at
+from .algorithm.state import ModelState, model_state
 from .errors import EvitError
 from .io.folder import load, save
 from .io.loading import convert, load_model
@@ -18,5 +19,6 @@ from .model.convert import dense_copy, revert, tokens_after_layers
 
 __all__ = [
     "__version__", "EViTConfig", "EvitError", "bench", "convert", "dense_copy", "keep_rate_at", "load", "load_model",
+    "ModelState", "model_state",
     "revert", "save", "tokens_after_layers",
 ]

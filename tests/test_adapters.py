@@ -15,7 +15,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import evit_cli
 from evit_cli import adapters
-from evit_cli.adapters import timm_families
+from evit_cli.adapters.timm import families as timm_families
 from evit_cli.io.export import _Logits
 from evit_cli.measure.fidelity import outputs
 

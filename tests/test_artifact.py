@@ -22,7 +22,7 @@ def test_saved_folder_reloads_to_identical_outputs(kind, tmp_path, images):
     with torch.no_grad():
         after = loaded(images)
     assert torch.equal(before, after)
-    assert loaded.evit_config == model.evit_config
+    assert evit_cli.model_state(loaded).config == evit_cli.model_state(model).config
 
 
 def test_folder_holds_timm_weights_and_metadata(tmp_path):

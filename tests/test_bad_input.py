@@ -427,7 +427,7 @@ def test_unicode_spaces_and_brackets_in_paths_and_spaced_layers(ws, capsys, tmp_
     out = tmp_path / "mödel [v2] ünïcode"
     code, stdout, stderr = run(["convert", ws / M, "-l", " 2, 4", "-k", " 0.6 , 0.5", "-o", out], capsys)
     assert code == 0, stderr
-    assert evit_cli.load(out).evit_config.layers == (2, 4)
+    assert evit_cli.model_state(evit_cli.load(out)).config.layers == (2, 4)
     assert "[v2]" in stdout.replace("\n", "")  # printed as written, not eaten as markup
     code, stdout, _ = run(["info", out, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["folder"] == str(out)

@@ -53,7 +53,7 @@ def test_reconvert_an_exported_folder_with_new_keep_rates(tiny_folder, tmp_path,
                      capsys)
     assert code == 0
     model = evit_cli.load(tmp_path / "again")
-    assert model.evit_config == evit_cli.EViTConfig((3, 5), (0.9, 0.5), False)
+    assert evit_cli.model_state(model).config == evit_cli.EViTConfig((3, 5), (0.9, 0.5), False)
 
 
 def test_bench_folder_writes_report_inside_it(tiny_folder, capsys):

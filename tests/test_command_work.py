@@ -84,11 +84,11 @@ def test_load_converted_keeps_a_folders_settings_unless_given(tmp_path):
     folder = evit_cli.save(evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2, 4), fuse=False),
                            tmp_path / "m")
     own = loading.load_converted(folder)
-    assert own.evit_config == evit_cli.EViTConfig((2, 4), (0.7, 0.7), False)
+    assert evit_cli.model_state(own).config == evit_cli.EViTConfig((2, 4), (0.7, 0.7), False)
     given = loading.load_converted(folder, "0.5", "3")
-    assert given.evit_config == evit_cli.EViTConfig((3,), (0.5,), False)
+    assert evit_cli.model_state(given).config == evit_cli.EViTConfig((3,), (0.5,), False)
     named = loading.load_converted("deit_tiny_patch16_224", pretrained=False)
-    assert named.evit_config == evit_cli.EViTConfig((4, 7, 10), (0.7, 0.7, 0.7), True)
+    assert evit_cli.model_state(named).config == evit_cli.EViTConfig((4, 7, 10), (0.7, 0.7, 0.7), True)
     assert loading.source_name(named, "x") == "deit_tiny_patch16_224"
     assert loading.source_name(torch.nn.Linear(1, 1), "given") == "given"
 

@@ -417,7 +417,7 @@ def test_crossvit_token_counts_of_both_branches_at_keep_05(fuse, x):
     # the single-sequence interface reports branch 0: 65 -> 34 -> 19 with fusion
     branch0 = [seen[(s - 1, 0, 0)] for s in LAYERS]
     assert evit_cli.tokens_after_layers(model) == measure_tokens(model, 32) == branch0
-    assert model.evit_config.layers == LAYERS and len(evit_cli.adapters.evit_blocks(model)) == 2
+    assert evit_cli.model_state(model).config.layers == LAYERS and len(evit_cli.adapters.evit_blocks(model)) == 2
 
 
 @pytest.mark.parametrize("fuse", [True, False])

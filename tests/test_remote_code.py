@@ -274,7 +274,7 @@ def test_pipeline_on_a_transformers_export_with_its_processor(tmp_path):
     model, _ = _build("vit", "sdpa")
     proc = {"image_processor_type": "ViTImageProcessor", "size": {"height": 32, "width": 32},
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}
-    model.evit_preprocessor = proc
+    evit_cli.model_state(model).preprocessor = proc
     evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
     folder = evit_cli.save(model, tmp_path / "vit")
     photo = (sorted((REAL / "imagenette-val").glob("*/*.JPEG"))[0] if REAL else tmp_path / "p.png")

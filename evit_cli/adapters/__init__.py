@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from .base import Adapter
 from .block import BlockState, state_of
@@ -23,9 +24,14 @@ ADAPTERS: tuple[Adapter, ...] = (TIMM, TIMM_WRAPPER, TRANSFORMERS)
 def get_adapter(model: nn.Module) -> Adapter:
     """The adapter of ``model``'s library, chosen cheaply; an ``EvitError`` when no library's.
 
-    Whether EViT can convert the model is :meth:`Adapter.check`'s to say, once, at conversion."""
+    Whether EViT can convert the model is :meth:`Adapter.check`'s to say, once, at conversion. The
+    adapter found is kept in the model's state, so that it is looked for once."""
+    state = model_state(model)
+    if state.adapter is not None:
+        return state.adapter
     for adapter in ADAPTERS:
         if adapter.matches(model):
+            state.adapter = adapter
             return adapter
     raise EvitError(
         f"{type(model).__name__} is not a supported Vision Transformer: EViT needs a ViT with a class "

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..algorithm.config import parse_keep_rates
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..io import loading
 from ..io.data import BadImages, sample_size
@@ -68,7 +69,7 @@ def evaluate(
                               limit=limit, device=dev, progress=advance, bad_images=bad)
     speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
     result = eval_report(acc, speed, dataset=dataset, labelled=data.labelled,
-                         training=getattr(m, "evit_training", None), reference=ref_says)
+                         training=model_state(m).training, reference=ref_says)
     if skip_bad_images:
         result["skipped_images"] = bad.count
     if report is not None:

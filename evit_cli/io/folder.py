@@ -26,6 +26,7 @@ from torch import nn
 from .. import adapters
 from .._version import __version__
 from ..algorithm.config import EViTConfig
+from ..algorithm.state import model_state
 from ..errors import EvitError, first_line
 from ..model import validate
 from ..model.convert import convert_module, get_config, tokens_after_layers
@@ -44,7 +45,7 @@ WRAPPER_PREFIX = "timm_model."  # TimmWrapper's key prefix of the timm model's w
 
 def source_of(model: nn.Module) -> dict:
     """How to rebuild ``model``'s architecture: recorded by the loader, or derived from the model."""
-    src = getattr(model, "evit_source", None)
+    src = model_state(model).source
     if src is not None:
         return src
     adapter = adapters.get_adapter(model)
@@ -76,7 +77,7 @@ def metadata(model: nn.Module, extra: dict | None = None) -> dict:
         "evit": cfg.to_dict() if cfg else None,
         "token_counts": tokens_after_layers(model),
         "data_config": adapter.data_config(model),
-        "training": getattr(model, "evit_training", None),  # how it was fine-tuned; None: not
+        "training": model_state(model).training,  # how it was fine-tuned; None: not
     }
     meta.update(extra or {})
     return meta
@@ -233,7 +234,7 @@ def _save_transformers(model: nn.Module, tmp: Path, meta: dict) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(str(tmp), safe_serialization=True)
-    proc = getattr(model, "evit_preprocessor", None)
+    proc = model_state(model).preprocessor
     if proc:
         write_json(tmp / "preprocessor_config.json", proc)
     entry = "evit_cli.io.remote_timm" if adapters.get_adapter(model) is adapters.TIMM_WRAPPER else "evit_cli.io.remote"
@@ -297,13 +298,13 @@ def load(folder: str | os.PathLike) -> nn.Module:
             state = {k.removeprefix(WRAPPER_PREFIX): v for k, v in state.items()}
         load_weights(model, state, f"{folder / WEIGHTS_FILE}")
         if meta.get("class_names"):
-            model.evit_class_names = meta["class_names"]
+            model_state(model).class_names = meta["class_names"]
     elif meta["family"] == "transformers":
         model = create_transformers(str(folder), folder=folder, pretrained=True)
     else:
         raise EvitError(f"{folder}: unknown model family {meta['family']!r}")
-    model.evit_source = src
-    model.evit_training = meta.get("training")
+    state = model_state(model)
+    state.source, state.training = src, meta.get("training")
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,

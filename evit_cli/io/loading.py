@@ -9,6 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from ..algorithm.config import DEFAULT_LAYERS
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..model import convert as core
 from . import folder as artifact
@@ -38,7 +39,7 @@ def load_model(
             raise EvitError("--attn-implementation chooses a transformers model's attention: timm models pick "
                             "theirs themselves (fused SDPA where available); drop the option")
         model.set_attn_implementation(attn_implementation)
-        model.evit_source["attn_implementation"] = attn_implementation
+        model_state(model).source["attn_implementation"] = attn_implementation
     return model
 
 
@@ -138,4 +139,4 @@ def load_converted(spec: str | os.PathLike, keep_rate=None, layers=None, fuse: b
 
 def source_name(model: nn.Module, spec: str | os.PathLike) -> str:
     """The name of the model ``model`` was built from (an exported folder's source), else ``spec``."""
-    return (getattr(model, "evit_source", {}) or {}).get("model", spec)
+    return (model_state(model).source or {}).get("model", spec)

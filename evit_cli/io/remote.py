@@ -16,6 +16,7 @@ from torch import nn
 from ..adapters.base import Adapter
 from ..adapters.transformers import TRANSFORMERS
 from ..algorithm.config import EViTConfig
+from ..algorithm.state import model_state
 
 PREFIX = "Evit"
 
@@ -28,7 +29,7 @@ def apply_config(model: nn.Module, adapter: Adapter, config) -> None:
     cfg = EViTConfig.from_dict(settings)
     adapter.check(model)
     adapter.apply(model, cfg)
-    model.evit_config = cfg
+    model_state(model).config = cfg
 
 
 def evit_class(name: str, adapter: Adapter, module: str) -> type:

@@ -1,6 +1,6 @@
 """Building models from timm names, hub ids and local files, with safe checkpoint loading.
 
-Every model this module builds carries ``model.evit_source``: what it was
+Every model this module builds carries ``model_state(model).source``: what it was
 built from and how to build it again (the exported folder stores it).
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..algorithm.state import model_state
 from ..errors import EvitError, first_line, is_out_of_memory, memory_message
 from ..model.validate import head_fits
 from ..utils.files import read_json
@@ -189,7 +190,7 @@ def create_timm(
     if sd is not None:
         load_weights(model, _without_head(model, sd) if kwargs.get("num_classes") == 0 else sd,
                      f"checkpoint {checkpoint}")
-    model.evit_source = {
+    model_state(model).source = {
         "family": "timm",
         "model": name,
         "kwargs": kwargs,
@@ -336,7 +337,7 @@ def create_transformers(
                          config_kwargs=config_kwargs, attn_implementation=attn_implementation)
     if checkpoint is not None:
         load_weights(model, load_state_dict(checkpoint), f"checkpoint {checkpoint}")
-    model.evit_source = {
+    model_state(model).source = {
         "family": "transformers",
         "model": str(spec),
         "class": cls.__name__,
@@ -346,7 +347,7 @@ def create_transformers(
     }
     proc = folder / "preprocessor_config.json"
     if proc.exists():
-        model.evit_preprocessor = read_json(proc, "preprocessor_config.json", fix=_AGAIN)
+        model_state(model).preprocessor = read_json(proc, "preprocessor_config.json", fix=_AGAIN)
     return model.eval()
 
 
@@ -410,7 +411,7 @@ def load_hub(repo_id: str, *, pretrained: bool = True, checkpoint=None, **kwargs
                 raise EvitError(f"cannot get the weights of {repo} ({first_line(e)}): "
                                 "use --no-pretrained or --checkpoint FILE") from None
         model = create_timm(arch, pretrained=False, checkpoint=checkpoint, **{**model_kwargs, **kwargs})
-        model.evit_source["hub_id"] = repo
+        model_state(model).source["hub_id"] = repo
         return model
     return create_transformers(repo, folder=config_path.parent, pretrained=pretrained, checkpoint=checkpoint,
                                offline=offline, **kwargs)

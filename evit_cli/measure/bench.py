@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import adapters
 from .._version import __version__
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..model import validate
 from ..model.convert import dense_copy, get_config
@@ -288,7 +289,7 @@ def precision(dev: torch.device, amp: bool, mode: str | None) -> str:
 
 def _report(model: nn.Module, figures: dict, *, batch: int, dev: torch.device, amp: bool, mode: str | None,
             warmup: int, reps: int) -> dict:
-    src = getattr(model, "evit_source", {}) or {}
+    src = model_state(model).source or {}
     d, e = figures["dense"], figures["evit"]
     return {
         "tool_version": __version__,
@@ -371,7 +372,7 @@ def model_summary(model: nn.Module) -> dict:
     device = next(model.parameters()).device
     dense_gmacs = count_macs(dense_copy(model), img, device) / 1e9
     evit_gmacs = count_macs(model, img, device) / 1e9
-    src = getattr(model, "evit_source", {}) or {}
+    src = model_state(model).source or {}
     return {
         "model": src.get("model", type(model).__name__),
         "img_size": img,

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import adapters
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..io.data import BadImages, load_image_data, make_loader, transforms, with_transform
 from ..model.classes import eval_class_map
@@ -85,7 +86,7 @@ def reference_model(model: nn.Module, given: str | None) -> tuple[nn.Module, str
     from ..io.loading import load_model
     from ..model.convert import dense_copy
 
-    origin = origin_of(getattr(model, "evit_training", None))
+    origin = origin_of(model_state(model).training)
     if given is not None:
         ref, says = dense_copy(load_model(given, pretrained=True)), f"reference: {given} (--reference)"
     elif origin is None:

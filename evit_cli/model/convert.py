@@ -9,6 +9,7 @@ from torch import nn
 from .. import adapters
 from ..algorithm.config import DEFAULT_LAYERS, EViTConfig, make_config
 from ..algorithm.reorg import num_kept, token_counts
+from ..algorithm.state import model_state
 from ..errors import EvitError
 
 
@@ -26,7 +27,7 @@ def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse:
     cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention)
     _check_keeps_tokens(model, cfg)
     adapter.apply(model, cfg)
-    model.evit_config = cfg
+    model_state(model).config = cfg
     return model
 
 
@@ -54,7 +55,7 @@ def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
 def revert(model: nn.Module) -> nn.Module:
     """Remove EViT from ``model`` (in place): the original dense model again."""
     adapters.get_adapter(model).remove(model)
-    model.__dict__.pop("evit_config", None)
+    model_state(model).config = None
     return model
 
 
@@ -64,7 +65,7 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def get_config(model: nn.Module) -> EViTConfig | None:
-    return getattr(model, "evit_config", None)
+    return model_state(model).config
 
 
 def tokens_after_layers(model: nn.Module) -> list[int]:

@@ -32,6 +32,7 @@ from torch import nn
 
 from .. import adapters
 from ..algorithm.schedule import Schedule, steps_per_epoch
+from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..measure.fidelity import NEIGHBOURS
 from ..model import validate
@@ -259,7 +260,7 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
         if t_adapter.img_size(teacher.model) != adapter.img_size(model):
             t_adapter.set_img_size(teacher.model, adapter.img_size(model))
         teacher.model.to(device)
-    previous = getattr(model, "evit_training", None)
+    previous = model_state(model).training
     convert_keeping(model, cfg.keep_rate, cfg.layers, cfg.fuse)
     model.to(device)
     setup = Setup(model, adapter, data, head, mapping, teacher, loss, previous)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...algorithm.config import EViTConfig
+from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..base import Adapter, Sequence
 from ..block import BlockState, PositionState, clear_block
@@ -157,7 +158,7 @@ class TimmAdapter(Adapter):
             raise EvitError(f"{_label(model)} cannot be resized by timm (it has no set_input_size): "
                             f"keep its {self.img_size(model)} px")
         model.set_input_size(img_size=(size, size))
-        src = getattr(model, "evit_source", None)
+        src = model_state(model).source
         if src is not None:
             src.setdefault("kwargs", {})["img_size"] = size
 
@@ -169,7 +170,7 @@ class TimmAdapter(Adapter):
         positions = PositionState(track_sizes=cfg.proportional)
         prefixes = [seq.num_prefix for seq in fam.sequences(model)]
         swap_in(model, EViTModelMixin)
-        model.evit_positions = positions
+        model_state(model).positions = positions
         rates = dict(zip(cfg.indices, cfg.keep_rates))
         first = min(cfg.indices)
         for i, group in enumerate(fam.layers(model)):
@@ -184,7 +185,7 @@ class TimmAdapter(Adapter):
 
     def remove(self, model: nn.Module) -> None:
         swap_out(model)
-        model.__dict__.pop("evit_positions", None)
+        model_state(model).positions = None
         for blk in model.modules():
             if isinstance(blk, EViTBlockMixin):
                 swap_out(blk)
@@ -196,10 +197,10 @@ class TimmAdapter(Adapter):
         return int(model.num_classes)
 
     def class_names(self, model: nn.Module) -> list[str] | None:
-        return getattr(model, "evit_class_names", None)
+        return model_state(model).class_names
 
     def set_class_names(self, model: nn.Module, class_names: list[str]) -> None:
-        model.evit_class_names = list(class_names)
+        model_state(model).class_names = list(class_names)
 
     def head(self, model: nn.Module) -> nn.Module | None:
         """``get_classifier()`` (the class head of a distilled model); None with ``num_classes=0``."""
@@ -209,7 +210,7 @@ class TimmAdapter(Adapter):
     def reset_head(self, model: nn.Module, num_classes: int, class_names: list[str]) -> None:
         model.reset_classifier(num_classes)
         self.set_class_names(model, class_names)
-        src = getattr(model, "evit_source", None)
+        src = model_state(model).source
         if src is not None:
             src.setdefault("kwargs", {})["num_classes"] = num_classes
 

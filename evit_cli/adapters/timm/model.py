@@ -15,6 +15,7 @@ import torch
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
+from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..block import PositionState
 from ..swap import original
@@ -99,4 +100,4 @@ class EViTModelMixin:
         if family_of(self).position is not None and getattr(self, "grad_checkpointing", False) and self.training:
             raise EvitError("EViT with position terms does not support gradient checkpointing: call "
                             "model.set_grad_checkpointing(False)")
-        return self.evit_positions.run()
+        return model_state(self).positions.run()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...algorithm.config import EViTConfig
+from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..base import Adapter
 from ..block import BlockState, PositionState
@@ -139,7 +140,7 @@ class TransformersAdapter(Adapter):
     def img_size(self, model: nn.Module) -> int:
         """The image side the model is run at: its config's, or for DINOv2 (any size) its processor's crop."""
         spec = family(model)
-        proc = getattr(model, "evit_preprocessor", None)
+        proc = model_state(model).preprocessor
         if spec is not None and spec.any_input_size and proc:
             return int(processor_input_size(proc, spec.processor))
         size = _config(model).image_size
@@ -150,7 +151,7 @@ class TransformersAdapter(Adapter):
 
     def data_config(self, model: nn.Module) -> dict:
         """timm-style preprocessing equal to the model's transformers image processor (its defaults without a file)."""
-        proc = getattr(model, "evit_preprocessor", None)
+        proc = model_state(model).preprocessor
         return processor_data_config(proc, _family(model).processor, self.img_size(model))
 
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
