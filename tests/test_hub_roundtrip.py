@@ -22,6 +22,7 @@ import evit_cli
 from evit_cli import adapters
 from evit_cli.errors import EvitError
 from evit_cli.io import folder as artifact
+from evit_cli.io import hub
 
 REV = "0123456789abcdef0123456789abcdef01234567"
 
@@ -146,8 +147,8 @@ def test_push_to_hub_uploads_the_modeling_code(tmp_path, monkeypatch):
     import huggingface_hub
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    monkeypatch.setattr(artifact, "hub_reachable", lambda: True)
-    artifact.push_to_hub(folder, "someone/vit-evit")
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    hub.push_to_hub(folder, "someone/vit-evit")
     assert sent["repo"] == "someone/vit-evit" and not sent["patterns"]  # nothing filtered out
     config = json.loads((folder / "config.json").read_text())
     module = config["auto_map"]["AutoModelForImageClassification"].split(".")[0]

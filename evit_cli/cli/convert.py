@@ -11,7 +11,7 @@ from .. import adapters
 from ..algorithm.config import DEFAULT_LAYERS
 from ..errors import EvitError
 from ..io import folder as artifact
-from ..io import loading
+from ..io import hub, loading
 from ..measure.bench import model_summary
 from ..measure.report import kv_table
 from ..model import convert as core
@@ -81,5 +81,5 @@ def convert(
                   extra={"gmacs_dense": summary["gmacs_dense"], "gmacs": summary["gmacs_evit"]}, layout=layout)
     summary["output"] = str(output)
     if push_to_hub:
-        summary["hub_url"] = artifact.push_to_hub(output, push_to_hub)
+        summary["hub_url"] = hub.push_to_hub(output, push_to_hub)
     emit(summary, as_json, kv_table(f"converted -> {output}", summary))

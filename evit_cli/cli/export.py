@@ -9,6 +9,7 @@ import typer
 
 from ..errors import EvitError
 from ..io import folder as artifact
+from ..io import hub
 from ..io.export import FORMATS
 from ..io.export import export as run
 from ..measure.report import kv_table
@@ -50,6 +51,6 @@ InfoFolder = Annotated[Path, typer.Argument(
 
 def info(folder: InfoFolder, as_json: o.AsJson = False):
     """What an exported folder holds: source, layers, keep rates, token counts, GMACs, metrics if trained."""
-    folder = artifact.locate(str(folder))
+    folder = hub.locate(str(folder))
     result = artifact.folder_summary(folder)
     emit(result, as_json, kv_table(f"evit info {folder}", {k: v for k, v in result.items() if v is not None}))

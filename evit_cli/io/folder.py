@@ -27,15 +27,15 @@ from .. import adapters
 from .._version import __version__
 from ..algorithm.config import EViTConfig
 from ..algorithm.state import model_state
-from ..errors import EvitError, first_line
+from ..errors import EvitError
 from ..model import validate
 from ..model.convert import convert_module, get_config, tokens_after_layers
 from ..utils.files import atomic_dir, read_json, write_json, write_text
 from . import bundle
-from .hub import go_offline_if_unreachable, hub_reachable
+from .card import model_card, training_summary, weights_of
+from .hub import META_FILE, locate
 from .resolve import create_timm, create_transformers, load_state_dict, load_weights
 
-META_FILE = "evit.json"
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "README.md"
 FORMAT_VERSION = 1
@@ -81,116 +81,6 @@ def metadata(model: nn.Module, extra: dict | None = None) -> dict:
     }
     meta.update(extra or {})
     return meta
-
-
-def model_card(meta: dict) -> str:
-    src, e = meta["source"], meta["evit"]
-    lines = [
-        "---",
-        "library_name: "
-        + ("timm" if meta["family"] == "timm" and meta.get("layout") != "transformers" else "transformers"),
-        "tags: [image-classification, vision-transformer, evit]",
-        "---",
-        "",
-        f"# {src.get('model')} + EViT",
-        "",
-        f"{src.get('model')} ({meta['family']}) with EViT token reorganization (Liang et al., ICLR 2022),",
-        f"made with evit {meta['tool_version']}.",
-        "",
-    ]
-    if e:
-        lines += [
-            f"- EViT layers (1-based): {', '.join(map(str, e['layers']))}",
-            f"- keep rates: {', '.join(f'{k:g}' for k in e['keep_rates'])}; inattentive tokens "
-            + ("fused into one token" if e["fuse"] else "dropped"),
-            f"- tokens: {' -> '.join(map(str, [meta['num_tokens']] + meta['token_counts']))}",
-        ]
-    if "gmacs" in meta:
-        lines.append(f"- GMACs per image: {meta['gmacs_dense']:.2f} dense -> {meta['gmacs']:.2f} EViT")
-    lines += [
-        f"- weights: {weights_of(meta)}",
-        f"- image size: {meta['img_size']}, classes: {meta['num_classes']}",
-    ]
-    lines += training_lines(meta)
-    return "\n".join(lines + loading_lines(meta)) + "\n"
-
-
-def loading_lines(meta: dict) -> list[str]:
-    """The model card's account of what loads how: with evit, with transformers' remote code, dense."""
-    lines = ["", "## Loading", "", "With evit installed (`pip install evit-cli`), the EViT model:", "",
-             "```python", "import evit_cli", 'model = evit_cli.load("path/to/this/folder")  # or "org/name" on the hub',
-             "```"]
-    auto = meta.get("auto_class")
-    if not auto:
-        return lines
-    return lines + [
-        "", "Without evit, the EViT model through transformers: the folder carries its modeling code "
-        f"(`{bundle.ENTRY_FILE}` and the `evit_*.py` files it imports, evit's own EViT code), which "
-        "`trust_remote_code=True` runs:", "",
-        "```python", f"from transformers import {auto}",
-        f'model = {auto}.from_pretrained("path/to/this/folder", trust_remote_code=True)', "```", "",
-        f"Without `trust_remote_code`, `{auto}.from_pretrained` gives the **dense** model with the same "
-        "weights: correct outputs, but none of EViT's speed.",
-    ]
-
-
-def weights_of(meta: dict) -> str:
-    """Where the weights come from, in words: fine-tuned, a checkpoint, pretrained or random."""
-    t, src = meta.get("training"), meta["source"]
-    if t:
-        return f"fine-tuned from {describe_start(t['from'])} on {t['dataset']} ({t['steps']} steps)"
-    if src.get("pretrained") is False and not src.get("checkpoint"):
-        return "random"
-    return src.get("checkpoint") or "pretrained"
-
-
-def describe_start(start: dict) -> str:
-    pretrained = start.get("pretrained")
-    w = start.get("checkpoint") or {True: "pretrained weights", False: "random weights",
-                                    None: "its weights"}[pretrained]
-    return f"{start.get('model')} ({w})"
-
-
-def training_summary(meta: dict) -> str:
-    """One line on how the weights were trained (for ``evit info``)."""
-    t = meta.get("training")
-    if not t:
-        return "none (converted, not fine-tuned)"
-    dist = f", distilled from {t['distillation']['teacher']}" if t.get("distillation") else ""
-    if t.get("token_selection", "own class attention") != "own class attention":
-        dist += f", tokens chosen by the {t['token_selection']}"
-    return (f"{t['steps']} steps on {t['dataset']} ({'with' if t['labels'] else 'without'} labels{dist}); "
-            f"head {t['head']}; metrics on {t['metrics_split']}")
-
-
-def training_lines(meta: dict) -> list[str]:
-    """The model card's account of a fine-tune."""
-    t = meta.get("training")
-    if not t:
-        return ["- training: none (converted, not fine-tuned)"]
-    lines = [
-        "",
-        "## Fine-tuning",
-        "",
-        f"- from: {describe_start(t['from'])}",
-        f"- data: {t['dataset']}, split {t['train_split']!r}"
-        + (f", {t['train_images']} images" if t.get("train_images") else ""),
-        f"- labels: {'used' if t['labels'] else 'none (unlabelled images)'}; loss: {t['loss']}",
-        f"- head: {t['head']}",
-        f"- steps: {t['steps']} ({t['epochs']:g} epochs at batch {t['global_batch']}, peak lr {t['lr']:g})",
-    ]
-    if t.get("token_selection", "own class attention") != "own class attention":
-        lines.append(f"- token selection while training: {t['token_selection']} (the paper's oracle); "
-                     "at inference the model chooses by its own class attention")
-    if t.get("distillation"):
-        dd = t["distillation"]
-        lines.append(f"- distillation: teacher {dd['teacher']}, weight {dd['alpha']:g}, temperature {dd['tau']:g}")
-    m = meta.get("metrics") or {}
-    keys = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
-    shown = ", ".join(f"{k} {m[k]:.{4 if k in ('kl', 'cosine') else 2}f}" for k in keys if k in m)
-    if shown:
-        lines.append(f"- metrics on {t['metrics_split']}: {shown}")
-    return lines
 
 
 def save(model: nn.Module, folder: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None,
@@ -310,61 +200,6 @@ def load(folder: str | os.PathLike) -> nn.Module:
         convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
                 proportional_attention=cfg.proportional)
     return model.eval()
-
-
-def from_hub(repo_id: str) -> Path | None:
-    """The local snapshot of the hub repository ``repo_id`` when it holds an evit export (its
-    ``evit.json``), downloaded or, when the hub does not answer within seconds, from the cache
-    (``HF_HUB_CACHE``); ``None`` when no such export can be had."""
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    offline = go_offline_if_unreachable()
-    try:
-        hf_hub_download(repo_id, META_FILE, local_files_only=offline)
-    except Exception:  # noqa: BLE001 - no such repo, no evit.json, not cached: not an export we can read
-        return None
-    try:
-        return Path(snapshot_download(repo_id, local_files_only=offline))
-    except Exception as e:  # noqa: BLE001
-        raise EvitError(f"cannot get the files of {repo_id} from the Hugging Face hub ({first_line(e)}): "
-                        "retry, or download the repository and give its folder") from None
-
-
-def locate(spec: str) -> Path:
-    """The folder of an export: ``spec`` itself, or the snapshot of the hub repository ``org/name``."""
-    path = Path(spec)
-    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
-        return path
-    folder = from_hub(spec)
-    if folder is not None:
-        return folder
-    if go_offline_if_unreachable():
-        raise EvitError(f"{spec} is not a folder here, and no evit export {spec} is in the local Hugging Face cache "
-                        "(the hub cannot be reached): give the exported folder")
-    raise EvitError(f"{spec} is neither a folder here nor a hub repository holding an evit export ({META_FILE})")
-
-
-def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False) -> str:
-    """Upload an exported folder to the Hugging Face hub; returns the repo URL."""
-    from huggingface_hub import HfApi
-
-    if not hub_reachable():
-        raise EvitError(
-            f"cannot push to {repo_id}: the Hugging Face hub cannot be reached. The export in {folder} is "
-            f"complete; upload it later with `hf upload {repo_id} {folder}`"
-        )
-    try:
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload EViT model (evit)")
-    except Exception as e:  # noqa: BLE001 - auth, permissions, network: all one message
-        raise EvitError(
-            f"pushing {folder} to {repo_id} failed ({first_line(e)}); the local export is complete: "
-            "log in with `hf auth login` and retry"
-        ) from None
-    from huggingface_hub import constants
-
-    return f"{constants.ENDPOINT}/{repo_id}"
 
 
 def folder_summary(folder: str | os.PathLike) -> dict:

@@ -13,6 +13,7 @@ from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..model import convert as core
 from . import folder as artifact
+from . import hub
 from .resolve import create_timm, load_folder, load_hub
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
@@ -83,7 +84,7 @@ def _load_model(
     if path.is_file():
         raise EvitError(f"{path} is a file: name the architecture and pass the file as --checkpoint {path}")
     if spec.startswith("hf-hub:") or (not timm.is_model(spec) and spec.count("/") == 1):
-        exported = None if spec.startswith("hf-hub:") else artifact.from_hub(spec)
+        exported = None if spec.startswith("hf-hub:") else hub.from_hub(spec)
         if exported is not None:  # an exported folder pushed to the hub
             return _load_model(exported, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
         return load_hub(spec, pretrained=pretrained, checkpoint=checkpoint, **kwargs)
