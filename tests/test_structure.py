@@ -103,3 +103,50 @@ def test_long_functions_are_found(tmp_path):
 
 def test_no_function_is_longer_than_a_screen():
     assert long_functions() == []
+
+
+# The layers, bottom to top: a module imports from its own layer or those below it, never above.
+LAYERS = ("utils", "algorithm", "adapters", "model", "io", "measure", "train", "cli")
+BASE = {"evit_cli.errors", "evit_cli._version"}  # usable by every layer
+
+
+def layer_of(module: str) -> int:
+    if module in BASE:
+        return -1
+    parts = module.split(".")
+    if len(parts) == 1 or parts[1] in ("__main__",):
+        return len(LAYERS)  # the package's front door: the public API
+    return LAYERS.index(parts[1])
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} -> {d}" for m, deps in sorted(graph.items()) for d in sorted(deps) if layer_of(d) > layer_of(m)]
+
+
+def test_upward_imports_are_found():
+    assert upward_imports({"evit_cli.model.x": {"evit_cli.io.y", "evit_cli.algorithm.z"}}) == [
+        "evit_cli.model.x -> evit_cli.io.y"]
+
+
+def test_imports_point_down_the_layers():
+    assert upward_imports(import_graph()) == []
+
+
+def test_every_module_sits_in_a_layer_folder():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 10, top
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
+    assert set(folders) <= set(LAYERS), folders
+
+
+def test_no_module_is_longer_than_an_hour_allows():
+    long = [f"{p.relative_to(PACKAGE.parent)} ({n} lines)" for p in sorted(PACKAGE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 450]
+    assert long == []
+
+
+def test_the_model_state_is_read_through_its_accessor_only():
+    state = PACKAGE / "algorithm" / "state.py"
+    readers = [str(p.relative_to(PACKAGE.parent)) for p in sorted(PACKAGE.rglob("*.py"))
+               if p != state and ('getattr(model, "evit_' in p.read_text() or "model.evit_" in p.read_text())]
+    assert readers == []
