@@ -1,5 +1,12 @@
 """What EViT wins or costs without training, and the paper's other claims, on the real photos.
 
+Shown in docs/benchmarks.md, "The paper's claims, off the shelf" (the off-the-shelf table), and in
+docs/finetuning.md, "The paper's settings, recovered" (the three models recovered with --recover 0-4),
+both from benchmarks/results/claims_real.{json,md}; docs/algorithm.md ("Proportional attention")
+points there. On the project's 2-core CPU machine the off-the-shelf rows
+take about 5 minutes; the README's command with --recover 0-4 about 20 (three recoveries of 3.5 to 5
+minutes each).
+
 DeiT-Tiny (../shared/real weights) on the held-out photos of ../shared/real/imagenette-val
 (sorted by path, index % 4 == 0; every figure has its photo count): 1000-way top-1, agreement
 with the dense model at 224 px and KL(dense || model), with the counted GMACs of each model.
@@ -24,63 +31,35 @@ held-out photos of the classes they saw and of those they never saw.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import shlex
 import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, also when run from elsewhere
-import generalize_real as g  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common and _finetune, also when run from elsewhere
+import _common as c  # noqa: E402
+import _finetune  # noqa: E402
 
 
 def parse_args(argv):
-    ap = g.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--keep", type=float, default=0.7, help="EViT keep rate. [0.7]")
-    ap.add_argument("--layers", default="4,7,10", help="1-based EViT layers, the paper's. [4,7,10]")
+    ap = c.Parser(__doc__)
+    c.add_evit_options(ap)
     ap.add_argument("--placements", default="5,8,11/6,9,12/7,9,11/3,6,9",
                     help="Other placements, '/' between them, at the GMACs of --layers. [5,8,11/6,9,12/7,9,11/3,6,9]")
     ap.add_argument("--limit", type=int, default=None, help="At most N held-out photos, evenly spaced (all: 982).")
     ap.add_argument("--recover", default=None, help="Also recover on these classes (0..9 in synset order, e.g. 0-4).")
-    ap.add_argument("--epochs", type=float, default=2.0, help="Epochs of each recovery. [2: the default]")
-    ap.add_argument("--train-limit", type=int, default=None, help="At most N training photos, evenly spaced.")
-    ap.add_argument("--workers", type=int, default=2, help="Loader workers of `evit finetune`. [2]")
-    ap.add_argument("--out", default=str(g.ROOT / "benchmarks" / "results"), help="Folder for claims_real.{json,md}.")
+    _finetune.add_options(ap, 2.0, "Epochs of each recovery. [2: finetune's default for a classifier]")
+    ap.add_argument("--out", default=str(c.RESULTS), help="Folder for claims_real.{json,md}.")
     args = ap.parse_args(argv)
-    g.check_numbers(ap, args, ("limit", "train_limit"))
+    c.check_args(ap, args, ("limit", "train_limit"))
     try:
-        args.layer_list = _layers(args.layers)
-        args.placement_lists = [_layers(p) for p in args.placements.split("/") if p]
-        args.classes = g.parse_classes(args.recover) if args.recover else None
+        args.placement_lists = [c.parse_layers(p) for p in args.placements.split("/") if p]
+        args.classes = c.parse_classes(args.recover) if args.recover else None
     except ValueError:
-        ap.error(f"--layers/--placements/--recover: expected layers such as 4,7,10 (1..12) and classes such as 0-4, "
-                 f"got {args.layers!r} / {args.placements!r} / {args.recover!r}")
+        ap.error(f"--placements/--recover: expected layers such as 4,7,10 (1..12) and classes such as 0-4, "
+                 f"got {args.placements!r} / {args.recover!r}")
     if args.classes is not None and len(args.classes) == 10:
         ap.error("--recover must leave at least one class unseen")
     return args
-
-
-def _layers(text: str) -> list[int]:
-    out = [int(x) for x in text.split(",")]
-    if not out or any(not 1 <= n <= 12 for n in out) or out != sorted(set(out)):
-        raise ValueError(text)
-    return out
-
-
-def cached_at(paths, idx, size: int):
-    """The held-out photos through the dense model's own eval preprocessing (timm's, crop 0.9) at
-    ``size`` px, float16."""
-    import timm.data
-    import torch
-    from PIL import Image
-
-    tf = timm.data.create_transform(input_size=(3, size, size), crop_pct=0.9,
-                                    interpolation="bicubic", mean=timm.data.IMAGENET_DEFAULT_MEAN,
-                                    std=timm.data.IMAGENET_DEFAULT_STD)
-    return [torch.stack([tf(Image.open(paths[i]).convert("RGB")) for i in idx[s:s + 64]]).half()
-            for s in range(0, len(idx), 64)]
 
 
 def models(args):
@@ -89,7 +68,7 @@ def models(args):
     from evit_cli.model.macs import count_macs, largest_keep_rate_under, match_macs
 
     def dense(size=224):
-        m = g.dense_model()
+        m = c.dense_model()
         if size != 224:
             from evit_cli.adapters import get_adapter
             get_adapter(m).set_img_size(m, size)
@@ -118,18 +97,14 @@ def score_row(name, model, size, cached, dense_logits, labels, seen=None, extra=
 
     from evit_cli.model.macs import count_macs
 
-    logits = g.logits_of(model, (x.float() for x in cached[size]))
+    logits = c.outputs(model, cached[size])
     row = {"model": name, "img_size": size, "gmacs": round(count_macs(model, size) / 1e9, 4), **(extra or {})}
     everything = torch.ones(len(labels), dtype=torch.bool)
-    row["all"] = g.score(logits, dense_logits, labels, everything)
+    row["all"] = c.score(logits, dense_logits, labels, everything)
     if seen is not None:
-        row["seen"] = g.score(logits, dense_logits, labels, seen)
-        row["unseen"] = g.score(logits, dense_logits, labels, ~seen)
+        row["seen"] = c.score(logits, dense_logits, labels, seen)
+        row["unseen"] = c.score(logits, dense_logits, labels, ~seen)
     return row
-
-
-def fmt(s) -> str:
-    return "-" if s is None else f"{s['top1']:.2f} / {s['agreement']:.2f} / {s['kl']:.4f} ({s['photos']})"
 
 
 def markdown(r: dict) -> str:
@@ -138,32 +113,36 @@ def markdown(r: dict) -> str:
              "agreement with the dense model at 224 px (%) / KL(dense || model) (photos). "
              f"{r['machine']}, torch {r['torch']}.", "",
              "| model | GMACs | all held-out photos |", "|---|---|---|"]
-    lines += [f"| {x['model']} | {x['gmacs']:.3f} | {fmt(x['all'])} |" for x in r["rows"]]
+    lines += [f"| {x['model']} | {x['gmacs']:.3f} | {c.fmt_score(x['all'])} |" for x in r["rows"]]
     if r["recovered"]:
-        lines += ["", f"Recovered with `evit finetune` defaults ({r['epochs']:g} epochs) on {r['train_photos']} "
+        lines += ["", f"Recovered with `evit finetune` defaults ({r['epochs']:g} epochs"
+                  f"{', ' + r['finetune_args'] if r.get('finetune_args') else ''}) on {r['train_photos']} "
                   f"photos of classes {r['recover']} (flat folder):", "",
                   "| model | classes it saw | classes it never saw |", "|---|---|---|"]
-        lines += [f"| {x['model']} | {fmt(x['seen'])} | {fmt(x['unseen'])} |" for x in r["recovered"]]
+        lines += [f"| {x['model']} | {c.fmt_score(x['seen'])} | {c.fmt_score(x['unseen'])} |" for x in r["recovered"]]
     return "\n".join(lines + ["", "Command: `" + r["command"] + "`", ""])
+
+
+def write(out: Path, r: dict) -> None:
+    c.write_results(out, "claims_real", r, markdown(r))
 
 
 def run(args) -> dict:
     import torch
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = g.photos()
-    idx = g.held_out(paths, args.limit)
-    labels = torch.tensor([g.SYNSET_INDEX[paths[i].parent.name] for i in idx])
+    paths = c.photos()
+    idx = c.held_out(paths, args.limit)
+    labels = c.labels_of(paths, idx)
     rows = models(args)
     n_rec = 3 if args.classes is not None else 0
-    prog = g.Progress(len(idx) * (2 + len(rows) + n_rec) + n_rec * 4 * args.epochs * 900)
-    cached = {s: cached_at(paths, idx, s) for s in (224, 288)}
+    prog = c.Progress(len(idx) * (2 + len(rows) + n_rec) + n_rec * 4 * args.epochs * 900)
+    cached = {s: c.cached_images(paths, idx, rows[0][1], s) for s in (224, 288)}
     prog.step(f"decoded {len(idx)} held-out photos at 224 and 288 px", 2 * len(idx))
-    dense_logits = g.logits_of(rows[0][1], (x.float() for x in cached[224]))
-    r = {"test_photos": len(idx), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
-         "torch": torch.__version__, "command": "python benchmarks/claims_real.py " + shlex.join(sys.argv[1:]),
-         "rows": [], "recovered": [], "recover": args.recover, "epochs": args.epochs, "train_photos": None}
+    dense_logits = c.outputs(rows[0][1], cached[224])
+    r = {"test_photos": len(idx), "machine": c.machine(), "torch": torch.__version__, "command": c.command(__file__),
+         "rows": [], "recovered": [], "recover": args.recover, "epochs": args.epochs,
+         "finetune_args": args.finetune_args, "train_photos": None}
     for name, model, size in rows:
         r["rows"].append(score_row(name, model, size, cached, dense_logits, labels))
         write(out, r)
@@ -175,40 +154,23 @@ def run(args) -> dict:
 
 def recover_rows(args, r, rows, paths, idx, cached, dense_logits, labels, prog, out) -> None:
     """Recover the fuse, drop and 288 px models on the --recover classes and score them."""
-    import evit_cli
-
-    seen = torch_seen(paths, idx, args.classes)
+    seen = c.seen_mask(paths, idx, args.classes)
     picked = [rows[2], rows[3], rows[-1]]  # fuse, drop, 288 px
     with tempfile.TemporaryDirectory(prefix="claims_real.") as tmp:
         work = Path(tmp)
-        n = r["train_photos"] = g.train_folder(paths, args.classes, args.train_limit, work / "train")
+        n = r["train_photos"] = c.train_folder(paths, args.classes, args.train_limit, work / "train")
         for k, (name, model, size) in enumerate(picked):
-            folder = evit_cli.save(model, work / f"m{k}")
-            secs = g.finetune([str(folder)], work / "train", work / f"r{k}", args, work / f"log{k}.txt")
+            recovered, secs = _finetune.recover(model, work / "train", work, f"r{k}", args)
             prog.step(f"recovered {name} on {n} photos ({secs:.0f} s)", 4 * args.epochs * 900)
-            row = score_row(f"{name}, recovered", evit_cli.load(work / f"r{k}"), size, cached, dense_logits, labels,
-                            seen, {"train_s": round(secs)})
+            row = score_row(f"{name}, recovered", recovered, size, cached, dense_logits, labels, seen,
+                            {"train_s": round(secs)})
             r["recovered"].append(row)
             write(out, r)
             prog.step(f"scored {name}, recovered", len(idx))
 
 
-def torch_seen(paths, idx, classes):
-    import torch
-
-    names = {g.SYNSETS[c] for c in classes}
-    return torch.tensor([paths[i].parent.name in names for i in idx])
-
-
-def write(out: Path, r: dict) -> None:
-    for name, text in (("claims_real.json", json.dumps(r, indent=2) + "\n"), ("claims_real.md", markdown(r))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(out / name)
-
-
 def main(argv=None) -> int:
-    return g.run_script("claims_real.py", parse_args, run, markdown, argv)
+    return c.run_script("claims_real.py", parse_args, run, markdown, argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Coverage: which ViTs a user can bring to `evit convert`.
 
+Shown in docs/models.md, "Coverage" (timm: how many ViT-like names convert and why the others are
+refused; transformers: how many ViT-like classes), and in README.md, "Supported models" (the two
+counts), from benchmarks/results/coverage.{json,md}. About 3 minutes on the project's 2-core CPU machine.
+
 timm: every name of ``timm.list_models()`` whose model class is ViT-like is
 built on the meta device (no weights, no memory), converted at keep rate 0.7
 in the paper's layers scaled to its depth, and run once on the meta device;
@@ -34,17 +38,18 @@ Writes benchmarks/results/coverage.{json,md} and prints the Markdown.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
+import sys
 import warnings
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when run from elsewhere
+import _common  # noqa: E402  (puts this checkout first on sys.path)
+import torch  # noqa: E402
 
-import evit_cli
-from evit_cli.errors import EvitError
+import evit_cli  # noqa: E402
+from evit_cli.errors import EvitError  # noqa: E402
 
 VIT_CLASSES = {"VisionTransformer", "Eva", "Beit", "VisionTransformerRelPos", "VisionTransformerSAM", "NaFlexVit",
                "Cait", "Xcit", "VOLO", "CrossVit", "TNT"}
@@ -295,23 +300,19 @@ def _reason_key(row: dict) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    p.add_argument("--no-transformers", action="store_true")
-    p.add_argument("--no-timm", action="store_true")
+    p = _common.Parser(__doc__)
+    p.add_argument("--out", default=str(_common.RESULTS), help="Folder for coverage.{json,md}.")
+    p.add_argument("--no-transformers", action="store_true", help="Only the timm section.")
+    p.add_argument("--no-timm", action="store_true", help="Only the transformers section.")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     timm_rows = [] if args.no_timm else timm_section()
     hf_rows = [] if args.no_transformers else transformers_section()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     ok = sum(r["status"] == "converted" for r in timm_rows)
-    (out / "coverage.json").write_text(json.dumps({"timm": {"converted": ok, "total": len(timm_rows),
-                                                            "models": timm_rows},
-                                                   "transformers": hf_rows}, indent=1) + "\n")
     md = markdown(timm_rows, hf_rows)
-    (out / "coverage.md").write_text(md)
+    result = {"timm": {"converted": ok, "total": len(timm_rows), "models": timm_rows}, "transformers": hf_rows}
+    _common.write_results(Path(args.out), "coverage", result, md, indent=1)
     print(md)
 
 

@@ -1,28 +1,38 @@
-"""Variants of the label-free recovery, compared fast: what was tried for the README's table.
+"""Variants of the label-free recovery, compared fast: what was tried for the README's tables.
+
+Shown in docs/finetuning.md, "Winning the accuracy back, measured: ...": the table of variants
+"trained on classes 0-4" (a classifier) and the commands under it; and in "Embedding models": the
+table "What was tried for the loss" (--embed). Both from
+benchmarks/research/results/recovery_variants.jsonl (one line per run). On the project's 2-core CPU
+machine one variant of 2 epochs on the 1450 photos of a split takes about 4 minutes (3.5 to 6; the
+--tokens term about 12), 4 epochs about 14; the first run also decodes all 3925 photos into the
+cache (a few minutes).
 
 A short training loop outside `evit finetune` (the photos decoded once into tensors, the dense
 teacher's held-out logits cached), so that one variant takes minutes on 2 cores. Same data as
 benchmarks/generalize_real.py: DeiT-Tiny of ../shared/real, EViT 0.7 at 4,7,10; train on the photos
 with index % 4 != 0 of the --split classes (a flat set, no labels), score on the held-out photos
 (index % 4 == 0) of the classes it saw and never saw: top-1 / agreement with the ORIGINAL dense
-model / KL. Function matching throughout (the teacher sees the same mixup/CutMix batch), MSE on the
-logits, AdamW, cosine lr, as `evit finetune`; the options change one thing each:
+model / KL (--embed: cosine / neighbour overlap / kNN top-1, 20 neighbours as `evit eval`). Function
+matching throughout (the teacher sees the same mixup/CutMix batch), MSE on the logits, AdamW, cosine
+lr, as `evit finetune`; the options change one thing each:
 
-    python benchmarks/recovery_variants.py --offshelf --split 0-4
-    python benchmarks/recovery_variants.py --split 0-4 --name base --wise 0.5
-    python benchmarks/recovery_variants.py --split 0-4 --name feat1 --feat 1.0     # + pre-logits features
-    python benchmarks/recovery_variants.py --split 0-4 --name jig50 --jigsaw 0.5   # + shuffled 4x4 tiles
-    python benchmarks/recovery_variants.py --split 0-4 --name ep4 --epochs 4 --wise 0.7
-    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_cosrel --loss cosrel  # headless
-    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_cls1 --loss cosrel --cls-layers 1
-    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_tok1 --loss cosrel --tokens 1
-    python benchmarks/recovery_variants.py --embed --split 0-4 --name e_rel1 --loss cosrel --rel 1 --rel-tau 0.1
+    python benchmarks/research/recovery_variants.py --offshelf --split 0-4
+    python benchmarks/research/recovery_variants.py --split 0-4 --name base --wise 0.5
+    python benchmarks/research/recovery_variants.py --split 0-4 --name feat1 --feat 1.0     # + pre-logits features
+    python benchmarks/research/recovery_variants.py --split 0-4 --name jig50 --jigsaw 0.5   # + shuffled 4x4 tiles
+    python benchmarks/research/recovery_variants.py --split 0-4 --name ep4 --epochs 4 --wise 0.7
+    python benchmarks/research/recovery_variants.py --embed --split 0-4 --name e_cosrel --loss cosrel  # headless
+    python benchmarks/research/recovery_variants.py --embed --split 0-4 --name e_cls1 --loss cosrel --cls-layers 1
+    python benchmarks/research/recovery_variants.py --embed --split 0-4 --name e_tok1 --loss cosrel --tokens 1
+    python benchmarks/research/recovery_variants.py --embed --split 0-4 --name e_rel1 --loss cosrel --rel 1 \
+        --rel-tau 0.1
 
 --wise A also scores the weights interpolated A of the way from the start to the end (WiSE-FT).
-Each result is a line in --out/recovery_variants.jsonl. The decoded photos are cached in --cache.
+Each result is a line in --out/recovery_variants.jsonl. The decoded photos are cached in
+$EVIT_VARIANTS_CACHE (default: a folder in the temporary directory).
 """
 
-import argparse  # noqa: E401
 import copy
 import json
 import math
@@ -32,72 +42,42 @@ import tempfile
 import time
 from pathlib import Path
 
-import timm
-import timm.data
-import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import generalize_real as g  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: _common
+import _common as c  # noqa: E402  (puts this checkout first on sys.path)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import evit_cli  # noqa: E402
-from evit_cli.io.data import mix_batch  # noqa: E402
+from evit_cli.train.loader import mix_batch  # noqa: E402
 
-REAL = g.REAL
 R = Path(os.environ.get("EVIT_VARIANTS_CACHE", Path(tempfile.gettempdir()) / "evit_recovery_variants"))
-SYN = {
-    "n01440764": 0,
-    "n02102040": 217,
-    "n02979186": 482,
-    "n03000684": 491,
-    "n03028079": 497,
-    "n03394916": 566,
-    "n03417042": 569,
-    "n03425413": 571,
-    "n03445777": 574,
-    "n03888257": 701,
-}
-SYNS = sorted(SYN)
+RESULTS = Path(__file__).resolve().parent / "results"
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
-EMBED = "--embed" in sys.argv
-
-
-def dense():
-    m = timm.create_model("deit_tiny_patch16_224", pretrained=False, num_classes=0 if EMBED else 1000)
-    sd = load_file(str(REAL / "deit_tiny_patch16_224.safetensors"))
-    if EMBED:
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    m.load_state_dict(sd)
-    return m.eval()
-
 
 def cache():
+    """Every photo as a 224 px uint8 crop (the training input), the held-out ones (index % 4 == 0) through
+    the dense model's eval preprocessing, their class numbers and the dense model's held-out logits."""
     R.mkdir(parents=True, exist_ok=True)
     f = R / "cache.pt"
     if f.exists():
         return torch.load(f)
+    import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
-    paths = sorted(p for p in (REAL / "imagenette-val").rglob("*") if p.suffix.lower() in {".jpeg", ".jpg", ".png"})
-    m = dense()
-    tf = timm.data.create_transform(**timm.data.resolve_data_config({}, model=m))
-    import torchvision.transforms.v2.functional as TF
-
-    raw, ev, cls = [], [], []
+    paths = c.photos()
+    m = c.dense_model()
+    tf = c.eval_transform(m)
+    raw, ev = [], []
     for i, p in enumerate(paths):
         im = Image.open(p).convert("RGB")
         raw.append(TF.center_crop(TF.resize(TF.pil_to_tensor(im), 224, antialias=True), 224))
-        cls.append(SYNS.index(p.parent.name))
         if i % 4 == 0:
             ev.append(tf(im))
     raw = torch.stack(raw)
     ev = torch.stack(ev)
-    cls = torch.tensor(cls)
+    cls = torch.tensor(c.class_numbers(paths, list(range(len(paths)))))
     with torch.inference_mode():
         dl = torch.cat([m(ev[s : s + 128]) for s in range(0, len(ev), 128)])
     d = {"raw": raw, "ev": ev, "cls": cls, "dl": dl}
@@ -138,24 +118,18 @@ def augment(x, a, g):
 
 
 def metrics(lg, dl, y, mask):
-    lg, dl, y = lg[mask], dl[mask], y[mask]
-    kl = F.kl_div(F.log_softmax(lg, -1), F.log_softmax(dl, -1), reduction="none", log_target=True).sum(-1)
-    return dict(
-        n=int(mask.sum()),
-        top1=100 * (lg.argmax(-1) == y).float().mean().item(),
-        agree=100 * (lg.argmax(-1) == dl.argmax(-1)).float().mean().item(),
-        kl=kl.mean().item(),
-    )
+    """:func:`_common.score` under this loop's keys (n, top1, agree, kl), as its jsonl has them."""
+    r = c.score(lg, dl, y, mask)
+    return dict(n=r["photos"], top1=r["top1"], agree=r["agreement"], kl=r["kl"])
 
 
 def escore(model, d, seen):
     from evit_cli.measure.fidelity import knn_top1, neighbour_overlap
 
-    with torch.inference_mode():
-        e = torch.cat([model.eval()(d["ev"][s : s + 128]) for s in range(0, len(d["ev"]), 128)])
+    e = held_out_outputs(model, d)
     ref = d["de"]
     ecls = d["cls"][::4]
-    sm = torch.tensor([c in seen for c in ecls.tolist()])
+    sm = torch.tensor([k in seen for k in ecls.tolist()])
     out = {}
     for k, m in (("seen", sm), ("unseen", ~sm)):
         out[k] = dict(
@@ -166,14 +140,18 @@ def escore(model, d, seen):
     return out
 
 
-def score(model, d, seen):
-    if EMBED:
-        return escore(model, d, seen)
+def held_out_outputs(model, d):
     with torch.inference_mode():
-        lg = torch.cat([model.eval()(d["ev"][s : s + 128]) for s in range(0, len(d["ev"]), 128)])
+        return torch.cat([model.eval()(d["ev"][s : s + 128]) for s in range(0, len(d["ev"]), 128)])
+
+
+def score(model, d, seen, embed):
+    if embed:
+        return escore(model, d, seen)
+    lg = held_out_outputs(model, d)
     ecls = d["cls"][::4]
-    y = torch.tensor([SYN[SYNS[c]] for c in ecls])
-    sm = torch.tensor([c in seen for c in ecls.tolist()])
+    y = torch.tensor([c.SYNSET_INDEX[c.SYNSETS[k]] for k in ecls])
+    sm = torch.tensor([k in seen for k in ecls.tolist()])
     return dict(seen=metrics(lg, d["dl"], y, sm), unseen=metrics(lg, d["dl"], y, ~sm))
 
 
@@ -181,53 +159,73 @@ def fmt(s):
     return " | ".join(f"{k} {v['top1']:.2f}/{v['agree']:.2f}/{v['kl']:.3f}" for k, v in s.items())
 
 
-def main():
-    ap = g.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", default="0-4")
-    ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--epochs", type=float, default=2)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--wd", type=float, default=0.05)
-    ap.add_argument("--loss", default="mse")
-    ap.add_argument("--mixup", type=float, default=1.0)
-    ap.add_argument("--cutmix", type=float, default=1.0)
-    ap.add_argument("--scale-min", type=float, default=0.08)
-    ap.add_argument("--jigsaw", type=float, default=0)
-    ap.add_argument("--train", default="all", help="all | after | norms | blocks>=N")
-    ap.add_argument("--l2sp", type=float, default=0)
-    ap.add_argument("--feat", type=float, default=0)
-    ap.add_argument("--ema", type=float, default=0)
-    ap.add_argument("--rel", type=float, default=0, help="weight of the relational (similarity) term, --embed")
-    ap.add_argument("--rel-tau", type=float, default=0.05)
-    ap.add_argument("--bank", type=int, default=0, help="teacher embeddings kept for --rel (0: the batch)")
-    ap.add_argument("--cls-layers", type=float, default=0, help="MSE on the class token after every block")
-    ap.add_argument("--tokens", type=float, default=0, help="MSE on every kept token after every block")
-    ap.add_argument("--wise", default="")
-    ap.add_argument("--keep", type=float, default=0.7)
-    ap.add_argument("--name", default="")
-    ap.add_argument("--embed", action="store_true")
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--offshelf", action="store_true")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    a = ap.parse_args()
+def parse_args(argv=None):
+    ap = c.Parser(__doc__)
+    ap.add_argument("--split", default="0-4", help="Classes trained on (0..9 in synset order), e.g. 0-4. [0-4]")
+    ap.add_argument("--name", default="", help="The run's name in the output and the jsonl.")
+    ap.add_argument("--embed", action="store_true", help="The headless model (num_classes=0): embedding losses.")
+    ap.add_argument("--offshelf", action="store_true", help="Only score the dense and the off-the-shelf models.")
+    ap.add_argument("--keep", type=float, default=0.7, help="EViT keep rate at layers 4,7,10. [0.7]")
+    ap.add_argument("--lr", type=float, default=5e-5, help="Peak learning rate (cosine to 1e-6). [5e-5]")
+    ap.add_argument("--epochs", type=float, default=2, help="Epochs over the split's photos. [2]")
+    ap.add_argument("--batch", type=int, default=32, help="Batch size. [32]")
+    ap.add_argument("--wd", type=float, default=0.05, help="AdamW weight decay (not on biases and norms). [0.05]")
+    ap.add_argument("--loss", default="mse", help="mse | kl[TAU] | cos | cosrel | cmse (centred logits). [mse]")
+    ap.add_argument("--mixup", type=float, default=1.0, help="Mixup alpha, 0: off. [1]")
+    ap.add_argument("--cutmix", type=float, default=1.0, help="CutMix alpha, 0: off. [1]")
+    ap.add_argument("--scale-min", type=float, default=0.08, help="Smallest random-resized-crop area. [0.08]")
+    ap.add_argument("--jigsaw", type=float, default=0, help="Share of images with their 4x4 tiles shuffled. [0]")
+    ap.add_argument("--train", default="all", help="Which weights train: all | norms | blocks>=N. [all]")
+    ap.add_argument("--l2sp", type=float, default=0, help="Weight of the L2 pull towards the start weights. [0]")
+    ap.add_argument("--feat", type=float, default=0,
+                    help="Weight of the MSE on the pre-logits features (--embed: block 11's class token). [0]")
+    ap.add_argument("--ema", type=float, default=0, help="Also score an EMA of the weights with this decay. [0: no]")
+    ap.add_argument("--rel", type=float, default=0, help="Weight of the relational (similarity) term, --embed. [0]")
+    ap.add_argument("--rel-tau", type=float, default=0.05, help="Temperature of the relational term. [0.05]")
+    ap.add_argument("--bank", type=int, default=0, help="Teacher embeddings kept for --rel. [0: the batch]")
+    ap.add_argument("--cls-layers", type=float, default=0, help="Weight of the MSE on the class token after every "
+                    "block but the last. [0]")
+    ap.add_argument("--tokens", type=float, default=0, help="Weight of the MSE on every kept token after every "
+                    "block but the last. [0]")
+    ap.add_argument("--wise", default="", help="Also score WiSE-FT interpolations, e.g. 0.5,0.7. [none]")
+    ap.add_argument("--limit", type=int, default=0, help="At most N training photos, evenly spaced. [0: all]")
+    ap.add_argument("--out", default=str(RESULTS), help="Folder of recovery_variants.jsonl (appended to).")
+    a = ap.parse_args(argv)
+    try:
+        a.seen = c.parse_classes(a.split)
+    except ValueError:
+        ap.error(f"--split {a.split!r}: expected classes such as 0-4 or 0,2,4 (0..9)")
+    return a
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if not c.WEIGHTS.exists() or not c.PHOTOS.is_dir():
+        sys.stderr.write(f"recovery_variants.py: error: {c.REAL} must hold the DeiT-Tiny weights and imagenette-val\n")
+        return 2
+    try:
+        run(a)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    return 0
+
+
+def run(a) -> None:
+    seen = a.seen
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     d = cache()
-    if EMBED:
-        with torch.inference_mode():
-            m = dense()
-            d["de"] = torch.cat([m(d["ev"][s : s + 128]) for s in range(0, len(d["ev"]), 128)])
-    lo, hi = a.split.split("-") if "-" in a.split else (None, None)
-    seen = list(range(int(lo), int(hi) + 1)) if lo is not None else [int(c) for c in a.split.split(",")]
-    teacher = dense()
-    student = evit_cli.convert(dense(), keep_rate=a.keep, layers=(4, 7, 10))
+    if a.embed:
+        d["de"] = held_out_outputs(c.dense_model(headless=True), d)
+    teacher = c.dense_model(headless=a.embed)
+    student = evit_cli.convert(c.dense_model(headless=a.embed), keep_rate=a.keep, layers=(4, 7, 10))
     if a.offshelf:
-        print("dense", fmt(score(teacher, d, seen)))
-        print("offshelf", fmt(score(student, d, seen)))
+        print("dense", fmt(score(teacher, d, seen, a.embed)))
+        print("offshelf", fmt(score(student, d, seen, a.embed)))
         return
     idx = torch.tensor([i for i in range(len(d["cls"])) if i % 4 and int(d["cls"][i]) in seen])
-    if a.limit:
-        idx = idx[:: max(1, len(idx) // a.limit)][: a.limit]
+    idx = c.spread(idx, a.limit or None)
     start = {k: v.detach().clone() for k, v in student.named_parameters()}
     for n, p in student.named_parameters():
         if a.train == "norms":
@@ -243,17 +241,17 @@ def main():
     ema = copy.deepcopy(student) if a.ema else None
     feats = {}
     if a.feat:
-        (student.norm if not EMBED else student.blocks[-2]).register_forward_hook(
+        (student.blocks[-2] if a.embed else student.norm).register_forward_hook(
             lambda m, i, o: feats.__setitem__("s", o[:, 0])
         )
-        (teacher.norm if not EMBED else teacher.blocks[-2]).register_forward_hook(
+        (teacher.blocks[-2] if a.embed else teacher.norm).register_forward_hook(
             lambda m, i, o: feats.__setitem__("t", o[:, 0])
         )
     if a.tokens:
         def grab(key, bi):
             def hook(m, i, o):
-                pos = getattr(student, "evit_positions", None)
-                feats[(key, bi)] = (o, pos.pos if key == "s" and pos is not None else None)
+                pos = evit_cli.model_state(student).positions  # the PositionState of this forward
+                feats[("tokens", key, bi)] = (o, pos.pos if key == "s" and pos is not None else None)
             return hook
 
         for key, mm in (("s", student), ("t", teacher)):
@@ -309,7 +307,7 @@ def main():
             if a.tokens:
                 tl = []
                 for b in range(len(student.blocks) - 1):
-                    (so, pos), (to, _) = feats[("s", b)], feats[("t", b)]
+                    (so, pos), (to, _) = feats[("tokens", "s", b)], feats[("tokens", "t", b)]
                     if pos is None:
                         tl.append(F.mse_loss(so, to) / to.pow(2).mean())
                         continue
@@ -350,17 +348,17 @@ def main():
                     f"step {step}/{steps} loss {loss.item():.4f} {time.time() - t0:.0f}s", file=sys.stderr, flush=True
                 )
     tt = time.time() - t0
-    res = {"args": vars(a), "train_photos": len(idx), "train_s": tt}
-    res["final"] = score(student, d, seen)
+    res = {"args": {k: v for k, v in vars(a).items() if k != "seen"}, "train_photos": len(idx), "train_s": tt}
+    res["final"] = score(student, d, seen, a.embed)
     print(a.name, "final", fmt(res["final"]), f"({tt:.0f}s)", flush=True)
     if ema is not None:
-        res["ema"] = score(ema, d, seen)
+        res["ema"] = score(ema, d, seen, a.embed)
         print(a.name, "ema", fmt(res["ema"]), flush=True)
     for al in [float(x) for x in a.wise.split(",") if x]:
-        m = evit_cli.convert(dense(), keep_rate=a.keep, layers=(4, 7, 10))
+        m = evit_cli.convert(c.dense_model(headless=a.embed), keep_rate=a.keep, layers=(4, 7, 10))
         sd = student.state_dict()
         m.load_state_dict({k: start[k].lerp(sd[k], al) if k in start else sd[k] for k in sd})
-        res[f"wise{al}"] = score(m, d, seen)
+        res[f"wise{al}"] = score(m, d, seen, a.embed)
         print(a.name, f"wise{al}", fmt(res[f"wise{al}"]), flush=True)
     Path(a.out).mkdir(parents=True, exist_ok=True)
     with open(Path(a.out) / "recovery_variants.jsonl", "a") as fh:
@@ -368,10 +366,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if not g.WEIGHTS.exists():
-        sys.exit(f"recovery_variants.py: error: {REAL} must hold the DeiT-Tiny weights and imagenette-val")
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(130)
+    sys.exit(main())
