@@ -5,6 +5,7 @@
     evit_cli.save(model, "deit_s_evit")
     model = evit_cli.load("deit_s_evit")
     report = evit_cli.bench(model, batch=64)
+    metrics = evit_cli.finetune(evit_cli.TrainConfig(model="deit_s_evit", dataset="./photos", output="deit_s_tuned"))
 """
 
 from ._version import __version__
@@ -15,10 +16,13 @@ from .errors import EvitError
 from .io.folder import load, save
 from .io.loading import convert, load_model
 from .measure.bench import bench
+from .measure.evaluate import evaluate
+from .measure.sweep import sweep
 from .model.convert import dense_copy, revert, tokens_after_layers
+from .train import TrainConfig, finetune
 
 __all__ = [
     "__version__", "EViTConfig", "EvitError", "bench", "convert", "dense_copy", "keep_rate_at", "load", "load_model",
     "ModelState", "model_state",
-    "revert", "save", "tokens_after_layers",
+    "revert", "save", "tokens_after_layers", "evaluate", "sweep", "TrainConfig", "finetune",
 ]

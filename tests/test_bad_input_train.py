@@ -160,8 +160,8 @@ def test_an_empty_validation_split_is_refused_before_training():
     """The data loaders refuse an empty split of a folder; a data set built in code reaches the check."""
     import datasets
 
-    from evit_cli.io.data import ImageData
-    from evit_cli.train.run import Setup, check_data
+    from evit_cli.io.datasets import ImageData
+    from evit_cli.train.setup import Setup, check_data
 
     train = datasets.Dataset.from_dict({"image": ["a.png", "b.png"], "label": [0, 1]})
     data = ImageData(train, train.select([]), "image", "label", ["a", "b"], "split 'validation'")

@@ -14,10 +14,13 @@ from conftest import tiny_timm
 
 import evit_cli
 from evit_cli.io import loading
-from evit_cli.io.data import BadImages, make_loader, open_image, with_transform
 from evit_cli.io.folder import folder_summary
-from evit_cli.measure.evaluate import eval_report
+from evit_cli.io.images import BadImages, make_loader, open_image, with_transform
+from evit_cli.measure.evaluate import eval_report, validate
+from evit_cli.measure.metrics import METRICS, FidelityRow, describe
+from evit_cli.measure.report import eval_rows
 from evit_cli.measure.search import reproduce_command
+from evit_cli.model.convert import dense_copy
 
 
 def test_eval_report_puts_accuracy_beside_speed():
@@ -34,6 +37,62 @@ def test_eval_report_puts_accuracy_beside_speed():
         "evit_model": {"images": 10, "top1": 70.0, "agreement": 90.0, "gmacs": 2.5, "images_per_s": 150.0},
         "speedup": 1.5, "batch": 8, "device_name": "cpu",
     }
+
+
+def test_the_measures_are_declared_once_and_the_rows_carry_them():
+    from dataclasses import fields
+
+    assert {m.key for m in METRICS} <= {f.name for f in fields(FidelityRow)}
+    row = FidelityRow.from_dict("evit", {"images": 10, "agreement": 90.0, "kl": 0.01234, "top1": 70.0, "top5": 95.0,
+                                         "val_loss": 0.5, "split": "ignored"})
+    assert row.to_dict() == {"images": 10, "agreement": 90.0, "kl": 0.01234, "top1": 70.0, "top5": 95.0,
+                             "val_loss": 0.5}
+    assert list(row.metrics()) == ["agreement", "kl", "top1", "top5"]  # the table columns, in the declared order
+    assert describe(row) == "agreement with the teacher 90.00%, KL 0.0123; top-1 70.00%, top-5 95.00%, val loss 0.5000"
+    epoch = {**row.to_dict(), "keep_rate": [0.7, 0.5], "split": "split 'val'"}
+    assert describe(epoch, "the dense model").endswith("; keep 0.700,0.500 (10 images: split 'val')")
+    report = {"batch": 8, "dense": {"top1": 80.0, "gmacs": 4.0, "images_per_s": None},
+              "evit_model": {**row.to_dict(), "gmacs": 2.5, "images_per_s": None}}
+    assert eval_rows(report) == [["model", "agreement (%)", "KL(dense‖EViT)", "top-1 (%)", "top-5 (%)", "GMACs"],
+                                 ["dense", "-", "-", "80.00", "-", "4.00"],
+                                 ["EViT", "90.00", "0.0123", "70.00", "95.00", "2.50"]]
+
+
+def test_validate_measures_a_model_against_its_reference_as_written_out():
+    model = evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.3, layers=(2, 4))
+    dense = dense_copy(model).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 32, 32, generator=g), torch.tensor([0, 1, 2, -1, 0, 1, 2, -1, 0, 1])
+    with torch.no_grad():
+        e, d = model.eval()(x), dense(x)
+    p = d.softmax(-1)
+    labelled = y >= 0
+    row = validate(model, dense, [(x[:6], y[:6]), (x[6:], y[6:])], "cpu")
+    assert row.images == 10 and row.labelled_images == 8
+    assert row.agreement == pytest.approx(100 * (e.argmax(-1) == d.argmax(-1)).double().mean().item())
+    assert row.kl == pytest.approx((p * (p.log() - e.log_softmax(-1))).sum(-1).mean().item(), rel=1e-4)
+    assert row.top1 == pytest.approx(100 * (e.argmax(-1) == y)[labelled].double().mean().item())
+
+    class Teacher:  # a distillation teacher: outputs over the model's classes
+        def outputs(self, images):
+            return dense(images)
+
+    assert validate(model, Teacher(), [(x, y)], "cpu").agreement == pytest.approx(row.agreement)
+    alone = validate(model, None, [(x, y)], torch.device("cpu"))
+    assert alone.agreement is None and alone.kl is None and alone.top1 == pytest.approx(row.top1)
+
+
+def test_evaluate_in_one_call_without_timing(tmp_path):
+    from test_train import write_colour_folder
+
+    data = write_colour_folder(tmp_path / "colours", 3)
+    model = evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2,))
+    result = evit_cli.evaluate(model, data, bench=False, batch=4, workers=0, limit=7)
+    assert result.images == 7 and result.labelled and result.evit_model.agreement is not None
+    r = result.to_dict()
+    assert r["images"] == 7 and r["speedup"] is None and r["evit_model"]["images_per_s"] is None
+    assert r["evit_model"]["gmacs"] < r["dense"]["gmacs"] and r["dataset"] == str(data)
+    assert r["evit_model"]["top1"] == result.evit_model.top1 and "agreement" not in r["dense"]
 
 
 def test_reproduce_command_names_what_was_found_and_quotes_paths():

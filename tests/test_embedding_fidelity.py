@@ -238,9 +238,12 @@ def test_min_cosine_refuses_a_classifier(tmp_path, colours, capsys):
 def test_per_epoch_validation_measures_embeddings(headless, colours):
     """The validation of a fine-tune, with the dense model as teacher, on a headless model."""
     from evit_cli import adapters
-    from evit_cli.io.data import load_image_data, transforms, with_transform
+    from evit_cli.io.datasets import load_image_data
+    from evit_cli.io.images import transforms, with_transform
+    from evit_cli.train import TrainConfig
     from evit_cli.train.distill import Teacher
-    from evit_cli.train.run import Dist, TrainConfig, describe_metrics, evaluate
+    from evit_cli.train.setup import Dist
+    from evit_cli.train.validation import describe_metrics, evaluate
 
     model = evit_cli.load(headless)
     adapter = adapters.get_adapter(model)

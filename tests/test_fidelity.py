@@ -16,7 +16,7 @@ from test_train import write_colour_folder
 
 import evit_cli
 from evit_cli.model.convert import dense_copy
-from evit_cli.train.run import TrainConfig, finetune
+from evit_cli.train import TrainConfig, finetune
 
 SYNSETS = ["n01440764", "n02102040", "n03888257"]  # ImageNet classes 0, 217, 701
 

@@ -123,7 +123,7 @@ def test_finetune_with_the_oracle_trains_and_the_folder_says_so(tmp_path):
     from test_fidelity import write_flat_folder
     from test_train import write_colour_folder
 
-    from evit_cli.train.run import TrainConfig, finetune
+    from evit_cli.train import TrainConfig, finetune
 
     start = evit_cli.save(evit_cli.convert(tiny_timm("vit", num_classes=3), keep_rate=0.5, layers=(2, 4)),
                           tmp_path / "m")

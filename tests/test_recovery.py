@@ -14,9 +14,8 @@ from PIL import Image
 
 import evit_cli
 from evit_cli.errors import EvitError
-from evit_cli.io.data import mix_batch, mixed_target
-from evit_cli.train import distill
-from evit_cli.train.run import TrainConfig, finetune
+from evit_cli.train import TrainConfig, distill, finetune
+from evit_cli.train.loader import mix_batch, mixed_target
 
 
 def _batch(n=4, seed=0):
@@ -123,7 +122,7 @@ def test_teacher_and_student_see_the_same_mixed_batch(tmp_path, monkeypatch):
         seen["teacher"].append(images.clone())
         return real_outputs(self, images)
 
-    import evit_cli.train.run as train
+    import evit_cli.train.loop as train
 
     real_mixed = train.mixed
 

@@ -10,8 +10,8 @@ from test_cli import run
 from test_recovery import _flat_folder
 
 import evit_cli
-from evit_cli.measure.evaluate import origin_of
-from evit_cli.train.run import TrainConfig, finetune
+from evit_cli.measure.reference import origin_of
+from evit_cli.train import TrainConfig, finetune
 
 
 def test_origin_follows_the_chain_of_training_records():

@@ -10,7 +10,7 @@ import pytest
 from evit_cli import EvitError
 from evit_cli.algorithm.schedule import Schedule, lr_at, steps_per_epoch
 from evit_cli.train.checkpoint import Position, kept_rows, save_due
-from evit_cli.train.run import changed_setting
+from evit_cli.train.resume import changed_setting
 
 
 def test_steps_per_epoch_drops_the_last_partial_step():

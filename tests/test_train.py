@@ -19,7 +19,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import evit_cli
-from evit_cli.train.run import TrainConfig, finetune, load_recipe
+from evit_cli.cli.finetune import finetune_and_bench as finetune  # what `evit finetune` runs: train, then bench
+from evit_cli.train import TrainConfig, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
@@ -153,7 +154,7 @@ def test_torchrun_two_cpu_processes_write_one_output(tiny_model, colours, tmp_pa
 def test_data_formats_and_columns(tmp_path, colours):
     import datasets
 
-    from evit_cli.io.data import load_image_data
+    from evit_cli.io.datasets import load_image_data
 
     folder = load_image_data(str(colours))
     assert folder.class_names == ["blue", "green", "red"] and len(folder.val) == 9
@@ -190,20 +191,63 @@ def test_streaming_parquet_trains_for_the_given_steps(tmp_path, colours, tiny_mo
 
 
 def test_recipes_load_and_flags_override():
-    recipes = sorted((ROOT / "recipes").glob("deit_*_keep*.yaml"))
-    assert len(recipes) >= 10
+    recipes = sorted((ROOT / "recipes").glob("deit_*.yaml"))
+    assert [p.name for p in recipes] == ["deit_base.yaml", "deit_small.yaml", "deit_small_from_scratch.yaml"]
     for path in recipes:
         cfg = TrainConfig.merged(load_recipe(path), {"dataset": "x"})
-        assert cfg.layers == "4,7,10" and 0.5 <= cfg.keep_rate <= 0.9
-    cfg = TrainConfig.merged(load_recipe(ROOT / "recipes" / "deit_small_keep0.7.yaml"), {"epochs": 2, "lr": None})
+        assert cfg.layers == "4,7,10" and cfg.keep_rate == 0.7
+    for size in ("small", "base"):  # the paper's keep rates: one recipe per model, the rate a flag
+        for rate in (0.5, 0.6, 0.7, 0.8, 0.9):
+            cfg = TrainConfig.merged(load_recipe(ROOT / "recipes" / f"deit_{size}.yaml"), {"keep_rate": rate})
+            assert cfg.keep_rate == rate and cfg.model == f"deit_{size}_patch16_224" and cfg.epochs == 30
+    cfg = TrainConfig.merged(load_recipe(ROOT / "recipes" / "deit_small.yaml"), {"epochs": 2, "lr": None})
     assert (cfg.epochs == 2 and cfg.lr_per_512 == 2e-5 and cfg.weight_decay == 1e-6
             and cfg.model == "deit_small_patch16_224")
     with pytest.raises(evit_cli.EvitError, match="unknown recipe keys"):
         TrainConfig.merged({"learning_rate": 1}, {})
 
 
+def test_a_flag_given_with_a_recipe_overrides_it(tiny_model, colours, tmp_path, capsys, monkeypatch):
+    from test_cli import run
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {tiny_model}\nkeep_rate: 0.9\nepochs: 5\nbatch_size: 16\nworkers: 0\nlr: 1.0e-3\n")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run(["finetune", "--recipe", recipe, "--dataset", colours, "-k", "0.5", "--epochs", "1",
+                        "--no-bench", "-o", tmp_path / "o"], capsys)
+    assert code == 0, err
+    settings = json.loads((tmp_path / "o" / "train_config.json").read_text())
+    assert (settings["keep_rate"], settings["epochs"], settings["batch_size"]) == ("0.5", 1.0, 16)
+    assert not (tmp_path / "o" / "bench.json").exists()  # --no-bench over the default
+    assert evit_cli.model_state(evit_cli.load(tmp_path / "o")).config.keep_rates == (0.5, 0.5)
+
+
+def test_each_option_is_declared_once_as_a_field():
+    """The flags of `evit finetune` are TrainConfig's fields: same checks, the default in the help."""
+    from dataclasses import fields
+
+    import typer
+
+    from evit_cli.cli import app
+
+    command = typer.main.get_command(app).commands["finetune"]
+    params = {p.name: p for p in command.params}
+    for f in fields(TrainConfig):
+        if not f.metadata["cli"] or f.metadata["argument"]:
+            continue
+        assert f.name in params, f.name
+        if f.name not in ("resume", "overwrite"):  # bare flags: off unless given
+            assert "[default: " in params[f.name].help, f.name
+    assert params["weight_decay"].help.endswith("[default: 0.05]") and TrainConfig().weight_decay == 0.05
+    assert set(params["batch_size"].opts) == {"-b", "--batch-size"}
+    with pytest.raises(evit_cli.EvitError, match="--batch-size must be at least 1"):
+        evit_cli.TrainConfig(batch_size=0)  # a library call is checked as the flag is
+    with pytest.raises(evit_cli.EvitError, match="--keep-rate must be a number"):
+        evit_cli.TrainConfig(keep_rate="high")
+
+
 def test_the_defaults_are_the_recovery_recipe():
-    from evit_cli.train.run import resolve_lr
+    from evit_cli.train.setup import resolve_lr
 
     recipe = load_recipe(ROOT / "recipes" / "recover.yaml")
     defaults = TrainConfig()

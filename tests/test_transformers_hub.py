@@ -17,7 +17,7 @@ from PIL import Image
 
 import evit_cli
 from evit_cli import adapters
-from evit_cli.io.data import transforms
+from evit_cli.io.images import transforms
 
 HUB = Path(__file__).parent / "hub"
 

@@ -14,8 +14,8 @@ from test_transformers import map_timm_blocks, map_timm_embeddings, timm_to_hf
 
 import evit_cli
 from evit_cli import adapters
-from evit_cli.io.data import transforms
 from evit_cli.io.export import export
+from evit_cli.io.images import transforms
 from evit_cli.io.resolve import load_state_dict
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real"

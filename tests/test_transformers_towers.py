@@ -299,7 +299,7 @@ def test_blip_captioning_checkpoint_is_refused_and_its_saved_tower_converts(tmp_
     from test_cli import run
     from test_transformers_hub import HUB, _hf_pixels, _photo, _shrunk
 
-    from evit_cli.io.data import transforms
+    from evit_cli.io.images import transforms
 
     hub = HUB / "Salesforce__blip-image-captioning-base"
     folder = _shrunk(hub, tmp_path / "blip")

@@ -8,12 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..algorithm.config import parse_keep_rates
-from ..algorithm.state import model_state
-from ..errors import EvitError
 from ..io import loading
-from ..io.data import BadImages, sample_size
-from ..measure.bench import bench
-from ..measure.evaluate import eval_report, evaluate_models, load_eval_data, reference_model
+from ..measure.evaluate import evaluate as run_eval
 from ..measure.report import eval_table, sweep_markdown, sweep_table
 from ..measure.sweep import plot_sweep
 from ..measure.sweep import sweep as run_sweep
@@ -59,19 +55,11 @@ def evaluate(
     """
     if report is not None:
         check_report_dir(report)
-    dev = resolve_device(device)
-    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint).to(dev)
-    ref, ref_says = reference_model(m, reference)
-    bad = BadImages(skip_bad_images)
-    data = load_eval_data(dataset, split, image_column, label_column)
-    with Progress() as p, p.task("eval dense and EViT", sample_size(data.val, limit), unit="images") as advance:
-        acc = evaluate_models({"dense": ref.to(dev), "evit": m}, data, batch_size=batch, workers=workers,
-                              limit=limit, device=dev, progress=advance, bad_images=bad)
-    speed = bench(m, batch=batch, device=device, reps=reps, warmup=1, progress=True)
-    result = eval_report(acc, speed, dataset=dataset, labelled=data.labelled,
-                         training=model_state(m).training, reference=ref_says)
-    if skip_bad_images:
-        result["skipped_images"] = bad.count
+    resolve_device(device)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
+    result = run_eval(m, dataset, reference=reference, split=split, limit=limit, batch=batch, workers=workers,
+                      device=device, reps=reps, image_column=image_column, label_column=label_column,
+                      skip_bad_images=skip_bad_images, progress=True).to_dict()
     if report is not None:
         result["report_files"] = [str(write_json(Path(report) / "eval.json", result))]
     emit(result, as_json, eval_table(result))
@@ -86,18 +74,12 @@ def sweep(
 ):
     """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table,
     JSON, PNG plot."""
-    if skip_bad_images and not dataset:
-        raise EvitError("--skip-bad-images is about the images of --dataset: give --dataset, or drop it")
     check_report_dir(output)
     resolve_device(device)
     m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
-    bad = BadImages(skip_bad_images)
-    data = load_eval_data(dataset, split) if dataset else None
     with Progress() as p:
-        result = run_sweep(m, list(parse_keep_rates(keep_rates)), data=data, batch=batch, reps=reps, device=device,
-                           limit=limit, workers=workers, progress=p, bad_images=bad)
-    if skip_bad_images:
-        result["skipped_images"] = bad.count
+        result = run_sweep(m, list(parse_keep_rates(keep_rates)), dataset=dataset, split=split, batch=batch, reps=reps,
+                           device=device, limit=limit, workers=workers, progress=p, skip_bad_images=skip_bad_images)
     result["model"] = loading.source_name(m, model)
     files = [write_json(output / "sweep.json", result), write_text(output / "sweep.md", sweep_markdown(result)),
              plot_sweep(result, output / "sweep.png", f"{result['model']}: EViT keep-rate sweep")]

@@ -7,6 +7,9 @@ small function of that help; the flag names and the check are still written here
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -14,6 +17,7 @@ import typer
 
 from ..algorithm.config import parse_keep_rates, parse_layers
 from ..model import validate
+from ..train.config import default_text, field_check
 
 KEEP_HELP = "Keep rate: one for every layer (0.7) or one per layer (0.9,0.8,0.7)."
 LAYERS_HELP = "1-based block numbers to reorganize in, as in the paper."
@@ -57,7 +61,47 @@ BATCHES = checked(_keeps_text(lambda value, label: validate.int_list(label, valu
 
 def train_check(name: str):
     """The callback of a finetune option: the same check a recipe value of that name gets."""
-    return checked(validate.TRAIN_CHECKS[name])
+    return checked(field_check(name))
+
+
+def _parsed_type(f: dataclasses.Field, hints: dict):
+    """What the command line parses a field's value as: ``kind``, else its type without None."""
+    if f.metadata.get("kind") is not None:
+        return f.metadata["kind"]
+    args = [a for a in typing.get_args(hints[f.name]) if a is not type(None)]
+    return args[0] if args else hints[f.name]
+
+
+def field_parameter(f: dataclasses.Field, hints: dict) -> inspect.Parameter:
+    """The command-line parameter of a settings field (see :func:`evit_cli.train.config.option`).
+    Its value is None when not given, so that a recipe's value or the field's default applies;
+    its help ends with that default, ``[default: ...]``."""
+    meta, kind = f.metadata, _parsed_type(f, hints)
+    if meta.get("argument"):
+        info = typer.Argument(help=meta["help"], show_default=False)
+    else:
+        flags = meta.get("flags") or ("--{0}/--no-{0}" if kind is bool else "--{0}").format(f.name.replace("_", "-"))
+        flags = (flags,) if isinstance(flags, str) else flags
+        shown = None if kind is bool and not any("/" in x for x in flags) else default_text(f)  # a bare flag: off
+        info = typer.Option(*flags, help=meta["help"] + (f" [default: {shown}]" if shown else ""), show_default=False,
+                            callback=checked(meta["check"]) if meta.get("check") else None,
+                            rich_help_panel=meta.get("group"))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[Optional[kind], info])
+
+
+def config_parameters(cls) -> list[inspect.Parameter]:
+    """The command-line parameters of every field of the settings dataclass ``cls`` that has one,
+    in the order of the fields."""
+    hints = typing.get_type_hints(cls)
+    return [field_parameter(f, hints) for f in dataclasses.fields(cls) if f.metadata.get("cli", True)]
+
+
+def with_parameters(function, parameters: list[inspect.Parameter]):
+    """``function(**values)`` as a command with ``parameters`` (what typer reads to build its options)."""
+    function.__signature__ = inspect.Signature(parameters)
+    function.__annotations__ = {p.name: p.annotation for p in parameters}
+    return function
 
 
 # --- the model -------------------------------------------------------------------------------------

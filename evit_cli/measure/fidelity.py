@@ -115,6 +115,24 @@ class Tally:
         """Take the embeddings kept by every process (``parts``, this one's among them) as this tally's."""
         self.kept = {name: [t for p in parts for t in p[name]] for name in self.kept}
 
+    def all_reduce(self, device) -> None:
+        """In a torch.distributed run, the sums of every process (and, for an embedding model, their
+        embeddings, which the set-level measures need); nothing in a single process."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        keys = list(self.sums)
+        t = torch.tensor([self.sums[k] for k in keys] + [float(self.has_ref), float(self.has_labels)],
+                         dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        *sums, has_ref, has_labels = t.tolist()
+        self.sums, self.has_ref, self.has_labels = dict(zip(keys, sums)), has_ref > 0, has_labels > 0
+        if self.embedding:
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, self.kept)
+            self.merge_kept(parts)
+
     def result(self) -> dict:
         s, r = self.sums, {"images": int(self.sums["images"])}
         n = max(s["images"], 1)

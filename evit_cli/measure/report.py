@@ -10,7 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..utils.files import write_json, write_text
-from .fidelity import NEIGHBOURS
+from .metrics import cells, present
 
 BENCH_JSON = "bench.json"
 BENCH_MD = "bench.md"
@@ -164,27 +164,15 @@ def fmt_value(v) -> str:
     return str(v)
 
 
-FIDELITY_COLUMNS = (("agreement", "agreement (%)", "{:.2f}"), ("kl", "KL(dense‖EViT)", "{:.4f}"),
-                    ("cosine", "cosine", "{:.4f}"), ("neighbour_overlap", f"{NEIGHBOURS}-NN overlap (%)", "{:.2f}"),
-                    ("knn_top1", "kNN top-1 (%)", "{:.2f}"), ("top1", "top-1 (%)", "{:.2f}"),
-                    ("top5", "top-5 (%)", "{:.2f}"))
-
-
-def _fidelity_columns(rows: list[dict]) -> list[tuple[str, str, str]]:
-    """The fidelity and accuracy columns that some row has; a row without one shows '-' (the dense model itself)."""
-    return [c for c in FIDELITY_COLUMNS if any(c[0] in x for x in rows)]
-
-
-def _cells(x: dict, cols) -> list[str]:
-    return [fmt.format(x[k]) if k in x else "-" for k, _, fmt in cols]
-
-
 def eval_rows(r: dict) -> list[list[str]]:
-    cols = _fidelity_columns([r["dense"], r["evit_model"]])
-    rows = [["model", *(h for _, h, _ in cols), "GMACs", f"images/s @{r['batch']}"]]
-    for label, key in (("dense", "dense"), ("EViT", "evit_model")):
-        m = r[key]
-        rows.append([label, *_cells(m, cols), f"{m['gmacs']:.2f}", f"{m['images_per_s']:.1f}"])
+    """The eval report as rows: the measures some model has, GMACs, and images/s when it was timed."""
+    models = (("dense", r["dense"]), ("EViT", r["evit_model"]))
+    cols = present([m for _, m in models])
+    timed = any(m.get("images_per_s") is not None for _, m in models)
+    rows = [["model", *(m.title for m in cols), "GMACs", *([f"images/s @{r['batch']}"] if timed else [])]]
+    for label, m in models:
+        speed = [f"{m['images_per_s']:.1f}"] if timed else []
+        rows.append([label, *cells(m, cols), f"{m['gmacs']:.2f}", *speed])
     return rows
 
 
@@ -200,19 +188,20 @@ def eval_table(r: dict) -> Table:
     e = r["evit"]
     labels = "" if r.get("labelled", True) else ", no labels"
     skipped = f", {r['skipped_images']} unreadable skipped" if r.get("skipped_images") else ""
+    speedup = f"speedup {r['speedup']:.2f}x; " if r.get("speedup") is not None else ""
     caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers "
                f"{','.join(map(str, e['layers']))} "
                f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, {training_note(r.get('training'))}; "
-               f"{r.get('reference', 'reference: the dense model')}; speedup {r['speedup']:.2f}x; {r['device_name']}")
+               f"{r.get('reference', 'reference: the dense model')}; {speedup}{r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
 
 
 def sweep_rows(r: dict) -> list[list[str]]:
-    cols = _fidelity_columns(r["rows"])
-    rows = [["model", "keep rate", "GMACs", f"images/s @{r['batch']}", "speedup", *(h for _, h, _ in cols)]]
+    cols = present(r["rows"])
+    rows = [["model", "keep rate", "GMACs", f"images/s @{r['batch']}", "speedup", *(m.title for m in cols)]]
     for x in r["rows"]:
         rows.append([x["model"], f"{x['keep_rate']:g}", f"{x['gmacs']:.3f}", f"{x['images_per_s']:.1f}",
-                     f"{x['speedup']:.2f}x", *_cells(x, cols)])
+                     f"{x['speedup']:.2f}x", *cells(x, cols)])
     return rows
 
 

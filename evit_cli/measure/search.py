@@ -25,15 +25,14 @@ from torch import nn
 
 from .. import adapters
 from ..errors import EvitError
-from ..io.data import make_loader, transforms, with_transform
-from ..model.classes import eval_class_map
 from ..model.convert import convert_module, dense_copy, get_config
 from ..model.macs import count_macs, largest_keep_rate_under
 from ..model.validate import optional, positive, unit_interval
 from ..utils.progress import Progress
 from .bench import median_times
-from .evaluate import evaluate_models
-from .fidelity import Tally
+from .evaluate import Evaluator, is_embedding
+from .fidelity import Tally, outputs
+from .metrics import FidelityRow, column_values
 
 
 def candidate_layer_sets(depth: int) -> list[tuple[int, ...]]:
@@ -106,9 +105,11 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
 def search_fidelity(model: nn.Module, data, *, limit: int, batch: int, workers: int, device) -> dict:
     """Fidelity to the dense model (and accuracy with labels) of a found setting, on ``limit`` images:
     agreement and KL, or for an embedding model cosine and neighbour overlap; top-1 or kNN top-1."""
-    r = evaluate_models({"dense": dense_copy(model).to(device).eval(), "evit": model.to(device).eval()}, data,
-                        batch_size=batch, workers=workers, limit=limit, device=device)
-    return {**r["evit"], **{f"{k}_dense": r["dense"][k] for k in ("top1", "knn_top1") if k in r["dense"]}}
+    dense = dense_copy(model).to(device).eval()
+    rows = Evaluator(dense, data).run({"dense": dense, "evit": model.to(device).eval()}, batch_size=batch,
+                                      workers=workers, limit=limit, device=device)
+    return {**rows["evit"].to_dict(), **{f"{k}_dense": v for k, v in rows["dense"].to_dict().items()
+                                         if k in ("top1", "knn_top1")}}
 
 
 def _search_speedup(model, target: float, *, batch: int, reps: int, device: str) -> float | None:
@@ -138,44 +139,31 @@ def _search_speedup(model, target: float, *, batch: int, reps: int, device: str)
 
 
 GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # the paper's range, and a little below
-MEASURES = ("agreement", "kl", "top1", "cosine", "neighbour_overlap", "knn_top1")  # what a Scorer reports
-
-
-def is_embedding(model: nn.Module) -> bool:
-    """A headless model: its output is an embedding, not class logits."""
-    return adapters.get_adapter(model).num_classes(model) == 0
 
 
 def calibration_sample(model: nn.Module, data, limit: int, *,
                        workers: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A seeded sample of ``limit`` images (eval transform) and their labels: in the model's
-    classes, or for an embedding model the data set's own."""
-
-    adapter = adapters.get_adapter(model)
-    mapping = eval_class_map(data.class_names, model) if data.labelled and not is_embedding(model) else None
-    ds = data.val.shuffle(seed=0).select(range(min(limit, len(data.val))))
-    ds = with_transform(ds, data.image_column, data.label_column, transforms(adapter.data_config(model), train=False),
-                        label_map=mapping)
-    xs, ys = zip(*make_loader(ds, batch_size=64, workers=workers))
+    """The evaluator's seeded sample of ``limit`` images (the model's eval transform), decoded once,
+    and their labels: in the model's classes, or for an embedding model the data set's own."""
+    xs, ys = zip(*Evaluator(model, data).batches(batch_size=64, workers=workers, limit=limit))
     return torch.cat(xs), (torch.cat(ys) if data.labelled else None)
 
 
 class Scorer:
-    """Fidelity of keep-rate settings of one model on a fixed sample, each setting evaluated once
-    (the measures of :class:`~.fidelity.Tally`)."""
+    """Fidelity of keep-rate settings of one model on a fixed sample, each setting evaluated once:
+    the measures of :data:`~.metrics.COLUMNS` (top-1 None for a classifier without labels)."""
 
     def __init__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, batch: int, device):
         self.model, self.images, self.targets, self.batch, self.device = (model.to(device).eval(), images, targets,
                                                                           batch, device)
-        self.adapter = adapters.get_adapter(model)
         self.embedding = is_embedding(model)
-        self.img = self.adapter.img_size(model)
+        self.img = adapters.get_adapter(model).img_size(model)
         self.ref = self._outputs(dense_copy(model).to(device).eval())
         self.cache: dict[tuple, dict] = {}
 
     @torch.no_grad()
     def _outputs(self, m: nn.Module) -> torch.Tensor:
-        return torch.cat([self.adapter.outputs(m, self.images[i:i + self.batch].to(self.device)).float().cpu()
+        return torch.cat([outputs(m, self.images[i:i + self.batch].to(self.device)).cpu()
                           for i in range(0, len(self.images), self.batch)])
 
     def divergence(self, r: dict) -> float:
@@ -187,12 +175,11 @@ class Scorer:
             adapters.set_keep_rates(self.model, rates)
             tally = Tally(self.embedding)
             tally.add(self._outputs(self.model), self.ref, self.targets)
-            r = tally.result()
+            r = FidelityRow.from_dict("setting", tally.result()).metrics()
             if not self.embedding:
                 r.setdefault("top1", None)
             self.cache[rates] = {"keep_rates": list(rates),
-                                 "gmacs": count_macs(self.model, self.img, self.device) / 1e9,
-                                 **{k: r[k] for k in MEASURES if k in r}}
+                                 "gmacs": count_macs(self.model, self.img, self.device) / 1e9, **r}
         return self.cache[rates]
 
 
@@ -283,7 +270,7 @@ def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None,
     accuracy = {f"{k}_dense": dense[k] for k in ("top1", "knn_top1") if k in dense}
     return {
         "layers": [p for p, _ in kept], "keep_rates": [r for _, r in kept], "fuse": cfg.fuse,
-        "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], **{k: found[k] for k in MEASURES if k in found},
+        "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], **column_values(found),
         **accuracy, "constraint": words, "calibration_images": len(images), "evaluations": len(score.cache),
         "single_rate": single,
     }
@@ -300,8 +287,7 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
     def row(r):
         if r is None:
             return None
-        return {"keep_rate": r["keep_rates"][0], "gmacs": r["gmacs"], **{k: r[k] for k in MEASURES if k in r},
-                "meets": ok(r)}
+        return {"keep_rate": r["keep_rates"][0], "gmacs": r["gmacs"], **column_values(r), "meets": ok(r)}
 
     try:
         equal = score((largest_keep_rate_under(m, gmacs * 1e9 + 0.5, step=0.01),) * n)

@@ -10,16 +10,16 @@ import torch
 from torch import nn
 
 from .. import adapters
+from ..algorithm.state import model_state
 from ..errors import EvitError
-from ..io.data import sample_size
+from ..io.datasets import ImageData
+from ..io.images import BadImages
 from ..model.convert import convert_module, dense_copy, get_config
 from ..model.macs import count_macs
+from ..model.validate import non_negative_int, optional, positive_int
 from ..utils.files import write_bytes
-from ..utils.progress import Progress
 from .bench import median_times
-from .evaluate import evaluate_models
-
-FIDELITY_KEYS = ("agreement", "kl", "cosine", "neighbour_overlap", "knn_top1", "top1", "top5")
+from .evaluate import Evaluator, evit_model, load_eval_data, progress_of
 
 
 def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
@@ -33,48 +33,81 @@ def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
     return out
 
 
-def sweep(model: nn.Module, keep_rates: list[float], *, data=None, batch: int = 64, reps: int = 5, warmup: int = 1,
-          device: str = "cpu", limit: int | None = None, workers: int = 2, amp: bool = False, progress=None,
-          bad_images=None) -> dict:
-    """GMACs, images/s and speedup (all timed side by side, interleaved), and accuracy when a data set is given.
-
-    ``progress``: an :class:`evit_cli.utils.progress.Progress` to show the timing and evaluation on;
-    ``bad_images``: a :class:`evit_cli.io.data.BadImages` (see :func:`evit_cli.measure.evaluate.evaluate_models`)."""
-
+def _check(keep_rates, batch: int, reps: int, limit, workers: int, dataset, skip_bad_images: bool) -> None:
     if not keep_rates:
         raise EvitError("no keep rates to sweep: give --keep-rates, e.g. 0.5,0.7,0.9")
     for r in keep_rates:
         if not 0 < r <= 1:
             raise EvitError(f"keep rate {r} is outside (0, 1]")
-    progress = progress or Progress(enabled=False)
-    models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
-    img = adapters.get_adapter(model).img_size(model)
-    x = torch.randn(batch, 3, img, img, device=device)
-    with progress.task(f"sweep: timing {len(models)} models", len(models) * (warmup + reps), unit="passes") as advance:
-        med = median_times(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
-    acc = {}
-    if data:
+    positive_int("--batch", batch)
+    positive_int("--reps", reps)
+    optional(positive_int)("--limit", limit)
+    non_negative_int("--workers", workers)
+    if skip_bad_images and dataset is None:
+        raise EvitError("--skip-bad-images is about the images of --dataset: give --dataset, or drop it")
 
-        with progress.task(f"sweep: accuracy of {len(models)} models", sample_size(data.val, limit),
-                           unit="images") as advance:
-            acc = evaluate_models(models, data, batch_size=batch, workers=workers, limit=limit, device=device,
-                                  progress=advance, bad_images=bad_images)
-    rows = []
-    for name, m in models.items():
-        row = {
-            "keep_rate": 1.0 if name == "dense" else float(name),
-            "model": "dense" if name == "dense" else "evit",
-            "gmacs": count_macs(m, img, device) / 1e9,
-            "images_per_s": batch / med[name],
-            "speedup": med["dense"] / med[name],
-        }
-        if name in acc:
-            row.update({k: v for k, v in acc[name].items() if k in FIDELITY_KEYS})
-        rows.append(row)
+
+def sweep(model: nn.Module | str | os.PathLike, keep_rates: list[float], *, dataset=None, split: str | None = None,
+          batch: int = 64, reps: int = 5, warmup: int = 1, device: str = "cpu", limit: int | None = None,
+          workers: int = 2, amp: bool = False, progress=None, skip_bad_images: bool = False) -> dict:
+    """For each keep rate (at the model's EViT layers): GMACs, images/s and speedup over the dense
+    model (all timed side by side, interleaved), and with ``dataset`` the fidelity and accuracy
+    measures of :data:`~.metrics.COLUMNS` on its images (the same evaluator as :func:`evit_cli.evaluate`).
+
+    ``model``: an EViT model, or an exported folder or name (its own layers). ``dataset``: a hub name,
+    folder or parquet (``split``, else its validation split, else all of it), or data from
+    :func:`~.evaluate.load_eval_data`; ``limit``: a seeded sample of that many images.
+    ``skip_bad_images``: skip and count undecodable images (``skipped_images`` in the result). ``progress``: show the
+    timing and evaluation on stderr (or on a given :class:`evit_cli.utils.progress.Progress`).
+    Returns the report (``rows``: one per model; see :func:`evit_cli.measure.report.sweep_table`)."""
+    _check(keep_rates, batch, reps, limit, workers, dataset, skip_bad_images)
+    spec, model = model, evit_model(model)
+    with progress_of(progress) as p:
+        models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
+        img = adapters.get_adapter(model).img_size(model)
+        x = torch.randn(batch, 3, img, img, device=device)
+        with p.task(f"sweep: timing {len(models)} models", len(models) * (warmup + reps), unit="passes") as advance:
+            med = median_times(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
+        bad = BadImages(skip_bad_images)
+        measured = _measure(models, dataset, split, p, batch=batch, workers=workers, limit=limit, device=device,
+                            bad=bad)
+    rows = [_row(name, m, img, device, batch, med, measured) for name, m in models.items()]
     cfg = get_config(model)
-    return {"layers": list(cfg.layers), "fuse": cfg.fuse, "batch": batch, "img_size": img, "reps": reps, "rows": rows,
-            "amp": amp,
-            "images": next(iter(acc.values()))["images"] if acc else 0}
+    result = {"layers": list(cfg.layers), "fuse": cfg.fuse, "batch": batch, "img_size": img, "reps": reps,
+              "rows": rows, "amp": amp, "images": next(iter(measured.values())).images if measured else 0,
+              "model": _name(model, spec)}
+    if skip_bad_images:
+        result["skipped_images"] = bad.count
+    return result
+
+
+def _name(model: nn.Module, spec) -> str:
+    """The name of the model swept: its source, else what it was loaded from, else its class."""
+    fallback = type(model).__name__ if isinstance(spec, nn.Module) else str(spec)
+    return (model_state(model).source or {}).get("model", fallback)
+
+
+def _measure(models: dict, dataset, split, p, *, batch, workers, limit, device, bad) -> dict:
+    """The evaluator's rows of every model against the dense one, when there is a data set."""
+    if dataset is None:
+        return {}
+    data = dataset if isinstance(dataset, ImageData) else load_eval_data(str(dataset), split)
+    ev = Evaluator(models["dense"], data, bad_images=bad)
+    with p.task(f"sweep: accuracy of {len(models)} models", ev.size(limit), unit="images") as advance:
+        return ev.run(models, batch_size=batch, workers=workers, limit=limit, device=device, progress=advance)
+
+
+def _row(name: str, m: nn.Module, img: int, device, batch: int, med: dict, measured: dict) -> dict:
+    row = {
+        "keep_rate": 1.0 if name == "dense" else float(name),
+        "model": "dense" if name == "dense" else "evit",
+        "gmacs": count_macs(m, img, device) / 1e9,
+        "images_per_s": batch / med[name],
+        "speedup": med["dense"] / med[name],
+    }
+    if name in measured:
+        row.update(measured[name].metrics())
+    return row
 
 
 def plot_sweep(result: dict, path: str | os.PathLike, title: str = "") -> Path:

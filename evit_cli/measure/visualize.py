@@ -9,7 +9,7 @@ from torch import nn
 
 from .. import adapters
 from ..errors import EvitError
-from ..io.data import open_image, transforms
+from ..io.images import open_image, transforms
 from ..model.convert import get_config
 from ..utils.files import write_bytes
 

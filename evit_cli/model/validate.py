@@ -266,36 +266,4 @@ def optional(check):
     return run
 
 
-# Every TrainConfig field a recipe or a flag can set, with its check. keep_rate and layers
-# are checked by config.make_config against the model, model/dataset/output by their loaders.
-DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")  # --distill-loss: distill.distill_kind says what each is
-
-
-TRAIN_CHECKS = {
-    "val_fraction": open_fraction, "workers": non_negative_int, "steps_per_epoch": optional(positive_int),
-    "randaugment": optional(randaugment), "mixup": non_negative, "cutmix": non_negative, "smoothing": below_one,
-    "epochs": optional(positive), "batch_size": positive_int, "lr": optional(positive),
-    "lr_per_512": optional(positive), "min_lr": non_negative, "weight_decay": non_negative,
-    "warmup_epochs": non_negative, "clip_grad": optional(positive), "accum_steps": positive_int,
-    "seed": non_negative_int,
-    "device": optional(device), "shrink_start": non_negative, "shrink_epochs": non_negative,
-    "distill_alpha": unit_interval, "distill_tau": positive, "distill_features": non_negative,
-    "distill_layers": optional(non_negative),
-    "save_every": non_negative_int,
-    "bench_batch": positive_int, "pretrained": boolean, "streaming": boolean, "amp": boolean,
-    "distill": optional(boolean), "resume": boolean, "overwrite": boolean, "bench": boolean,
-    "train_split": text, "val_split": optional(text), "image_column": optional(text),
-    "label_column": optional(text), "teacher": optional(text), "checkpoint": optional(text),
-    "color_jitter": non_negative, "checkpoint_dir": optional(text), "head": one_of("auto", "keep", "new"),
-    "img_size": optional(positive_int), "oracle": optional(boolean), "distill_loss": one_of(*DISTILL_LOSSES),
-    "num_classes": optional(non_negative_int),
-}
-
-
-def train_config(cfg) -> None:
-    """Check every field of a TrainConfig (recipe and flags merged) that has a check."""
-    for name, check in TRAIN_CHECKS.items():
-        if hasattr(cfg, name):
-            setattr(cfg, name, check("--" + name.replace("_", "-"), getattr(cfg, name)))
-    if cfg.lr is not None and cfg.min_lr > cfg.lr:
-        raise EvitError(f"--min-lr {cfg.min_lr:g} is above --lr {cfg.lr:g}: lower --min-lr")
+DISTILL_LOSSES = ("auto", "mse", "kl", "cosine")  # --distill-loss (evit_cli.train.config): distill.distill_kind
