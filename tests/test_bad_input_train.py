@@ -38,10 +38,10 @@ def ws(tmp_path_factory):
 def _data_sets(root):
     import datasets
 
-    for d in ("a", "b"):  # every image unreadable
-        (root / "allbad" / d).mkdir(parents=True)
+    for d in ("allbad/a", "allbad/b", "allbad_flat"):  # every image unreadable
+        (root / d).mkdir(parents=True)
         for i in range(4):
-            (root / "allbad" / d / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+            (root / d / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     full = datasets.load_dataset("imagefolder", data_dir=str(root / "colours"))["train"]
     ints = full.cast_column("label", datasets.Value("int64"))
     ints.filter(lambda r: r["label"] == 0).save_to_disk(str(root / "oneclass"))  # labels 0 only: class '0'
@@ -50,6 +50,12 @@ def _data_sets(root):
     unlabelled = full.select(range(2)).map(lambda r: {"label": -1})  # datasets' "no label"
     train = datasets.concatenate_datasets([full, unlabelled])
     datasets.DatasetDict(train=train, validation=full.select(range(3))).save_to_disk(str(root / "train_label_-1"))
+    colours = sorted((root / "colours").iterdir())
+    shutil.copytree(colours[0], root / "oneclassfolder" / colours[0].name)  # a labelled folder of one class
+    shutil.copytree(root / "colours", root / "emptyclassfolder")
+    (root / "emptyclassfolder" / "zebra").mkdir()  # a class folder without an image
+    (root / "oneimage").mkdir()
+    shutil.copy(next(colours[0].iterdir()), root / "oneimage")
     (root / "pq").mkdir()
     ints.to_parquet(str(root / "pq" / "train.parquet"))
     ints.select([]).to_parquet(str(root / "pq" / "validation.parquet"))
@@ -148,12 +154,36 @@ DATA = [
     ("every image unreadable, skipped", ["--dataset", "allbad", "-b", "2", "--skip-bad-images"],
      "could not be decoded and were skipped"),
     ("every image unreadable", ["--dataset", "allbad", "-b", "2"], "cannot read image"),
+    ("a labelled folder of one class", ["--dataset", "oneclassfolder", "-b", "2"],
+     "has a single class folder ('blue')"),
+    ("a class folder without an image", ["--dataset", "emptyclassfolder", "-b", "2"],
+     "class folder 'zebra' of emptyclassfolder holds no image"),
+    ("a folder of one image", ["--dataset", "oneimage", "-b", "1"], "oneimage holds a single image"),
 ]
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in DATA], ids=[c[0] for c in DATA])
 def test_a_data_set_that_cannot_train_is_one_line_and_leaves_nothing(args, message, ws, capsys, monkeypatch):
     _refused(F + args, message, ws, capsys, monkeypatch)
+
+
+E = ["eval", M, "--workers", "0", "--report", "ev"]
+EVAL = [
+    ("labels of one class", ["--dataset", "oneclass"],
+     "the evaluation split (split 'train' (all of it)) holds a single class ('0'): top-1 over one class says nothing"),
+    ("a labelled folder of one class", ["--dataset", "oneclassfolder"], "has a single class folder ('blue')"),
+    ("a class folder without an image", ["--dataset", "emptyclassfolder"],
+     "class folder 'zebra' of emptyclassfolder holds no image"),
+    ("a folder of one image", ["--dataset", "oneimage"], "oneimage holds a single image"),
+    ("every image unreadable", ["--dataset", "allbad_flat"], "cannot read image"),
+    ("every image unreadable, skipped", ["--dataset", "allbad_flat", "--skip-bad-images"],
+     "none of the 4 images could be decoded (all were skipped)"),
+]
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in EVAL], ids=[c[0] for c in EVAL])
+def test_a_data_set_that_cannot_be_evaluated_is_one_line_and_leaves_nothing(args, message, ws, capsys, monkeypatch):
+    _refused(E + args, message, ws, capsys, monkeypatch)
 
 
 def test_an_empty_validation_split_is_refused_before_training():

@@ -240,10 +240,10 @@ def test_per_epoch_validation_measures_embeddings(headless, colours):
     from evit_cli import adapters
     from evit_cli.io.datasets import load_image_data
     from evit_cli.io.images import transforms, with_transform
+    from evit_cli.measure.metrics import describe
     from evit_cli.train import TrainConfig
     from evit_cli.train.distill import Teacher
-    from evit_cli.train.setup import Dist
-    from evit_cli.train.validation import describe_metrics, evaluate
+    from evit_cli.train.validation import evaluate
 
     model = evit_cli.load(headless)
     adapter = adapters.get_adapter(model)
@@ -251,10 +251,9 @@ def test_per_epoch_validation_measures_embeddings(headless, colours):
     ds = with_transform(data.val, data.image_column, data.label_column,
                         transforms(adapter.data_config(model), train=False))
     teacher = Teacher(dense_copy(model).eval(), None, "dense")
-    r = evaluate(model, model, adapter, ds, None, TrainConfig(batch_size=5, workers=0), torch.device("cpu"), Dist(),
-                 teacher)
+    r = evaluate(model, model, ds, None, TrainConfig(batch_size=5, workers=0), torch.device("cpu"), teacher)
     evit, dense = independent_logits(model, colours).numpy(), independent_logits(teacher.model, colours).numpy()
     assert r["neighbour_overlap"] == pytest.approx(naive_overlap(evit, dense, 10))
     assert r["knn_top1"] == pytest.approx(naive_knn_top1(evit, colour_labels(colours), 20))
     r.update(keep_rate=[0.3], split="val")
-    assert "10-NN overlap" in describe_metrics(r) and "kNN top-1" in describe_metrics(r)
+    assert "10-NN overlap" in describe(r) and "kNN top-1" in describe(r)

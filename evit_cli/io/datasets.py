@@ -80,15 +80,37 @@ def _imagefolder_splits(root: Path) -> dict[str, list[str]]:
     Listed explicitly: `datasets`' own split inference reads split names into file names
     (ILSVRC2012_val_*.JPEG) and drops files.
     """
-    def images(d: Path) -> list[str]:
-        return sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-
-    splits = {d.name.lower(): images(d) for d in root.iterdir()
-              if d.is_dir() and d.name.lower() in ("train",) + VAL_SPLITS}
-    splits = {k: v for k, v in splits.items() if v} or {"train": images(root)}
+    dirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and d.name.lower() in ("train",) + VAL_SPLITS}
+    splits = {k: _images(d) for k, d in dirs.items()}
+    splits = {k: v for k, v in splits.items() if v} or {"train": _images(root)}
     if not any(splits.values()):
         raise EvitError(f"no images under {root}: an image folder has a subfolder of images per class")
+    for split in splits:
+        check_class_folders(dirs.get(split, root))
     return splits
+
+
+def _images(d: Path) -> list[str]:
+    return sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+
+
+def check_class_folders(folder: Path) -> None:
+    """Refuse a folder of images that cannot mean what it seems to: one image in all, a class folder
+    without an image beside others with images, or a single class folder (a labelled folder needs
+    two or more classes; loose images in one flat folder are the unlabelled kind)."""
+    loose = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+    classes = {d.name: len(_images(d)) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    if len(loose) + sum(classes.values()) == 1:
+        raise EvitError(f"{folder} holds a single image: fine-tuning and evaluation need several; add images")
+    if loose or not classes:
+        return
+    empty = [name for name, n in classes.items() if n == 0]
+    if empty:
+        raise EvitError(f"class folder {empty[0]!r} of {folder} holds no image: add images to it, or remove it")
+    if len(classes) == 1:
+        (name,) = classes
+        raise EvitError(f"{folder} has a single class folder ({name!r}): give a subfolder of images for each of two "
+                        "or more classes, or put the images straight into one folder for label-free use")
 
 
 def _parquet_splits(root: Path, files: list[Path]) -> dict[str, list[str]]:

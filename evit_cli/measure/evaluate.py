@@ -58,6 +58,19 @@ def eval_label_map(model: nn.Module, data) -> list[int] | None:
     return eval_class_map(data.class_names, model) if data.labelled and not is_embedding(model) else None
 
 
+def _check_classes(data) -> None:
+    """Top-1 over labels of a single class says nothing (a model that always answers it scores 100%)."""
+    column, split = data.label_column, data.val
+    if column is None or not hasattr(split, "unique") or not hasattr(split, "__len__"):
+        return  # no labels, or a stream: not read ahead
+    values = [v for v in split.unique(column) if v != -1]
+    if len(values) == 1:
+        name = data.class_names[values[0]] if 0 <= values[0] < len(data.class_names) else values[0]
+        raise EvitError(f"the evaluation split ({data.val_source}) holds a single class ({name!r}): top-1 over one "
+                        "class says nothing; give images of two or more classes, or drop the labels (a flat folder "
+                        "of images) to measure agreement with the dense model")
+
+
 class Evaluator:
     """The pieces of an evaluation of models like ``model`` (same preprocessing and classes; its
     dense copy and EViT variants) on ``data`` (an :class:`evit_cli.io.datasets.ImageData`; its
@@ -68,6 +81,7 @@ class Evaluator:
         self.data, self.bad_images = data, bad_images
         self.embedding = is_embedding(model)
         self.transform = eval_transform(model)
+        _check_classes(data)
         self.label_map = eval_label_map(model, data)
 
     def size(self, limit: int | None = None) -> int | None:
@@ -96,7 +110,10 @@ class Evaluator:
                                 reference=reference, embedding=self.embedding, device=device, amp=amp,
                                 progress=progress)
         if tallies[reference].sums["images"] == 0:
-            raise EvitError("the evaluation split is empty")
+            if self.bad_images is not None and self.bad_images.count:
+                raise EvitError(f"none of the {self.bad_images.count} images could be decoded (all were skipped): "
+                                "check the data set, or give another")
+            raise EvitError("the evaluation split is empty: give another --split or data set")
         return {name: FidelityRow.from_dict(name, t.result()) for name, t in tallies.items()}
 
 

@@ -27,6 +27,7 @@ from torch import nn
 from .. import adapters
 from ..algorithm.schedule import Schedule
 from ..errors import EvitError
+from ..measure.metrics import describe
 from ..utils.device import amp_dtype, autocast
 from . import checkpoint as ckpt
 from . import resume
@@ -44,7 +45,7 @@ from .setup import (
     prepare,
     run_device,
 )
-from .validation import describe_metrics, evaluate
+from .validation import evaluate
 
 
 @dataclass
@@ -234,8 +235,7 @@ def _end_epoch(run: Run, epoch: int, console) -> None:
     """Validation, the epoch's metrics row, and the end-of-epoch checkpoint."""
     s = run.s
     _, val_ds, _, val_sampler = run.loaders
-    metrics = evaluate(run.net, s.model, s.adapter, val_ds, val_sampler, run.cfg, run.device, run.d, s.teacher,
-                       run.bad_images)
+    metrics = evaluate(run.net, s.model, val_ds, val_sampler, run.cfg, run.device, s.teacher, run.bad_images)
     rates, lr = run.sched.after(run.step)
     metrics.update(epoch=epoch + 1, step=run.step, keep_rate=rates, lr=lr, split=s.data.val_source)
     run.history.append(metrics)
@@ -244,7 +244,7 @@ def _end_epoch(run: Run, epoch: int, console) -> None:
         ckpt.append(run.out / resume.METRICS_LOG, metrics)
         ckpt.save(run.train_dir, state)
         if console is not None:
-            console.print(f"epoch {epoch + 1}/{run.sched.num_epochs}: {describe_metrics(metrics)}", highlight=False)
+            console.print(f"epoch {epoch + 1}/{run.sched.num_epochs}: {describe(metrics)}", highlight=False)
 
 
 def _finish(run: Run) -> dict:
