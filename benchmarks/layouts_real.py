@@ -12,7 +12,7 @@ and each is converted with keep rate 0.7 at layers 4,7,10, as is the timm model.
 (the timm model's preprocessing) of every photo of ../shared/real/imagenette-val it reports how often
 the top-1 agrees with the timm path, on how many photos a logit differs by more than 1e-3, and how far
 the dense models differ. Results: benchmarks/results/layouts_real.{json,md}, written at the end.
-(tests/test_transformers_real.py runs the same check on 16 photos.)
+(tests/adapters/test_transformers_real.py runs the same check on 16 photos.)
 
     python benchmarks/layouts_real.py               # all 3925 photos, about 20 min on 2 CPU cores
     python benchmarks/layouts_real.py --limit 256   # a quick run

@@ -114,7 +114,7 @@ def build_teacher(distill: bool | None, teacher_name: str | None, dense: nn.Modu
 
 def layer_weight(layers: float | None, kind: str) -> float:
     """``--distill-layers``: as given, or by default 1 for an embedding model and 0 for a classifier
-    (measured on embedding models only: benchmarks/recovery_variants.py)."""
+    (measured on embedding models only: benchmarks/research/recovery_variants.py)."""
     if layers is not None:
         return layers
     return 1.0 if kind == "cosine" else 0.0

@@ -210,7 +210,7 @@ def recovery_epochs(cfg: TrainConfig, s: Setup) -> float:
     """``--epochs``, or by default 2, and 4 for a model that outputs an embedding (no classification
     head): on the held-out real photos 4 epochs raised an embedding model's fidelity on classes the
     folder did not show (benchmarks/embed_real.py) and lowered a classifier's top-1 there
-    (benchmarks/recovery_variants.py); the README has both."""
+    (benchmarks/research/recovery_variants.py); docs/finetuning.md has both."""
     if cfg.epochs is not None:
         return cfg.epochs
     return 4.0 if s.adapter.num_classes(s.model) == 0 else 2.0

@@ -59,14 +59,15 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "benchmarks/speed_table.py": "times DeiT-S and DeiT-B for most of an hour",
     "benchmarks/coverage.py": "builds all 373 ViT-like timm models: minutes",
     "benchmarks/layouts_real.py": "runs the real DeiT-Tiny in three layouts on 3925 photos: about 20 minutes "
-                                  "(tests/test_transformers_real.py runs the same check on 16)",
+                                  "(tests/adapters/test_transformers_real.py runs the same check on 16)",
     "benchmarks/generalize_real.py": "fine-tunes the real DeiT-Tiny four times: most of an hour",
     "benchmarks/embed_real.py": "fine-tunes the headless real DeiT-Tiny: most of an hour",
     "benchmarks/claims_real.py": "scores the real DeiT-Tiny in nine settings on 982 photos: minutes",
     "recovery_variants.py": "fine-tunes the real DeiT-Tiny: minutes per variant",
-    "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/test_fidelity.py trains the same way on tiny "
-                        "models); exporting or evaluating its output needs it",
-    "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/test_oracle.py trains the same way on tiny models)",
+    "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/measure/test_fidelity.py trains the same way "
+                        "on tiny models); exporting or evaluating its output needs it",
+    "--oracle": "fine-tunes the real DeiT-Tiny for minutes (tests/model/test_oracle.py trains the same way on tiny "
+                "models)",
 }
 SETUP = ("python3 -m venv", ".venv/bin/pip install")
 SUITE = (".venv/bin/python -m pytest", ".venv/bin/ruff check")

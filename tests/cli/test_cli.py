@@ -13,7 +13,7 @@ from conftest import tiny_timm
 import evit_cli
 from evit_cli.cli import main
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+REAL = Path(__file__).resolve().parents[3] / "shared" / "real"
 
 
 def run(argv, capsys):

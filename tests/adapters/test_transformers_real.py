@@ -18,9 +18,9 @@ from evit_cli.io.export import export
 from evit_cli.io.images import transforms
 from evit_cli.io.resolve import load_state_dict
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+REAL = Path(__file__).resolve().parents[3] / "shared" / "real"
 WEIGHTS = REAL / "deit_tiny_patch16_224.safetensors"
-HUB = Path(__file__).parent / "hub" / "facebook__deit-tiny-patch16-224"
+HUB = Path(__file__).parents[1] / "hub" / "facebook__deit-tiny-patch16-224"
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason="needs ../shared/real")
 

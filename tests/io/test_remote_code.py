@@ -22,7 +22,7 @@ from evit_cli.io import bundle
 from evit_cli.io import folder as artifact
 from evit_cli.model.convert import dense_copy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 REAL = next((p for p in (ROOT.parent / "shared" / "real", Path("/work/shared/real")) if p.is_dir()), None)
 
 # Run in the child: evit_cli cannot be imported there (a meta-path finder refuses it), which the

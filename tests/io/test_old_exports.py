@@ -13,7 +13,7 @@ from test_remote_code import run_without_evit
 
 import evit_cli
 
-OLD = Path(__file__).resolve().parent / "fixtures" / "exports_0.1.0"
+OLD = Path(__file__).resolve().parents[1] / "fixtures" / "exports_0.1.0"
 EXPECTED = json.loads((OLD / "expected.json").read_text())
 
 

@@ -22,7 +22,7 @@ import evit_cli
 from evit_cli.cli.finetune import finetune_and_bench as finetune  # what `evit finetune` runs: train, then bench
 from evit_cli.train import TrainConfig, load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 COLORS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 

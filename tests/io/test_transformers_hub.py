@@ -19,7 +19,7 @@ import evit_cli
 from evit_cli import adapters
 from evit_cli.io.images import transforms
 
-HUB = Path(__file__).parent / "hub"
+HUB = Path(__file__).parents[1] / "hub"
 
 
 def _photo() -> Image.Image:
