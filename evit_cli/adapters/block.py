@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from torch import Tensor, nn
 
-from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize
+from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize, squeeze
 
 
 class PositionState:
@@ -42,9 +42,12 @@ class PositionState:
         finally:
             self.reset()
 
-    def follow(self, index: int, kept: Tensor, m: int, fuse: bool) -> None:
-        """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates."""
-        if self.track_sizes:
+    def follow(self, index: int, kept: Tensor, m: int, fuse: bool, sizes: Tensor | None = None) -> None:
+        """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates (``sizes``: the new sizes, where the
+        block computed them itself, as the ``squeeze`` method does)."""
+        if sizes is not None:
+            self.sizes = sizes
+        elif self.track_sizes:
             self.sizes = follow_sizes(self.sizes, kept, m, fuse)
         self.pos = follow_positions(self.pos, kept, m, fuse)
         self.after[index] = self.pos
@@ -63,6 +66,7 @@ class BlockState:
     keep_rate: float | None = None  # None: the block only follows positions
     fuse: bool = True
     proportional: bool = False  # later attention weighs each token by the patches it holds
+    method: str = "evit"  # "evit" (the paper's) or "squeeze" (see docs/algorithm.md)
     record: bool = False  # keep the indices of the kept tokens in ``kept``
     kept: Tensor | None = None
     rank: Callable | None = None  # (blk, x, cls_attn) -> (B, N) scores or None: chooses instead (an oracle)
@@ -72,6 +76,11 @@ class BlockState:
     @property
     def reorganizes(self) -> bool:
         return self.keep_rate is not None
+
+    @property
+    def value_norm(self) -> bool:
+        """Whether the block's ranking row weighs each head's class attention by its value norms."""
+        return self.method == "squeeze"
 
 
 class EViTBlock:
@@ -107,10 +116,18 @@ def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tens
     st: BlockState = blk.evit
     rank = st.rank(blk, x, cls_attn) if st.rank is not None else None
     m = int(x.shape[1]) - st.num_prefix  # a constant when traced: counts depend on the input size only
-    x, kept = reorganize(x, cls_attn, st.num_prefix, st.keep_rate, st.fuse, rank=rank)
+    sizes = None
+    if st.method == "squeeze":
+        # squeezed tokens join kept ones: no extra token, and the kept tokens' sizes grow
+        held = st.positions.sizes if st.positions is not None else None
+        x, kept, sizes = squeeze(x, cls_attn, st.num_prefix, st.keep_rate, held, rank=rank)
+        fuse = False
+    else:
+        x, kept = reorganize(x, cls_attn, st.num_prefix, st.keep_rate, st.fuse, rank=rank)
+        fuse = st.fuse
     if st.record:
         st.kept = kept
     # positions follow the reported sequence; the families with several (CrossViT) have no position terms
     if kept is not None and st.positions is not None and st.sequence == 0:
-        st.positions.follow(st.index, kept, m, st.fuse)
+        st.positions.follow(st.index, kept, m, fuse, sizes)
     return x, kept

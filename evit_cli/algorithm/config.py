@@ -7,26 +7,39 @@ from dataclasses import dataclass
 from ..errors import EvitError
 
 DEFAULT_LAYERS = (4, 7, 10)  # the paper's DeiT setting (1-based)
+METHODS = ("evit", "squeeze")  # the paper's reorganization (the default), and the squeeze (docs/algorithm.md)
 
 
 @dataclass(frozen=True)
 class EViTConfig:
     """``layers`` are 1-based block numbers, as in the paper; one keep rate per layer.
-    ``proportional``: proportional attention (timm models; measured, off by default, see the README)."""
+    ``proportional``: proportional attention (timm models; measured, off by default, see the README).
+    ``method``: ``"evit"`` (the paper's: keep, fuse the rest into one token) or ``"squeeze"`` (keep, squeeze
+    each other token into its most similar kept one; timm models, see docs/algorithm.md)."""
 
     layers: tuple[int, ...]
     keep_rates: tuple[float, ...]
     fuse: bool = True
     proportional: bool = False
+    method: str = "evit"
 
     def to_dict(self) -> dict:
         d = {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
-        return {**d, "proportional_attention": True} if self.proportional else d
+        if self.proportional:
+            d["proportional_attention"] = True
+        if self.method != "evit":  # dicts without it (older exports) are the paper's method
+            d["method"] = self.method
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EViTConfig":
         return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)),
-                   bool(d.get("proportional_attention", False)))
+                   bool(d.get("proportional_attention", False)), str(d.get("method", "evit")))
+
+    @property
+    def adds_token(self) -> bool:
+        """Whether a reorganizing layer adds a token of its own (the paper's fused token)."""
+        return self.fuse and self.method == "evit"
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -87,11 +100,20 @@ def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
     return rates
 
 
-def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool = False) -> EViTConfig:
+def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool | None = None,
+                method: str = "evit") -> EViTConfig:
     """Validate user input against a model of ``depth`` blocks.
 
-    ``keep_rate`` is one value for every layer or one per layer.
+    ``keep_rate`` is one value for every layer or one per layer; ``proportional`` ``None``: on for the
+    ``squeeze`` method (it is part of it), off for the paper's.
     """
+    if method not in METHODS:
+        raise EvitError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    if proportional is None:
+        proportional = method == "squeeze"
+    if method == "squeeze" and not fuse:
+        raise EvitError("the squeeze method merges every inattentive token into a kept one: it has no --no-fuse "
+                        "(that is the evit method's drop ablation)")
     layers = parse_layers(layers)
     rates = parse_keep_rates(keep_rate)
     for layer in layers:
@@ -113,6 +135,6 @@ def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: 
     if proportional and not fuse:
         raise EvitError("proportional attention weighs the fused token by the patches it holds: it needs fusing "
                         "(drop --no-fuse)")
-    return EViTConfig(layers, rates, fuse, proportional)
+    return EViTConfig(layers, rates, fuse, bool(proportional), method)
 
 

@@ -40,7 +40,9 @@ def token_counts(
     return counts
 
 
-def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+def class_attention(
+    q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None
+) -> Tensor:
     """Class-token row of the attention matrix, averaged over heads.
 
     ``q_cls``: (B, H, 1, d), the class token's queries; ``k``: (B, H, N, d);
@@ -48,11 +50,19 @@ def class_attention(q_cls: Tensor, k: Tensor, scale: float, bias: Tensor | None 
     row, broadcastable to (B, H, 1, N). Returns (B, N):
     ``mean_h softmax(q_cls * scale @ K^T + bias)``. Costs O(N * d) per head;
     the N x N matrix is never formed.
+
+    ``v`` (B, H, N, d), when given (the ``squeeze`` method's ranking), weighs
+    each head's row by the norms of that head's values before the mean:
+    ``mean_h a_h[j] * ||v_hj||``, what token ``j`` adds to the class token's
+    output rather than only how much it is looked at. Also O(N * d).
     """
     logits = (q_cls * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    return logits.float().softmax(dim=-1).mean(dim=1).squeeze(1)
+    rows = logits.float().softmax(dim=-1).squeeze(2)  # (B, H, N)
+    if v is not None:
+        rows = rows * v.float().norm(dim=-1)
+    return rows.mean(dim=1)
 
 
 def reorganize(
@@ -86,6 +96,56 @@ def reorganize(
         weights = attn.scatter(1, idx, 0.0).to(x.dtype).unsqueeze(1)
         parts.append(weights @ tokens)
     return torch.cat(parts, dim=1), idx
+
+
+def squeeze(
+    x: Tensor, score: Tensor, num_prefix: int, keep_rate: float, sizes: Tensor | None = None,
+    rank: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The ``squeeze`` method: keep the top tokens, squeeze every other one into its most similar kept token.
+
+    ``x``: (B, N, C), ``num_prefix`` prefix tokens first; ``score`` (B, N)
+    ranks the candidates (``rank``, when given, ranks instead). ``sizes``
+    (B, M): the patches each candidate holds (``None``: one each). The ``k``
+    top candidates are kept; each of the ``M - k`` others goes to the kept
+    token whose residual ``x`` has the largest cosine similarity with its own,
+    and every kept token becomes the size-weighted average of itself and what
+    it received: ``x_i <- (s_i x_i + sum_{j -> i} s_j x_j) / (s_i + sum_{j -> i} s_j)``.
+    Returns ``[prefix, kept]`` (``P + k`` tokens, no extra token), the kept
+    indices among the candidates (``None`` when nothing was removed) and the
+    kept tokens' new sizes (B, k). The similarity is a (B, M - k, k) product
+    over the ``C`` channels.
+    """
+    m = int(x.shape[1]) - num_prefix
+    k = num_kept(m, keep_rate)
+    if k >= m:
+        return x, None, sizes
+    if k < 1:
+        raise ValueError(f"keep rate {keep_rate} keeps no token out of {m}")
+    bsz, _, c = x.shape
+    tokens = x[:, num_prefix:]
+    scores = (score if rank is None else rank)[:, num_prefix:]
+    order = scores.argsort(dim=1, descending=True)
+    idx, rest = order[:, :k], order[:, k:]  # kept (B, k) and squeezed (B, M - k)
+
+    def rows(t: Tensor, i: Tensor) -> Tensor:
+        return t.gather(1, i[..., None].expand(-1, -1, c))
+
+    kept, rest_x = rows(tokens, idx), rows(tokens, rest)
+    unit = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # the largest cosine over the kept tokens: a squeezed token's own norm does not change which one
+    target = (rest_x @ unit.transpose(1, 2)).argmax(dim=-1)  # (B, M - k)
+    flat = (target + torch.arange(bsz, device=x.device)[:, None] * k).flatten()  # into (B * k) rows
+    if sizes is None:  # one patch each: a plain mean
+        kept_s, rest_s = torch.ones(bsz, k, device=x.device, dtype=x.dtype), None
+    else:
+        sizes = sizes.to(x.dtype)
+        kept_s, rest_s = sizes.gather(1, idx), sizes.gather(1, rest)
+        kept, rest_x = kept * kept_s[..., None], rest_x * rest_s[..., None]
+    total = kept.reshape(bsz * k, c).index_add(0, flat, rest_x.reshape(-1, c)).view(bsz, k, c)
+    added = torch.ones(flat.shape, device=x.device, dtype=x.dtype) if rest_s is None else rest_s.flatten()
+    new_s = kept_s.flatten().index_add(0, flat, added).view(bsz, k)
+    return torch.cat([x[:, :num_prefix], total / new_s[..., None]], dim=1), idx, new_s
 
 
 # ---------------------------------------------------------------- position terms

@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..algorithm.config import parse_keep_rates, parse_layers
+from ..algorithm.config import METHODS, parse_keep_rates, parse_layers
 from ..model import validate
 from ..train.config import default_text, field_check
 
@@ -129,6 +129,13 @@ Layers = layers()
 
 def fuse(help: str):
     return Annotated[Optional[bool], typer.Option("--fuse/--no-fuse", help=help, show_default=False)]
+
+
+Method = Annotated[Optional[str], typer.Option(
+    "--method", callback=checked(validate.one_of(*METHODS)), show_default=False,
+    help="How the inattentive tokens are reorganized: evit (the paper's: fused into one token) or squeeze (each into "
+         "its most similar kept token, ranked by class attention x value norm, with proportional attention; timm "
+         "models; docs/algorithm.md). [default: evit, or an exported folder's own]")]
 
 
 def pretrained(help: str = "For a model name (not for an exported folder). [default: pretrained]"):

@@ -38,7 +38,7 @@ def _load(source: str, streaming: bool):
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # every failure of datasets becomes our one line
     path = Path(source)
     try:
         if path.is_dir():

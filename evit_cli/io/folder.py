@@ -198,7 +198,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
-                proportional_attention=cfg.proportional)
+                proportional_attention=cfg.proportional, method=cfg.method)
     return model.eval()
 
 

@@ -96,7 +96,8 @@ def convert(
     keep_rate=0.7,
     layers=DEFAULT_LAYERS,
     fuse: bool = True,
-    proportional_attention: bool = False,
+    proportional_attention: bool | None = None,
+    method: str = "evit",
     **load_kwargs,
 ) -> nn.Module:
     """Inject EViT reorganization into ``model`` and return it.
@@ -105,14 +106,18 @@ def convert(
     id, a folder); ``load_kwargs`` (``pretrained``, ``checkpoint``, ``num_classes``, ...) go to the
     loader. ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers;
     ``fuse=False`` drops the inattentive tokens instead of fusing them; ``proportional_attention``
-    (timm models) raises each token's attention logit by the log of the patches it holds.
+    (timm models) raises each token's attention logit by the log of the patches it holds (``None``: on
+    for ``method="squeeze"``, off otherwise). ``method``: ``"evit"`` (the paper's, the default) or
+    ``"squeeze"`` (timm models): each inattentive token is squeezed into its most similar kept token
+    (size-weighted average), ranked by class attention times value norm, with proportional attention;
+    see docs/algorithm.md.
     """
     if not isinstance(model, nn.Module):
         model = load_model(model, **load_kwargs)
     elif load_kwargs:
         raise TypeError(f"loading options ({', '.join(load_kwargs)}) need a model name or folder, not a module")
     return core.convert_module(model, keep_rate=keep_rate, layers=layers, fuse=fuse,
-                        proportional_attention=proportional_attention)
+                        proportional_attention=proportional_attention, method=method)
 
 
 def is_exported(spec: str | os.PathLike) -> bool:

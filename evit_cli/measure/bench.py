@@ -379,6 +379,7 @@ def model_summary(model: nn.Module) -> dict:
         "layers": list(cfg.layers),
         "keep_rates": list(cfg.keep_rates),
         "fuse": cfg.fuse,
+        **({"method": cfg.method} if cfg.method != "evit" else {}),
         "tokens": [adapter.num_tokens(model)] + measure_tokens(model, img, device),
         "gmacs_dense": dense_gmacs,
         "gmacs_evit": evit_gmacs,

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import adapters
 from ..errors import EvitError
-from ..model.convert import convert_module, dense_copy, get_config
+from ..model.convert import convert_module, dense_copy, get_config, reorganized_as
 from ..model.macs import count_macs, largest_keep_rate_under
 from ..model.validate import optional, positive, unit_interval
 from ..utils.progress import Progress
@@ -66,7 +66,7 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
     best = None
     for layers in (progress or Progress(enabled=False)).track(layer_sets, "search", unit="layer sets"):
         m = copy.deepcopy(model)
-        convert_module(m, keep_rate=1.0, layers=layers, fuse=cfg.fuse)
+        convert_module(m, keep_rate=1.0, layers=layers, **reorganized_as(cfg))
         if target_gmacs is not None:
             try:
                 rate = largest_keep_rate_under(m, target_gmacs * 1e9, step=0.01)
@@ -88,7 +88,7 @@ def search(model: nn.Module, *, target_gmacs: float | None = None, target_speedu
                                                                 else " (--search-layers tries other sets)")
         raise EvitError(f"no keep rate reaches a {target_speedup:g}x speedup {where}: {advice}")
     rate, layers = best
-    convert_module(model, keep_rate=rate, layers=layers, fuse=cfg.fuse)
+    convert_module(model, keep_rate=rate, layers=layers, **reorganized_as(cfg))
     img = adapter.img_size(model)
     dense = dense_copy(model).to(device).eval()
     model.to(device).eval()
@@ -256,7 +256,7 @@ def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None,
     depth = adapters.get_adapter(model).depth(model)
     positions = tuple(range(2, depth + 1)) if search_layers else tuple(cfg.layers)
     m = copy.deepcopy(model)
-    convert_module(m, keep_rate=1.0, layers=positions, fuse=cfg.fuse)
+    convert_module(m, keep_rate=1.0, layers=positions, **reorganized_as(cfg))
     images, targets = calibration_sample(m, data, limit, workers=workers)
     score = Scorer(m, images, targets, batch, device)
     dense = score((1.0,) * len(positions))
@@ -280,7 +280,7 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
     """For comparison, at ``layers``: the best single keep rate within the same constraint, and the
     largest single keep rate whose counted MACs do not exceed ``gmacs`` (the per-layer result's)."""
     m = copy.deepcopy(model)
-    convert_module(m, keep_rate=1.0, layers=layers, fuse=get_config(model).fuse)
+    convert_module(m, keep_rate=1.0, layers=layers, **reorganized_as(get_config(model)))
     score = Scorer(m, images, targets, batch, device)
     n = len(layers)
 

@@ -14,7 +14,7 @@ from ..algorithm.state import model_state
 from ..errors import EvitError
 from ..io.datasets import ImageData
 from ..io.images import BadImages
-from ..model.convert import convert_module, dense_copy, get_config
+from ..model.convert import convert_module, dense_copy, get_config, reorganized_as
 from ..model.macs import count_macs
 from ..model.validate import non_negative_int, optional, positive_int
 from ..utils.files import write_bytes
@@ -28,7 +28,7 @@ def variants(model: nn.Module, keep_rates: list[float]) -> dict[str, nn.Module]:
     out = {"dense": dense_copy(model)}
     for r in keep_rates:
         m = copy.deepcopy(model)
-        convert_module(m, keep_rate=r, layers=cfg.layers, fuse=cfg.fuse)
+        convert_module(m, keep_rate=r, layers=cfg.layers, **reorganized_as(cfg))
         out[f"{r:g}"] = m
     return out
 
@@ -62,15 +62,17 @@ def sweep(model: nn.Module | str | os.PathLike, keep_rates: list[float], *, data
     Returns the report (``rows``: one per model; see :func:`evit_cli.measure.report.sweep_table`)."""
     _check(keep_rates, batch, reps, limit, workers, dataset, skip_bad_images)
     spec, model = model, evit_model(model)
+    bad = BadImages(skip_bad_images)
+    if dataset is not None and not isinstance(dataset, ImageData):  # a bad data set is refused before any timing
+        dataset = load_eval_data(str(dataset), split)
+    ev = Evaluator(model, dataset, bad_images=bad) if dataset is not None else None
     with progress_of(progress) as p:
         models = {k: m.to(device).eval() for k, m in variants(model, keep_rates).items()}
         img = adapters.get_adapter(model).img_size(model)
         x = torch.randn(batch, 3, img, img, device=device)
         with p.task(f"sweep: timing {len(models)} models", len(models) * (warmup + reps), unit="passes") as advance:
             med = median_times(models, x, warmup=warmup, reps=reps, amp=amp, advance=advance)
-        bad = BadImages(skip_bad_images)
-        measured = _measure(models, dataset, split, p, batch=batch, workers=workers, limit=limit, device=device,
-                            bad=bad)
+        measured = _measure(models, ev, p, batch=batch, workers=workers, limit=limit, device=device)
     rows = [_row(name, m, img, device, batch, med, measured) for name, m in models.items()]
     cfg = get_config(model)
     result = {"layers": list(cfg.layers), "fuse": cfg.fuse, "batch": batch, "img_size": img, "reps": reps,
@@ -87,12 +89,10 @@ def _name(model: nn.Module, spec) -> str:
     return (model_state(model).source or {}).get("model", fallback)
 
 
-def _measure(models: dict, dataset, split, p, *, batch, workers, limit, device, bad) -> dict:
+def _measure(models: dict, ev: Evaluator | None, p, *, batch, workers, limit, device) -> dict:
     """The evaluator's rows of every model against the dense one, when there is a data set."""
-    if dataset is None:
+    if ev is None:
         return {}
-    data = dataset if isinstance(dataset, ImageData) else load_eval_data(str(dataset), split)
-    ev = Evaluator(models["dense"], data, bad_images=bad)
     with p.task(f"sweep: accuracy of {len(models)} models", ev.size(limit), unit="images") as advance:
         return ev.run(models, batch_size=batch, workers=workers, limit=limit, device=device, progress=advance)
 

@@ -27,7 +27,7 @@ def patch_fates(model: nn.Module, x: torch.Tensor) -> list[list[set[int]]]:
         kept = [b.evit.kept for b in adapters.evit_blocks(model)]
     finally:
         adapters.record_kept(model, False)
-    fuse = get_config(model).fuse
+    fuse = get_config(model).adds_token  # the paper's fused token; the squeeze adds none
     fates = []
     for i in range(x.shape[0]):
         tokens: list[int | None] = list(range(num_patches))  # None stands for a fused token

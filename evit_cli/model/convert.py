@@ -14,24 +14,26 @@ from ..errors import EvitError
 
 
 def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True,
-            proportional_attention: bool = False) -> nn.Module:
+            proportional_attention: bool | None = None, method: str = "evit") -> nn.Module:
     """Inject EViT reorganization into the module ``model`` (in place) and return it.
 
     ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
     drops the inattentive tokens instead of fusing them; ``proportional_attention`` raises each
     token's attention logit by the log of the patches it holds, as ToMe does (timm models; measured in
-    the README, off by default). (``evit_cli.convert`` also takes names.)
+    the README; ``None``: on for ``method="squeeze"``, off otherwise). ``method``: ``"evit"``, the paper's
+    (the default), or ``"squeeze"`` (timm models; docs/algorithm.md). (``evit_cli.convert`` also takes names.)
     """
     adapter = adapters.get_adapter(model)
     adapter.check(model)
-    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention)
+    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention, method)
     _check_keeps_tokens(model, cfg)
     adapter.apply(model, cfg)
     model_state(model).config = cfg
     return model
 
 
-def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None) -> nn.Module:
+def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None,
+                    method: str | None = None) -> nn.Module:
     """:func:`convert_module`, where what is not given stays as the model already has it (or the defaults)."""
     old = get_config(model)
     return convert_module(
@@ -39,15 +41,21 @@ def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | 
         keep_rate=keep_rate if keep_rate is not None else (old.keep_rates if old else 0.7),
         layers=layers if layers is not None else (old.layers if old else DEFAULT_LAYERS),
         fuse=fuse if fuse is not None else (old.fuse if old else True),
-        proportional_attention=bool(old and old.proportional),
+        proportional_attention=old.proportional if old and old.method == (method or old.method) else None,
+        method=method or (old.method if old else "evit"),
     )
+
+
+def reorganized_as(cfg: EViTConfig) -> dict:
+    """The keywords of :func:`convert_module` that reorganize as ``cfg`` does, at other rates or layers."""
+    return {"fuse": cfg.fuse, "proportional_attention": cfg.proportional, "method": cfg.method}
 
 
 def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
     adapter = adapters.get_adapter(model)
     n, p = adapter.num_tokens(model), adapter.num_prefix_tokens(model)
     for layer, rate, after in zip(cfg.layers, cfg.keep_rates,
-                                  [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.fuse)):
+                                  [n] + token_counts(n, p, cfg.layers, cfg.keep_rates, cfg.adds_token)):
         if num_kept(after - p, rate) < 1:
             raise EvitError(f"keep rate {rate} at layer {layer} keeps no token out of {after - p}: raise it")
 
@@ -75,4 +83,4 @@ def tokens_after_layers(model: nn.Module) -> list[int]:
         return []
     adapter = adapters.get_adapter(model)
     return token_counts(adapter.num_tokens(model), adapter.num_prefix_tokens(model), cfg.layers, cfg.keep_rates,
-                        cfg.fuse)
+                        cfg.adds_token)

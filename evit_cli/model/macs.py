@@ -71,14 +71,14 @@ def largest_keep_rate_under(model: nn.Module, budget: float, step: float = 0.001
     return round(lo * step, 6)
 
 
-def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True) -> float:
+def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True, method: str = "evit") -> float:
     """Convert ``model`` (already at its new image size) with the keep rate whose counted MACs come
     closest to the dense model at ``reference_size`` px without exceeding them; returns the rate."""
     adapter = adapters.get_adapter(model)
     ref = dense_copy(model)
     adapter.set_img_size(ref, reference_size)
     budget = count_macs(ref, reference_size)
-    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse)
+    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse, method=method)
     rate = largest_keep_rate_under(model, budget)
-    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse)
+    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse, method=method)
     return rate

@@ -40,6 +40,9 @@ class Oracle:
         cfg = get_config(student)
         if cfg is None:
             raise EvitError("oracle selection needs an EViT student: convert the model first")
+        if cfg.method != "evit":
+            raise EvitError(f"oracle selection follows the paper's fused token: convert with --method evit, not "
+                            f"{cfg.method}")
         if adapters.num_sequences(student) > 1 or adapters.num_sequences(teacher) > 1:
             raise EvitError("oracle selection needs single-sequence ViTs: a CrossViT's two branches are not supported")
         self._check_compatible(student, teacher, max(cfg.layers))

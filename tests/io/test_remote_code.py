@@ -188,7 +188,8 @@ def test_the_shipped_code_is_self_contained_as_transformers_reads_it(entry, tmp_
     assert {Path(f).name for f in needed} == set(files[1:])
     imports = set().union(*(get_imports(str(tmp_path / f)) for f in files))
     assert "evit_cli" not in imports
-    allowed = {"__future__", "abc", "contextlib", "dataclasses", "errno", "functools", "inspect", "logging", "math",
+    allowed = {"__future__", "abc", "contextlib", "copy", "dataclasses", "errno", "functools", "inspect", "logging",
+               "math",
                "re", "sys", "typing", "torch", "transformers"}
     assert imports <= allowed | ({"timm"} if entry.endswith("timm") else set()), imports - allowed
 

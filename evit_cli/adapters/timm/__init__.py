@@ -167,8 +167,11 @@ class TimmAdapter(Adapter):
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
         self.remove(model)
         fam = _family(model)
-        positions = PositionState(track_sizes=cfg.proportional)
+        positions = PositionState(track_sizes=cfg.proportional or cfg.method == "squeeze")
         prefixes = [seq.num_prefix for seq in fam.sequences(model)]
+        if cfg.method != "evit" and len(prefixes) > 1:
+            raise EvitError(f"the {cfg.method} method follows one token sequence: {_label(model)} has "
+                            f"{len(prefixes)} (convert it with the evit method)")
         swap_in(model, EViTModelMixin)
         model_state(model).positions = positions
         rates = dict(zip(cfg.indices, cfg.keep_rates))
@@ -181,7 +184,7 @@ class TimmAdapter(Adapter):
                 swap_in(blk, EViTBlockMixin)
                 blk.evit = BlockState(index=i, num_prefix=prefixes[seq], family=fam, block_spec=spec, sequence=seq,
                                       positions=positions, keep_rate=rates.get(i), fuse=cfg.fuse,
-                                      proportional=cfg.proportional)
+                                      proportional=cfg.proportional, method=cfg.method)
 
     def remove(self, model: nn.Module) -> None:
         swap_out(model)

@@ -86,8 +86,11 @@ def _rotate(attn: nn.Module, t: Tensor, rope: Tensor, num_prefix: int) -> Tensor
     return torch.cat([t[:, :, :num_prefix], apply_rot_embed_cat(t[:, :, num_prefix:], rope, half=half)], dim=2)
 
 
-def attention(attn: nn.Module, read_qkv, x: Tensor, terms: Terms, num_prefix: int) -> tuple[Tensor, Tensor]:
-    """The attention module's output and its class-attention row (B, N), position terms applied."""
+def attention(attn: nn.Module, read_qkv, x: Tensor, terms: Terms, num_prefix: int,
+              value_norm: bool = False, row: bool = True) -> tuple[Tensor, Tensor | None]:
+    """The attention module's output and its class-attention row (B, N), position terms applied
+    (``value_norm``: each head's row weighted by its value norms, the ``squeeze`` method's ranking;
+    ``row=False``: a block that only follows positions, no row, ``None``)."""
     B, N, _ = x.shape
     q, k, v = read_qkv(attn, x)
     if getattr(attn, "q_norm", None) is not None:
@@ -98,7 +101,8 @@ def attention(attn: nn.Module, read_qkv, x: Tensor, terms: Terms, num_prefix: in
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bias = terms.bias.to(q.dtype) if terms.bias is not None else None
-    cls_attn = class_attention(q[:, :, :1], k, attn.scale, bias[:, :, :1] if bias is not None else None)
+    cls_attn = class_attention(q[:, :, :1], k, attn.scale, bias[:, :, :1] if bias is not None else None,
+                               v if value_norm else None) if row else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, N, -1)
     if getattr(attn, "norm", None) is not None:
@@ -126,7 +130,8 @@ def _maybe_reorganize(blk: nn.Module, x: Tensor, cls_attn: Tensor, active: bool)
 
 def pre_norm(blk, spec, x, terms, active):
     """``x + Attn(LN1 x)``, reorganize, ``x + FFN(LN2 x)`` (ViT ``Block``, ``EvaBlock``, BEiT ``Block``)."""
-    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), blk.norm1(x), terms, blk.evit.num_prefix)
+    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), blk.norm1(x), terms, blk.evit.num_prefix,
+                            blk.evit.value_norm, active)
     x = x + blk.drop_path1(_scale(blk, spec.layer_scale[0], a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(_scale(blk, spec.layer_scale[1], blk.mlp(blk.norm2(x)))), kept
@@ -134,7 +139,8 @@ def pre_norm(blk, spec, x, terms, active):
 
 def post_norm(blk, spec, x, terms, active):
     """``x + LN1(Attn x)``, reorganize, ``x + LN2(FFN x)`` (``ResPostBlock``, ``EvaBlockPostNorm``)."""
-    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit.num_prefix)
+    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit.num_prefix, blk.evit.value_norm,
+                            active)
     x = x + blk.drop_path1(blk.norm1(a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(blk.norm2(blk.mlp(x))), kept
@@ -145,11 +151,12 @@ def parallel_branches(blk, spec, x, terms, active):
     EViT sits between the two sums, ranking by the class row averaged over every head of every branch."""
     outs, rows = [], []
     for br in blk.attns:
-        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit.num_prefix)
+        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit.num_prefix, blk.evit.value_norm,
+                           active)
         outs.append(br.drop_path(br.ls(a)))
         rows.append(row)
     x = x + torch.stack(outs).sum(dim=0)
-    x, kept = _maybe_reorganize(blk, x, torch.stack(rows).mean(dim=0), active)
+    x, kept = _maybe_reorganize(blk, x, torch.stack(rows).mean(dim=0) if active else None, active)
     return x + torch.stack([ffn(x) for ffn in blk.ffns]).sum(dim=0), kept
 
 
@@ -163,7 +170,7 @@ def parallel_scaling(blk, spec, x, terms, active):
     q = blk.q_norm(q.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
     k = blk.k_norm(k.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
     v = v.view(B, N, blk.num_heads, blk.head_dim).transpose(1, 2)
-    cls_attn = class_attention(q[:, :, :1], k, blk.scale)
+    cls_attn = class_attention(q[:, :, :1], k, blk.scale, v=v if blk.evit.value_norm else None) if active else None
     a = F.scaled_dot_product_attention(q, k, v, dropout_p=blk.attn_drop.p if blk.training else 0.0)
     a = a.transpose(1, 2).reshape(B, N, -1)
     x_mlp = blk.mlp_drop(blk.mlp_act(x_mlp))

@@ -157,6 +157,8 @@ class TransformersAdapter(Adapter):
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
         if cfg.proportional:
             raise EvitError("proportional attention is implemented for timm models only: convert without it")
+        if cfg.method != "evit":
+            raise EvitError(f"the {cfg.method} method is implemented for timm models only: use the evit method")
         self.remove(model)
         spec, layers, root = _family(model), _layers(model), vision_root(model)
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
