@@ -83,3 +83,11 @@ def test_export_of_position_dependent_families(name, fmt, tmp_path):
     with torch.no_grad():
         got = _onnx_run(path, x) if fmt == "onnx" else torch.jit.load(str(path))(x)
         assert (got - model(x)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_squeeze_model_exports_and_matches_pytorch(fmt, tmp_path):
+    """The squeeze (its similarity, scatter and size bias) traces like the paper's method."""
+    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2, 3, 4, 5), method="squeeze")
+    report = export(model, fmt, tmp_path / f"m.{fmt}")  # compares the file with PyTorch at batch 1 and 8
+    assert report["tokens_after_layers"] == evit_cli.tokens_after_layers(model) == [46, 33, 24, 18]

@@ -141,6 +141,8 @@ def test_a_timm_model_in_the_timmwrapper_layout_loads_through_transformers_witho
     headless = tiny_timm("vit", num_classes=0)
     evit_cli.convert(headless, keep_rate=0.6, layers=(3,), fuse=False)
     folders["headless"] = artifact.save(headless, tmp_path / "headless", layout="transformers")
+    squeezed = evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2, 3, 4, 5), method="squeeze")
+    folders["squeeze"] = artifact.save(squeezed, tmp_path / "squeeze", layout="transformers")
     config = json.loads((tmp_path / "vit" / "config.json").read_text())
     assert config["model_type"] == "timm_wrapper" and config["architecture"] == "vit_tiny_patch16_224"
     from safetensors import safe_open
