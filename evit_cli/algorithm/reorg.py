@@ -65,6 +65,16 @@ def class_attention(
     return rows.mean(dim=1)
 
 
+def _to_keep(m: int, keep_rate: float) -> int | None:
+    """How many of ``m`` candidates a block keeps; ``None`` when it keeps them all."""
+    k = num_kept(m, keep_rate)
+    if k >= m:
+        return None
+    if k < 1:
+        raise ValueError(f"keep rate {keep_rate} keeps no token out of {m}")
+    return k
+
+
 def reorganize(
     x: Tensor, cls_attn: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True, rank: Tensor | None = None
 ) -> tuple[Tensor, Tensor | None]:
@@ -78,12 +88,9 @@ def reorganize(
     indices, among the ``M = N - num_prefix`` candidates, of the kept tokens
     (``None`` when nothing was removed).
     """
-    m = int(x.shape[1]) - num_prefix
-    k = num_kept(m, keep_rate)
-    if k >= m:
+    k = _to_keep(int(x.shape[1]) - num_prefix, keep_rate)
+    if k is None:
         return x, None
-    if k < 1:
-        raise ValueError(f"keep rate {keep_rate} keeps no token out of {m}")
     tokens = x[:, num_prefix:]
     attn = cls_attn[:, num_prefix:]
     scores = attn if rank is None else rank[:, num_prefix:]
@@ -116,12 +123,9 @@ def squeeze(
     kept tokens' new sizes (B, k). The similarity is a (B, M - k, k) product
     over the ``C`` channels.
     """
-    m = int(x.shape[1]) - num_prefix
-    k = num_kept(m, keep_rate)
-    if k >= m:
+    k = _to_keep(int(x.shape[1]) - num_prefix, keep_rate)
+    if k is None:
         return x, None, sizes
-    if k < 1:
-        raise ValueError(f"keep rate {keep_rate} keeps no token out of {m}")
     bsz, _, c = x.shape
     tokens = x[:, num_prefix:]
     scores = (score if rank is None else rank)[:, num_prefix:]

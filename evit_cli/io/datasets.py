@@ -85,8 +85,8 @@ def _imagefolder_splits(root: Path) -> dict[str, list[str]]:
     splits = {k: v for k, v in splits.items() if v} or {"train": _images(root)}
     if not any(splits.values()):
         raise EvitError(f"no images under {root}: an image folder has a subfolder of images per class")
-    for split in splits:
-        check_class_folders(dirs.get(split, root))
+    for split, files in splits.items():
+        check_class_folders(dirs.get(split, root), files)
     return splits
 
 
@@ -94,13 +94,20 @@ def _images(d: Path) -> list[str]:
     return sorted(str(f) for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
 
 
-def check_class_folders(folder: Path) -> None:
+def check_class_folders(folder: Path, files: list[str]) -> None:
     """Refuse a folder of images that cannot mean what it seems to: one image in all, a class folder
     without an image beside others with images, or a single class folder (a labelled folder needs
-    two or more classes; loose images in one flat folder are the unlabelled kind)."""
-    loose = [f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
-    classes = {d.name: len(_images(d)) for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
-    if len(loose) + sum(classes.values()) == 1:
+    two or more classes; loose images in one flat folder are the unlabelled kind). ``files``: the
+    images under ``folder`` (:func:`_images`), counted here rather than listed again."""
+    loose = 0
+    classes = {d.name: 0 for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith(".")}
+    for f in files:
+        parts = Path(f).relative_to(folder).parts
+        if len(parts) == 1:
+            loose += 1
+        elif parts[0] in classes:
+            classes[parts[0]] += 1
+    if loose + sum(classes.values()) == 1:
         raise EvitError(f"{folder} holds a single image: fine-tuning and evaluation need several; add images")
     if loose or not classes:
         return
