@@ -21,7 +21,8 @@ Example (two splits: the first five classes, then the last five):
     python benchmarks/generalize_real.py --splits 0-4 --train-limit 100 --limit 200 --epochs 0.5 --out /tmp/g  # smoke
 
 Extra `evit finetune` options for every recovery: --finetune-args "--lr 1e-5 --mixup 0.8".
-Results: OUT/generalize_real.json and OUT/generalize_real.md, rewritten after every row.
+Results: OUT/generalize_real.json and OUT/generalize_real.md (with --method squeeze:
+OUT/generalize_real_squeeze.{json,md}), rewritten after every row.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def parse_args(argv):
     ap.add_argument("--splits", default="0-4/5-9", help="The classes each split trains on, splits separated by '/', "
                     "each like 0-4 or 0,2,4,6,8 (classes 0..9 in synset order). [0-4/5-9: two splits]")
     c.add_evit_options(ap)
+    ap.add_argument("--method", default="evit", choices=("evit", "squeeze"),
+                    help="evit_cli.convert's method: the paper's (evit) or the squeeze. [evit]")
     _finetune.add_options(ap, 2.0, "Epochs of each recovery. [2: finetune's default for a classifier]")
     ap.add_argument("--limit", type=int, default=None, help="At most N held-out photos, evenly spaced (all: 982).")
     ap.add_argument("--batch", type=int, default=64, help="Scoring batch size. [64]")
@@ -57,10 +60,11 @@ def parse_args(argv):
     return args
 
 
-def recover_args(keep: float, layers: list[int]) -> list[str]:
-    """`evit finetune deit_tiny_patch16_224 --checkpoint W --keep-rate K --layers L`: converted by the CLI."""
+def recover_args(keep: float, layers: list[int], method: str = "evit") -> list[str]:
+    """`evit finetune deit_tiny_patch16_224 --checkpoint W --keep-rate K --layers L [--method M]`: converted by
+    the CLI."""
     return ["deit_tiny_patch16_224", "--checkpoint", str(c.WEIGHTS), "--keep-rate", f"{keep:g}",
-            "--layers", ",".join(map(str, layers))]
+            "--layers", ",".join(map(str, layers))] + (["--method", method] if method != "evit" else [])
 
 
 def plan(args, n_train: list[int], n_test: int) -> float:
@@ -68,6 +72,11 @@ def plan(args, n_train: list[int], n_test: int) -> float:
     recoveries = sum(n * args.epochs * 4 * (1 if args.no_control else 2) for n in n_train)
     scorings = n_test * (2 + len(n_train) * (1 if args.no_control else 2))
     return recoveries + scorings
+
+
+def name_of(result: dict) -> str:
+    """The method as the tables name it: EViT (the paper's) or squeeze."""
+    return "EViT" if result.get("method", "evit") == "evit" else result["method"]
 
 
 def row(name: str, split: str, logits, ctx: dict, seen: list[int], train_s: float | None, n_train: int | None) -> dict:
@@ -85,7 +94,8 @@ def markdown(result: dict) -> str:
     lines = [
         "# Recovery on some classes, scored on the classes it never saw (benchmarks/generalize_real.py)",
         "",
-        f"DeiT-Tiny (../shared/real), EViT keep {result['keep']:g} at layers {result['layers']}. Photos sorted by "
+        f"DeiT-Tiny (../shared/real), {name_of(result)} keep {result['keep']:g} at layers {result['layers']}. "
+        "Photos sorted by "
         f"path; "
         f"index % 4 == 0 held out ({result['test_photos']} photos). Each split recovers with `evit finetune` "
         f"({result['epochs']:g} epochs{', ' + result['finetune_args'] if result['finetune_args'] else ''}) on a flat "
@@ -107,7 +117,9 @@ def markdown(result: dict) -> str:
 
 
 def write(out: Path, result: dict) -> None:
-    c.write_results(out, "generalize_real", result, markdown(result))
+    """OUT/generalize_real.{json,md}; for another method than the paper's, generalize_real_METHOD.{json,md}."""
+    method = result.get("method", "evit")
+    c.write_results(out, "generalize_real" + ("" if method == "evit" else f"_{method}"), result, markdown(result))
 
 
 def run(args) -> dict:
@@ -121,7 +133,7 @@ def run(args) -> dict:
     test_idx = c.held_out(paths, args.limit)
     dense = c.dense_model()
     ctx = {"classes": c.class_numbers(paths, test_idx), "labels": c.labels_of(paths, test_idx)}
-    result = {"keep": args.keep, "layers": args.layers, "epochs": args.epochs, "finetune_args": args.finetune_args,
+    result = {"keep": args.keep, "layers": args.layers, "method": args.method, "epochs": args.epochs, "finetune_args": args.finetune_args,
               "test_photos": len(test_idx), "machine": c.machine(), "torch": torch.__version__,
               "command": c.command(__file__), "rows": []}
     with tempfile.TemporaryDirectory(prefix="generalize_real.") as tmp:
@@ -138,16 +150,17 @@ def run(args) -> dict:
 
         ctx["dense"] = logits(dense, "the dense model")
         shelf = evit_cli.convert("deit_tiny_patch16_224", keep_rate=args.keep, layers=args.layer_list,
-                                 checkpoint=str(c.WEIGHTS))
+                                 method=args.method, checkpoint=str(c.WEIGHTS))
+        label = f"{name_of(result)} {args.keep:g}"
         shelf_logits = logits(shelf, "off-the-shelf EViT")
         for k, (classes, folder) in enumerate(zip(args.split_classes, folders)):
             split = ",".join(map(str, classes))
             result["rows"] += [row("dense", split, ctx["dense"], ctx, classes, None, None),
-                               row(f"EViT {args.keep:g} off the shelf", split, shelf_logits, ctx, classes, None, None)]
-            runs = [(f"EViT {args.keep:g} recovered", args.keep)] + ([] if args.no_control
+                               row(f"{label} off the shelf", split, shelf_logits, ctx, classes, None, None)]
+            runs = [(f"{label} recovered", args.keep)] + ([] if args.no_control
                                                                      else [("dense recovered (control)", 1.0)])
             for name, keep in runs:
-                model, secs = _finetune.recover(recover_args(keep, args.layer_list), folder, work,
+                model, secs = _finetune.recover(recover_args(keep, args.layer_list, args.method), folder, work,
                                                 f"model_{k}_{keep:g}", args)
                 prog.step(f"split {split}: {name} ({n_train[k]} photos, {secs:.0f} s)", n_train[k] * args.epochs * 4)
                 lg = logits(model, f"split {split}: {name}")

@@ -47,6 +47,10 @@ class Adapter(ABC):
     def remove(self, model: nn.Module) -> None:
         """Undo :meth:`apply`: the library's own classes and nothing EViT left."""
 
+    def scores(self, model: nn.Module) -> tuple[str, ...]:
+        """The token scores (``config.SCORES``) that can rank ``model``'s tokens, its default first."""
+        return ("cls",)
+
     # ------------------------------------------------------------ shape of the token sequence
 
     def depth(self, model: nn.Module) -> int:

@@ -13,9 +13,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize, squeeze
+from ..algorithm.restore import Restore, RestoreSpec
+from ..algorithm.restore import step as restore_step
 
 
 class PositionState:
@@ -25,26 +28,51 @@ class PositionState:
     the fused token (``None`` while no token was removed); see ``reorg.follow_positions``.
     """
 
-    def __init__(self, track_sizes: bool = False):
+    def __init__(self, track_sizes: bool = False, weighs_pool: bool = False):
+        self.running = False  # inside a forward (entry points nest: forward runs forward_features)
+        self.weighs_pool = weighs_pool  # the head's pool weighs each token by the patches it holds
         self.pos: Tensor | None = None
         self.track_sizes = track_sizes  # follow ``sizes`` too (only proportional attention reads them)
         self.sizes: Tensor | None = None  # (B, M) patches each token holds
         self.after: dict[int, Tensor] = {}  # block index -> positions after that block
+        self.restore_with = RestoreSpec()  # how removed patches are put back (algorithm/restore.py)
+        self.restoring = False  # whether this forward follows the restore (full patch-grid maps asked for)
+        self.restore: Restore | None = None  # the patch grid from the tokens that remain (None: identity)
+        self.restores: dict[int, Restore] = {}  # block index -> the restore after that block
 
     def reset(self) -> None:
-        self.pos, self.sizes, self.after = None, None, {}
+        self.pos, self.sizes, self.after, self.restore, self.restores = None, None, {}, None, {}
 
     @contextmanager
     def run(self):
+        """One forward with fresh positions; a nested entry point (forward_features inside forward) shares
+        the outer one's, so that the head still sees the sizes of the tokens that remain."""
+        if self.running:
+            yield self
+            return
         self.reset()
+        self.running = True
         try:
             yield self
         finally:
+            self.running = False
             self.reset()
 
-    def follow(self, index: int, kept: Tensor, m: int, fuse: bool, sizes: Tensor | None = None) -> None:
+    def prefix_and_sizes(self, num_prefix: int, x: Tensor) -> Tensor | None:
+        """(B, P + M) patches each token of ``x`` holds, prefix tokens 1 (``None``: no token removed yet, or
+        sizes not followed)."""
+        if self.sizes is None or self.sizes.shape[1] + num_prefix != x.shape[1]:
+            return None
+        return torch.cat([self.sizes.new_ones(self.sizes.shape[0], num_prefix), self.sizes], dim=1)
+
+    def follow(self, index: int, kept: Tensor, m: int, fuse: bool, sizes: Tensor | None = None,
+               tokens: tuple[Tensor, Tensor] | None = None) -> None:
         """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates (``sizes``: the new sizes, where the
-        block computed them itself, as the ``squeeze`` method does)."""
+        block computed them itself, as the ``squeeze`` method does; ``tokens``: its candidates before and
+        after, which the restore of the full patch grid follows while ``restoring``)."""
+        if self.restoring and tokens is not None:
+            self.restore = restore_step(self.restore, tokens[0], tokens[1], kept, self.restore_with)
+            self.restores[index] = self.restore
         if sizes is not None:
             self.sizes = sizes
         elif self.track_sizes:
@@ -67,6 +95,8 @@ class BlockState:
     fuse: bool = True
     proportional: bool = False  # later attention weighs each token by the patches it holds
     method: str = "evit"  # "evit" (the paper's) or "squeeze" (see docs/algorithm.md)
+    score: str = "cls"  # what ranks the tokens (config.SCORES)
+    probe: Callable | None = None  # score "probe": (x (B, N, C), sizes (B, N) or None) -> (B, N) the pool's row
     record: bool = False  # keep the indices of the kept tokens in ``kept``
     kept: Tensor | None = None
     rank: Callable | None = None  # (blk, x, cls_attn) -> (B, N) scores or None: chooses instead (an oracle)
@@ -81,6 +111,15 @@ class BlockState:
     def value_norm(self) -> bool:
         """Whether the block's ranking row weighs each head's class attention by its value norms."""
         return self.method == "squeeze"
+
+    @property
+    def row_score(self) -> str | None:
+        """The ranking row its attention computes (``None``: none there, the probe ranks after it)."""
+        return None if self.score == "probe" else self.score
+
+    def size_weights(self, x: Tensor) -> Tensor | None:
+        """(B, N) patches each token of ``x`` holds (prefix 1), where followed; the mean query weighs by them."""
+        return self.positions.prefix_and_sizes(self.num_prefix, x) if self.positions is not None else None
 
 
 class EViTBlock:
@@ -114,20 +153,22 @@ def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tens
     the kept indices among the non-prefix tokens (``None`` when nothing was removed).
     """
     st: BlockState = blk.evit
+    if st.score == "probe":  # the pooling head's own query ranks (and weighs) the tokens
+        cls_attn = st.probe(x, st.size_weights(x))
     rank = st.rank(blk, x, cls_attn) if st.rank is not None else None
     m = int(x.shape[1]) - st.num_prefix  # a constant when traced: counts depend on the input size only
-    sizes = None
+    sizes, before = None, x[:, st.num_prefix:]
     if st.method == "squeeze":
         # squeezed tokens join kept ones: no extra token, and the kept tokens' sizes grow
         held = st.positions.sizes if st.positions is not None else None
         x, kept, sizes = squeeze(x, cls_attn, st.num_prefix, st.keep_rate, held, rank=rank)
         fuse = False
     else:
-        x, kept = reorganize(x, cls_attn, st.num_prefix, st.keep_rate, st.fuse, rank=rank)
+        x, kept = reorganize(x, cls_attn, st.num_prefix, st.keep_rate, st.fuse, rank=rank, mean=st.score != "cls")
         fuse = st.fuse
     if st.record:
         st.kept = kept
     # positions follow the reported sequence; the families with several (CrossViT) have no position terms
     if kept is not None and st.positions is not None and st.sequence == 0:
-        st.positions.follow(st.index, kept, m, fuse, sizes)
+        st.positions.follow(st.index, kept, m, fuse, sizes, (before, x[:, st.num_prefix:]))
     return x, kept

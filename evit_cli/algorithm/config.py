@@ -8,6 +8,10 @@ from ..errors import EvitError
 
 DEFAULT_LAYERS = (4, 7, 10)  # the paper's DeiT setting (1-based)
 METHODS = ("evit", "squeeze")  # the paper's reorganization (the default), and the squeeze (docs/algorithm.md)
+# what ranks the tokens (docs/algorithm.md): the class token's attention row (the paper's), the attention row of
+# the mean query, the attention each token receives averaged over all queries, an attention-pool head's own probe
+SCORES = ("cls", "mean_query", "received", "probe")
+NO_CLASS_TOKEN_SCORE = "received"  # the default without a class token (benchmarks/no_class_token_real.py)
 
 
 @dataclass(frozen=True)
@@ -15,13 +19,16 @@ class EViTConfig:
     """``layers`` are 1-based block numbers, as in the paper; one keep rate per layer.
     ``proportional``: proportional attention (timm models; measured, off by default, see the README).
     ``method``: ``"evit"`` (the paper's: keep, fuse the rest into one token) or ``"squeeze"`` (keep, squeeze
-    each other token into its most similar kept one; timm models, see docs/algorithm.md)."""
+    each other token into its most similar kept one; timm models, see docs/algorithm.md).
+    ``score``: what ranks the tokens, one of ``SCORES`` (``"cls"``: class attention, the paper's; the others need
+    no class token and fuse into the score-weighted mean, see docs/algorithm.md)."""
 
     layers: tuple[int, ...]
     keep_rates: tuple[float, ...]
     fuse: bool = True
     proportional: bool = False
     method: str = "evit"
+    score: str = "cls"
 
     def to_dict(self) -> dict:
         d = {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
@@ -29,17 +36,26 @@ class EViTConfig:
             d["proportional_attention"] = True
         if self.method != "evit":  # dicts without it (older exports) are the paper's method
             d["method"] = self.method
+        if self.score != "cls":  # dicts without it (older exports) rank by class attention
+            d["score"] = self.score
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EViTConfig":
         return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)),
-                   bool(d.get("proportional_attention", False)), str(d.get("method", "evit")))
+                   bool(d.get("proportional_attention", False)), str(d.get("method", "evit")),
+                   str(d.get("score", "cls")))
 
     @property
     def adds_token(self) -> bool:
         """Whether a reorganizing layer adds a token of its own (the paper's fused token)."""
         return self.fuse and self.method == "evit"
+
+    @property
+    def fuses_mean(self) -> bool:
+        """Whether the fused token is the score-weighted mean of what it fuses (the class-token-free
+        scores: it stands for its patches) rather than the paper's raw class-attention-weighted sum."""
+        return self.score != "cls"
 
     @property
     def indices(self) -> tuple[int, ...]:
@@ -100,8 +116,15 @@ def parse_keep_rates(value, option: str = "--keep-rate") -> tuple[float, ...]:
     return rates
 
 
+def check_score(score: str) -> str:
+    """``score`` when it is one of ``SCORES``; else the one-line error."""
+    if score not in SCORES:
+        raise EvitError(f"score {score!r} is not one of {', '.join(SCORES)}")
+    return score
+
+
 def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool | None = None,
-                method: str = "evit") -> EViTConfig:
+                method: str = "evit", score: str = "cls") -> EViTConfig:
     """Validate user input against a model of ``depth`` blocks.
 
     ``keep_rate`` is one value for every layer or one per layer; ``proportional`` ``None``: on for the
@@ -109,6 +132,7 @@ def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: 
     """
     if method not in METHODS:
         raise EvitError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    check_score(score)
     if proportional is None:
         proportional = method == "squeeze"
     if method == "squeeze" and not fuse:
@@ -135,6 +159,6 @@ def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: 
     if proportional and not fuse:
         raise EvitError("proportional attention weighs the fused token by the patches it holds: it needs fusing "
                         "(drop --no-fuse)")
-    return EViTConfig(layers, rates, fuse, bool(proportional), method)
+    return EViTConfig(layers, rates, fuse, bool(proportional), method, score)
 
 

@@ -59,10 +59,74 @@ def class_attention(
     logits = (q_cls * scale) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits + bias
-    rows = logits.float().softmax(dim=-1).squeeze(2)  # (B, H, N)
+    rows = logits.float().softmax(dim=-1)  # (B, H, R, N), R = 1 but for models pooling several class tokens
     if v is not None:
-        rows = rows * v.float().norm(dim=-1)
-    return rows.mean(dim=1)
+        rows = rows * v.float().norm(dim=-1).unsqueeze(2)
+    return rows.mean(dim=1).squeeze(1)
+
+
+def mean_query_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None,
+    weights: Tensor | None = None,
+) -> Tensor:
+    """The attention row of the mean query, averaged over heads: no class token needed.
+
+    ``q``, ``k``: (B, H, N, d). The query is ``mean_i q_i`` over the ``N`` tokens (weighted by
+    ``weights`` (B, N), the patches each token holds, when given); its row is
+    ``softmax(mean(q) * scale @ K^T + mean_i bias_i)`` per head (``bias`` (b, H, N, N) or any shape
+    broadcastable to it, its rows averaged alike). Returns (B, N), the mean over heads (``v``: weighed
+    by the value norms, as :func:`class_attention`). O(N * d) per head, like the class row.
+    """
+    if weights is None:
+        q_mean = q.mean(dim=2, keepdim=True)
+    else:
+        w = (weights / weights.sum(dim=1, keepdim=True)).to(q.dtype)[:, None, :, None]  # (B, 1, N, 1)
+        q_mean = (q * w).sum(dim=2, keepdim=True)
+    row_bias = bias.mean(dim=-2, keepdim=True) if bias is not None and bias.shape[-2] > 1 else bias
+    return class_attention(q_mean, k, scale, row_bias, v)
+
+
+def received_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None,
+) -> Tensor:
+    """The attention each token receives, averaged over all queries and heads: no class token needed.
+
+    ``q``, ``k``: (B, H, N, d); ``bias`` broadcastable to (B, H, N, N). Returns (B, N):
+    ``mean_h mean_i softmax(q_i * scale @ K^T + bias_i)``, the column means of the attention
+    matrix (``v``: each head's weighed by its value norms). O(N^2 * d) per head: the N x N matrix
+    is formed, one head at a time.
+    """
+    total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+    for h in range(q.shape[1]):
+        logits = (q[:, h] * scale) @ k[:, h].transpose(-2, -1)  # (B, N, N)
+        if bias is not None:
+            logits = logits + bias[:, min(h, bias.shape[1] - 1)]
+        col = logits.float().softmax(dim=-1).mean(dim=1)  # (B, N)
+        total = total + (col * v[:, h].float().norm(dim=-1) if v is not None else col)
+    return total / q.shape[1]
+
+
+def probe_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """An attention-pooling head's own ranking: the rows of its ``L`` latent queries ``q`` (B, H, L, d)
+    over the keys ``k`` (B, H, N, d) it computes from the tokens (``bias``: added to the logits, e.g.
+    :func:`size_bias`), averaged over heads and queries (B, N). O(N * d) per head and query."""
+    rows = class_attention(q, k, scale, bias)
+    return rows.mean(dim=1) if rows.dim() == 3 else rows
+
+
+def score_row(score: str, q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None,
+              weights: Tensor | None = None) -> Tensor:
+    """The ranking row (B, N) of ``score`` (config.SCORES; not ``"probe"``, which the pooling head computes
+    from its own query, :func:`class_attention` of that query): ``"cls"`` the class token's row (token 0),
+    ``"mean_query"`` :func:`mean_query_attention`, ``"received"`` :func:`received_attention`.
+    ``q``, ``k``, ``v``: (B, H, N, d); ``bias``: the block's additive attention bias (b, H, N, N)."""
+    if score == "cls":
+        return class_attention(q[:, :, :1], k, scale, bias[:, :, :1] if bias is not None else None, v)
+    if score == "mean_query":
+        return mean_query_attention(q, k, scale, bias, v, weights)
+    if score == "received":
+        return received_attention(q, k, scale, bias, v)
+    raise ValueError(f"no ranking row for score {score!r}")
 
 
 def _to_keep(m: int, keep_rate: float) -> int | None:
@@ -76,7 +140,8 @@ def _to_keep(m: int, keep_rate: float) -> int | None:
 
 
 def reorganize(
-    x: Tensor, cls_attn: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True, rank: Tensor | None = None
+    x: Tensor, cls_attn: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True, rank: Tensor | None = None,
+    mean: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Keep the attentive tokens, fuse the inattentive ones into one token.
 
@@ -86,7 +151,9 @@ def reorganize(
     scores); the fusion weights stay ``cls_attn``. Returns the new sequence
     ``[prefix, kept, fused]`` (``[prefix, kept]`` without ``fuse``) and the
     indices, among the ``M = N - num_prefix`` candidates, of the kept tokens
-    (``None`` when nothing was removed).
+    (``None`` when nothing was removed). ``mean``: the fused token is the weighted mean
+    ``sum a_i x_i / sum a_i`` of the inattentive tokens instead of their raw weighted sum (the
+    class-token-free scores: the token then stands for its patches, and a pool weighs it by their count).
     """
     k = _to_keep(int(x.shape[1]) - num_prefix, keep_rate)
     if k is None:
@@ -100,8 +167,10 @@ def reorganize(
     if fuse:
         # Raw class-attention weights of the inattentive tokens (not renormalized):
         # zero the kept ones and take one weighted sum, a (B, 1, M) @ (B, M, C) product.
-        weights = attn.scatter(1, idx, 0.0).to(x.dtype).unsqueeze(1)
-        parts.append(weights @ tokens)
+        weights = attn.scatter(1, idx, 0.0)
+        if mean:
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        parts.append(weights.to(x.dtype).unsqueeze(1) @ tokens)
     return torch.cat(parts, dim=1), idx
 
 
@@ -191,6 +260,13 @@ def size_bias(sizes: Tensor, num_prefix: int) -> Tensor:
     that raises every query's logit for a token by the log of the patches it holds (prefix: 0)."""
     logs = torch.cat([sizes.new_zeros(sizes.shape[0], num_prefix), sizes.log()], dim=1)
     return logs[:, None, None, :]
+
+
+def weighted_mean(x: Tensor, sizes: Tensor) -> Tensor:
+    """Global average pooling of tokens that stand for several patches: ``sum_j n_j x_j / sum_j n_j``
+    for ``x`` (B, N, C) and ``sizes`` (B, N) the patches each token holds (one each: the plain mean)."""
+    s = sizes.to(x.dtype)
+    return (x * s[..., None]).sum(dim=1) / s.sum(dim=1, keepdim=True)
 
 
 def gather_rope(rope: Tensor, pos: Tensor) -> Tensor:

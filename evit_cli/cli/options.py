@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..algorithm.config import METHODS, parse_keep_rates, parse_layers
+from ..algorithm.config import METHODS, SCORES, parse_keep_rates, parse_layers
 from ..model import validate
 from ..train.config import default_text, field_check
 
@@ -134,8 +134,17 @@ def fuse(help: str):
 Method = Annotated[Optional[str], typer.Option(
     "--method", callback=checked(validate.one_of(*METHODS)), show_default=False,
     help="How the inattentive tokens are reorganized: evit (the paper's: fused into one token) or squeeze (each into "
-         "its most similar kept token, ranked by class attention x value norm, with proportional attention; timm "
-         "models; docs/algorithm.md). [default: evit, or an exported folder's own]")]
+         "its most similar kept token, ranked by class attention x value norm, with proportional attention; "
+         "docs/algorithm.md). [default: evit, or an exported folder's own]")]
+
+
+Score = Annotated[Optional[str], typer.Option(
+    "--score", callback=checked(validate.one_of(*SCORES)), show_default=False,
+    help="What ranks the tokens: cls (the class token's attention, the paper's), mean_query (the attention row of "
+         "the mean query), received (the attention each token receives from all queries) or probe (an attention-pool "
+         "head's own query; timm MAP towers, SigLIP); the last three need no class token and fuse into the "
+         "score-weighted mean (docs/algorithm.md). [default: cls where the model has a class token, else received; "
+         "or an exported folder's own]")]
 
 
 def pretrained(help: str = "For a model name (not for an exported folder). [default: pretrained]"):

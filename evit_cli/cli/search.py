@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .. import adapters
+from ..algorithm.config import METHODS
 from ..errors import EvitError
 from ..io import loading
 from ..measure.evaluate import load_eval_data
@@ -41,6 +42,10 @@ MinCosine = Annotated[Optional[float], typer.Option(
     "--min-cosine", callback=o.checked(validate.unit_interval),
     help="Headless (embedding) models: fastest setting whose embeddings keep at least this mean cosine to the "
          "dense model's (no labels needed).")]
+SearchMethod = Annotated[Optional[str], typer.Option(
+    "--method", callback=o.checked(validate.one_of(*METHODS)), show_default=False,
+    help="Search this method only. [default: with an accuracy constraint, both evit and squeeze (the cheaper "
+         "within it wins); with a GMACs/speedup target, evit, or an exported folder's own]")]
 Limit = Annotated[int, typer.Option("--limit", callback=o.POSITIVE_INT,
                                     help="Calibration sample: this many images (seeded).")]
 Batch = o.batch("Batch for timing.")
@@ -68,7 +73,7 @@ def search(
     model: Model, target_gmacs: TargetGmacs = None, target_speedup: TargetSpeedup = None, layers: o.Layers = None,
     search_layers: SearchLayers = False, dataset: Dataset = None, split: o.Split = None, max_drop: MaxDrop = None,
     min_agreement: MinAgreement = None, min_cosine: MinCosine = None, limit: Limit = 256, workers: o.Workers = 2,
-    pretrained: o.Pretrained = None,
+    method: SearchMethod = None, pretrained: o.Pretrained = None,
     checkpoint: o.Checkpoint = None, batch: Batch = 64, reps: Reps = 3, device: o.Device = "cpu",
     as_json: o.AsJson = False,
 ):
@@ -81,12 +86,12 @@ def search(
     constraints = (max_drop, min_agreement, min_cosine)
     _check_goal(target_gmacs, target_speedup, constraints, dataset, layers, search_layers)
     resolve_device(device)
-    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint, method=method)
     data = load_eval_data(dataset, split) if dataset else None
     if any(c is not None for c in constraints):
         result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
                                     limit=limit, search_layers=search_layers, batch=batch, device=device,
-                                    workers=workers)
+                                    workers=workers, methods=(method,) if method else None)
     else:
         sets = candidate_layer_sets(adapters.get_adapter(m).depth(m)) if search_layers else None
         with Progress() as p:

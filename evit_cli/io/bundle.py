@@ -104,10 +104,12 @@ def write(folder: Path, entry: str) -> list[str]:
     return [f"{n}.py" for n in names]
 
 
-def add_auto_map(config_file: Path, auto_class: str, model_class: str, evit: dict | None) -> None:
-    """Point ``config.json`` at the shipped class and record the EViT settings it applies."""
+def add_auto_map(config_file: Path, auto_class: str, model_class: str, evit: dict | None,
+                 also: tuple[str, ...] = ()) -> None:
+    """Point ``config.json`` at the shipped class (for ``auto_class`` and the Auto classes ``also``, e.g. the
+    zero-shot one that transformers' pipeline loads) and record the EViT settings it applies."""
     config = json.loads(config_file.read_text())
-    config["auto_map"] = {auto_class: f"{ENTRY_FILE[:-3]}.{PREFIX}{model_class}"}
+    config["auto_map"] = {a: f"{ENTRY_FILE[:-3]}.{PREFIX}{model_class}" for a in (auto_class, *also)}
     config["evit"] = evit
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 

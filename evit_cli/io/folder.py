@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import adapters
 from .._version import __version__
+from ..adapters.swap import original
 from ..algorithm.config import EViTConfig
 from ..algorithm.state import model_state
 from ..errors import EvitError
@@ -51,7 +52,7 @@ def source_of(model: nn.Module) -> dict:
     adapter = adapters.get_adapter(model)
     if adapter.name == "transformers":
         return {"family": "transformers", "model": getattr(model, "name_or_path", "") or None,
-                "class": type(model).__name__, "pretrained": None, "checkpoint": None}
+                "class": original(type(model)).__name__, "pretrained": None, "checkpoint": None}
     arch = getattr(model, "pretrained_cfg", {}).get("architecture")
     if arch is None:
         raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before "
@@ -120,10 +121,11 @@ def _save_weights(state: dict, tmp: Path, prefix: str = "") -> None:
 def _save_transformers(model: nn.Module, tmp: Path, meta: dict) -> None:
     import transformers
 
-    from ..adapters.swap import original
-
     transformers.utils.logging.disable_progress_bar()
     model.save_pretrained(str(tmp), safe_serialization=True)
+    config = json.loads((tmp / "config.json").read_text())  # transformers names the class it saved: EViT may have
+    config["architectures"] = [original(type(model)).__name__]  # swapped the model's (a weighted pool), not its own
+    write_json(tmp / "config.json", config)
     proc = model_state(model).preprocessor
     if proc:
         write_json(tmp / "preprocessor_config.json", proc)
@@ -148,12 +150,27 @@ def _save_timm_wrapper(model: nn.Module, tmp: Path, meta: dict) -> None:
     _ship_code(tmp, meta, cls, "evit_cli.io.remote_timm")
 
 
+# the transformers Auto class of each dense-prediction head (adapters/transformers/dense.py); a backbone
+# through AutoModel: AutoBackbone.from_pretrained asks the hub about every path, local folders included
+DENSE_AUTO = {"Backbone": "AutoModel", "ForDepthEstimation": "AutoModelForDepthEstimation",
+              "ForSemanticSegmentation": "AutoModelForSemanticSegmentation"}
+
+
 def _ship_code(tmp: Path, meta: dict, model_class: str, entry: str) -> None:
     """The modeling code, and ``config.json``'s pointer to it (see :mod:`.bundle`)."""
     auto = "AutoModelForImageClassification" if meta["num_classes"] else "AutoModel"
+    auto = next((a for end, a in DENSE_AUTO.items() if model_class.endswith(end)), auto)
     meta["remote_code"] = bundle.write(tmp, entry)
     meta["auto_class"] = auto
-    bundle.add_auto_map(tmp / "config.json", auto, model_class, meta["evit"])
+    bundle.add_auto_map(tmp / "config.json", auto, model_class, meta["evit"], _zero_shot(model_class))
+
+
+def _zero_shot(model_class: str) -> tuple[str, ...]:
+    """The zero-shot Auto class too, for an image-text model (CLIP, SigLIP), so that
+    ``pipeline("zero-shot-image-classification", folder, trust_remote_code=True)`` runs the EViT model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_ZERO_SHOT_IMAGE_CLASSIFICATION_MAPPING_NAMES as names
+
+    return ("AutoModelForZeroShotImageClassification",) if model_class in names.values() else ()
 
 
 def read_meta(folder: str | os.PathLike) -> dict:
@@ -198,7 +215,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
-                proportional_attention=cfg.proportional, method=cfg.method)
+                proportional_attention=cfg.proportional, method=cfg.method, score=cfg.score)
     return model.eval()
 
 

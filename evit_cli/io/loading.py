@@ -98,6 +98,7 @@ def convert(
     fuse: bool = True,
     proportional_attention: bool | None = None,
     method: str = "evit",
+    score: str | None = None,
     **load_kwargs,
 ) -> nn.Module:
     """Inject EViT reorganization into ``model`` and return it.
@@ -106,18 +107,22 @@ def convert(
     id, a folder); ``load_kwargs`` (``pretrained``, ``checkpoint``, ``num_classes``, ...) go to the
     loader. ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers;
     ``fuse=False`` drops the inattentive tokens instead of fusing them; ``proportional_attention``
-    (timm models) raises each token's attention logit by the log of the patches it holds (``None``: on
+    raises each token's attention logit by the log of the patches it holds (``None``: on
     for ``method="squeeze"``, off otherwise). ``method``: ``"evit"`` (the paper's, the default) or
-    ``"squeeze"`` (timm models): each inattentive token is squeezed into its most similar kept token
+    ``"squeeze"``: each inattentive token is squeezed into its most similar kept token
     (size-weighted average), ranked by class attention times value norm, with proportional attention;
-    see docs/algorithm.md.
+    see docs/algorithm.md. ``score``: what ranks the tokens: ``"cls"`` (the class token's attention, the
+    paper's; the default where the model has a class token), ``"mean_query"`` (the attention row of the mean
+    query), ``"received"`` (the attention each token receives from all queries; the default without one) or
+    ``"probe"`` (an attention-pool head's own query; attention-pooled timm towers, SigLIP); every score but
+    ``"cls"`` fuses into the score-weighted mean, see docs/algorithm.md.
     """
     if not isinstance(model, nn.Module):
         model = load_model(model, **load_kwargs)
     elif load_kwargs:
         raise TypeError(f"loading options ({', '.join(load_kwargs)}) need a model name or folder, not a module")
     return core.convert_module(model, keep_rate=keep_rate, layers=layers, fuse=fuse,
-                        proportional_attention=proportional_attention, method=method)
+                        proportional_attention=proportional_attention, method=method, score=score)
 
 
 def is_exported(spec: str | os.PathLike) -> bool:
@@ -136,11 +141,12 @@ def pretrained_flag(spec: str | os.PathLike, pretrained: bool | None) -> bool:
 
 
 def load_converted(spec: str | os.PathLike, keep_rate=None, layers=None, fuse: bool | None = None, *,
-                   pretrained: bool | None = None, checkpoint: str | os.PathLike | None = None) -> nn.Module:
+                   pretrained: bool | None = None, checkpoint: str | os.PathLike | None = None,
+                   method: str | None = None) -> nn.Module:
     """An EViT model from an exported folder (its own settings where not given) or from anything else
     :func:`load_model` takes (converted with the settings given, the defaults for the rest)."""
     model = load_model(spec, pretrained=pretrained_flag(spec, pretrained), checkpoint=checkpoint)
-    return core.convert_keeping(model, keep_rate, layers, fuse)
+    return core.convert_keeping(model, keep_rate, layers, fuse, method)
 
 
 def source_name(model: nn.Module, spec: str | os.PathLike) -> str:

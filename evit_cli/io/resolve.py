@@ -221,6 +221,10 @@ TRANSFORMERS_CLASSES = (
     "MetaClip2VisionModel", "MetaClip2VisionModelWithProjection", "MetaClip2ForImageClassification",
     "ChineseCLIPVisionModel", "OwlViTVisionModel", "Owlv2VisionModel", "BlipVisionModel", "BlipModel", "PixioModel",
     "DINOv3ViTModel", "MLCDVisionModel", "YolosModel", "YolosForObjectDetection",
+    # issue 31: towers without a class token, and class-token towers of vision-language models
+    "SiglipVisionModel", "SiglipModel", "SiglipForImageClassification", "IJepaModel", "IJepaForImageClassification",
+    "Aimv2VisionModel", "Aimv2Model", "AltCLIPVisionModel", "GitVisionModel", "CLIPSegVisionModel", "Blip2VisionModel",
+    "InstructBlipVisionModel", "Tipsv2VisionModel",
 )
 # a multimodal checkpoint -> its image tower, which takes images alone and loads the checkpoint's tower weights
 _TOWER = {"CLIPModel": "CLIPVisionModelWithProjection", "MetaClip2Model": "MetaClip2VisionModelWithProjection",
@@ -238,19 +242,23 @@ _DEFAULT_CLASS = {
     "owlvit_vision_model": "OwlViTVisionModel", "owlv2": "Owlv2VisionModel", "owlv2_vision_model": "Owlv2VisionModel",
     "blip": "BlipModel", "blip_vision_model": "BlipVisionModel", "pixio": "PixioModel", "dinov3_vit": "DINOv3ViTModel",
     "mlcd_vision_model": "MLCDVisionModel", "yolos": "YolosModel",
+    "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel", "ijepa": "IJepaModel",
+    "aimv2": "Aimv2Model", "aimv2_vision_model": "Aimv2VisionModel", "altclip_vision_model": "AltCLIPVisionModel",
+    "git_vision_model": "GitVisionModel", "clipseg_vision_model": "CLIPSegVisionModel",
+    "blip_2_vision_model": "Blip2VisionModel", "instructblip_vision_model": "InstructBlipVisionModel",
 }
 
 
 def _transformers_class(config: dict, where: str):
     import transformers
 
-    from ..adapters.transformers.families import reason, refused_class, supported
+    from ..adapters.transformers.families import DENSE_SUPPORTED, reason, refused_class, supported
 
     arch = (config.get("architectures") or [None])[0]
     arch = _TOWER.get(arch, arch)
     if refused_class(str(arch)):
         raise EvitError(f"{where}: " + reason(arch, has_cls=False))
-    if arch not in TRANSFORMERS_CLASSES:
+    if arch not in TRANSFORMERS_CLASSES + DENSE_SUPPORTED:
         arch = _DEFAULT_CLASS.get(config.get("model_type"))
     if arch is None:
         what = (config.get("architectures") or [config.get("model_type")])[0]

@@ -37,7 +37,7 @@ def measure_tokens(model: nn.Module, img_size: int, device="cpu") -> list[int]:
     hooks = [b.register_forward_hook(record) for b in adapters.evit_blocks(model)]
     try:
         with torch.no_grad():
-            model(torch.randn(1, 3, img_size, img_size, device=device))
+            adapters.get_adapter(model).run(model, torch.randn(1, 3, img_size, img_size, device=device))
     finally:
         for h in hooks:
             h.remove()
@@ -69,8 +69,15 @@ def time_side_by_side(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: 
                       advance=None) -> dict[str, list[float]]:
     """Seconds per forward pass for each model, interleaved rep by rep."""
     with torch.inference_mode(), autocast(x.device, amp):
-        return _interleaved(list(models), lambda name: models[name](x), warmup=warmup, reps=reps, device=x.device,
-                            advance=advance)
+        return _interleaved(list(models), lambda name: _forward(models[name], x), warmup=warmup, reps=reps,
+                            device=x.device, advance=advance)
+
+
+def _forward(model, x: torch.Tensor):
+    """One forward on images, through the model's adapter where it has one (an image-text model: its image
+    tower), else the call itself (a compiled model, an ONNX session)."""
+    adapter = model_state(model).adapter if isinstance(model, nn.Module) else None
+    return adapter.run(model, x) if adapter is not None else model(x)
 
 
 def median_times(models: dict[str, nn.Module], x: torch.Tensor, *, warmup: int = 1, reps: int, amp: bool = False,
@@ -123,7 +130,7 @@ def attention_kernels(model: nn.Module, x: torch.Tensor, amp: bool = False) -> d
     """Which attention kernels one forward pass on ``x`` ran, with how many calls each."""
     mode = _AttentionOps()
     with torch.no_grad(), autocast(x.device, amp), mode:  # inference_mode would hide the backend op
-        model(x)
+        adapters.get_adapter(model).run(model, x)
     return mode.counts
 
 

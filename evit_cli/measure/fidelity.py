@@ -2,7 +2,8 @@
 
 Per image, against the dense model's outputs on the same image: agreement (the same top-1
 class), KL(dense || EViT) of the class distributions, and for headless (embedding) models the
-cosine similarity of the two embeddings. With labels: top-1, top-5 and the cross-entropy.
+cosine similarity of the two embeddings (of a backbone's feature maps: the mean per-patch cosine).
+With labels: top-1, top-5 and the cross-entropy.
 
 Over the whole evaluated set, for embedding models (as their users measure them): the overlap of
 each image's :data:`NEIGHBOURS` nearest neighbours among the evaluated images under the EViT
@@ -68,6 +69,14 @@ def knn_top1(emb: torch.Tensor, labels: torch.Tensor, k: int = KNN_K) -> float |
     return 100 * (votes.argmax(-1) == labels).double().mean().item()
 
 
+def cosine(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per image: the cosine of two embeddings; of a feature map (B, C, H, W), a backbone's, the mean over
+    its patches of each patch's cosine (map fidelity: a restored patch is compared where it sits)."""
+    if out.dim() == 4:
+        return F.cosine_similarity(out, ref, dim=1).flatten(1).mean(1)
+    return F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1)
+
+
 class Tally:
     """Running sums over batches (and, for an embedding model, the embeddings themselves, which the
     set-level measures need); :meth:`result` turns them into per-image means and percentages."""
@@ -87,7 +96,7 @@ class Tally:
         if ref is not None:
             self.has_ref = True
             if self.embedding:
-                s["cosine"] += F.cosine_similarity(out.flatten(1), ref.flatten(1), dim=-1).sum().item()
+                s["cosine"] += cosine(out, ref).sum().item()
             else:
                 s["agree"] += (out.argmax(-1) == ref.argmax(-1)).sum().item()
                 s["kl"] += F.kl_div(F.log_softmax(out, -1), F.log_softmax(ref, -1), reduction="sum",

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import adapters
+from ..algorithm.config import METHODS
 from ..errors import EvitError
 from ..model.convert import convert_module, dense_copy, get_config, reorganized_as
 from ..model.macs import count_macs, largest_keep_rate_under
@@ -247,40 +248,76 @@ def _check_constraint(model: nn.Module, data, max_drop, min_agreement, min_cosin
         raise EvitError(f"--limit must be at least 1, got {limit}")
 
 
+def _as_method(cfg, method: str) -> dict:
+    """:func:`reorganized_as` ``cfg``, with ``method`` (its own proportional attention when it changes)."""
+    kw = reorganized_as(cfg)
+    if method != cfg.method:
+        kw.update(method=method, proportional_attention=None)
+    return kw
+
+
+def _methods_to_try(model: nn.Module, methods) -> tuple[str, ...]:
+    """``methods`` checked, or by default every method the model takes (the paper's alone with --no-fuse)."""
+    if methods:
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise EvitError(f"method {bad[0]!r} is not one of {', '.join(METHODS)}")
+        return tuple(methods)
+    return METHODS if get_config(model).fuse else ("evit",)
+
+
+def _greedy_for(model, method, positions, sample, ok_of, batch, device):
+    """The greedy search with ``method`` at ``positions`` on ``sample`` (images, targets): (dense row, found,
+    evaluations, ok), or None when the model cannot take the method."""
+    m = copy.deepcopy(model)
+    try:
+        convert_module(m, keep_rate=1.0, layers=positions, **_as_method(get_config(model), method))
+    except EvitError:
+        return None
+    score = Scorer(m, *sample, batch, device)
+    dense = score((1.0,) * len(positions))
+    ok, words = ok_of(dense)
+    return dense, greedy(score, len(positions), ok), len(score.cache), ok, words
+
+
 def search_by_accuracy(model: nn.Module, data, *, max_drop: float | None = None, min_agreement: float | None = None,
                        min_cosine: float | None = None, limit: int = 256, search_layers: bool = False, batch: int = 64,
-                       device="cpu", workers: int = 0) -> dict:
-    """The configuration with the fewest counted MACs found within the constraint (see the module)."""
+                       device="cpu", workers: int = 0, methods: tuple[str, ...] | None = None) -> dict:
+    """The configuration with the fewest counted MACs found within the constraint (see the module), over
+    ``methods`` (default: the paper's and the squeeze, where the model takes it)."""
     _check_constraint(model, data, max_drop, min_agreement, min_cosine, limit)
     cfg = get_config(model)
     depth = adapters.get_adapter(model).depth(model)
     positions = tuple(range(2, depth + 1)) if search_layers else tuple(cfg.layers)
-    m = copy.deepcopy(model)
-    convert_module(m, keep_rate=1.0, layers=positions, **reorganized_as(cfg))
-    images, targets = calibration_sample(m, data, limit, workers=workers)
-    score = Scorer(m, images, targets, batch, device)
-    dense = score((1.0,) * len(positions))
-    ok, words = constraint(max_drop, min_agreement, min_cosine, dense)
-    found = greedy(score, len(positions), ok)
+    sample = calibration_sample(model, data, limit, workers=workers)
+    tried = {}
+    for method in _methods_to_try(model, methods):
+        run = _greedy_for(model, method, positions, sample, lambda d: constraint(max_drop, min_agreement,
+                                                                                  min_cosine, d), batch, device)
+        if run is not None and any(r < 1.0 for r in run[1]["keep_rates"]):
+            tried[method] = run
+    if not tried:
+        raise EvitError(f"no keep rate below 1.0 keeps the constraint on these {len(sample[0])} images: loosen it")
+    method = min(tried, key=lambda k: tried[k][1]["gmacs"])
+    dense, found, evaluations, ok, words = tried[method]
     kept = [(p, r) for p, r in zip(positions, found["keep_rates"]) if r < 1.0]
-    single_layers = tuple(p for p, _ in kept) if kept and not search_layers else tuple(cfg.layers)
-    if not kept:
-        raise EvitError(f"no keep rate below 1.0 keeps the constraint on these {len(images)} images: loosen it")
-    single = _single_baseline(model, single_layers, images, targets, batch, device, ok, found["gmacs"])
+    single_layers = tuple(p for p, _ in kept) if not search_layers else tuple(cfg.layers)
+    single = _single_baseline(model, single_layers, *sample, batch, device, ok, found["gmacs"], method)
     accuracy = {f"{k}_dense": dense[k] for k in ("top1", "knn_top1") if k in dense}
     return {
-        "layers": [p for p, _ in kept], "keep_rates": [r for _, r in kept], "fuse": cfg.fuse,
+        "layers": [p for p, _ in kept], "keep_rates": [r for _, r in kept], "fuse": cfg.fuse, "method": method,
         "gmacs": found["gmacs"], "gmacs_dense": dense["gmacs"], **column_values(found),
-        **accuracy, "constraint": words, "calibration_images": len(images), "evaluations": len(score.cache),
+        **accuracy, "constraint": words, "calibration_images": len(sample[0]), "evaluations": evaluations,
+        "methods": {k: {"gmacs": v[1]["gmacs"], **column_values(v[1])} for k, v in tried.items()},
         "single_rate": single,
     }
 
 
-def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: float) -> dict:
-    """For comparison, at ``layers``: the best single keep rate within the same constraint, and the
-    largest single keep rate whose counted MACs do not exceed ``gmacs`` (the per-layer result's)."""
+def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: float, method: str) -> dict:
+    """For comparison, at ``layers`` with ``method``: the best single keep rate within the same constraint,
+    and the largest single keep rate whose counted MACs do not exceed ``gmacs`` (the per-layer result's)."""
     m = copy.deepcopy(model)
-    convert_module(m, keep_rate=1.0, layers=layers, **reorganized_as(get_config(model)))
+    convert_module(m, keep_rate=1.0, layers=layers, **_as_method(get_config(model), method))
     score = Scorer(m, images, targets, batch, device)
     n = len(layers)
 
@@ -309,4 +346,6 @@ def reproduce_command(model: str, result: dict, *, pretrained: bool | None = Non
         parts.append(f"--checkpoint {shlex.quote(str(checkpoint))}")
     if not result["fuse"]:
         parts.append("--no-fuse")
+    if result.get("method", "evit") != "evit":
+        parts.append(f"--method {result['method']}")
     return " ".join(parts)

@@ -23,7 +23,7 @@ def patch_fates(model: nn.Module, x: torch.Tensor) -> list[list[set[int]]]:
     adapters.record_kept(model, True)
     try:
         with torch.no_grad():
-            model(x)
+            adapter.run(model, x)
         kept = [b.evit.kept for b in adapters.evit_blocks(model)]
     finally:
         adapters.record_kept(model, False)

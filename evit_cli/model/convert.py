@@ -7,33 +7,49 @@ import copy
 from torch import nn
 
 from .. import adapters
-from ..algorithm.config import DEFAULT_LAYERS, EViTConfig, make_config
+from ..algorithm.config import DEFAULT_LAYERS, EViTConfig, check_score, make_config
 from ..algorithm.reorg import num_kept, token_counts
 from ..algorithm.state import model_state
 from ..errors import EvitError
 
 
 def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True,
-            proportional_attention: bool | None = None, method: str = "evit") -> nn.Module:
+            proportional_attention: bool | None = None, method: str = "evit", score: str | None = None) -> nn.Module:
     """Inject EViT reorganization into the module ``model`` (in place) and return it.
 
     ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
     drops the inattentive tokens instead of fusing them; ``proportional_attention`` raises each
-    token's attention logit by the log of the patches it holds, as ToMe does (timm models; measured in
-    the README; ``None``: on for ``method="squeeze"``, off otherwise). ``method``: ``"evit"``, the paper's
-    (the default), or ``"squeeze"`` (timm models; docs/algorithm.md). (``evit_cli.convert`` also takes names.)
+    token's attention logit by the log of the patches it holds, as ToMe does (``None``: on for
+    ``method="squeeze"``, off otherwise). ``method``: ``"evit"``, the paper's (the default), or
+    ``"squeeze"`` (docs/algorithm.md). ``score``: what ranks the tokens (``config.SCORES``; ``None``: class
+    attention where the model has a class token, else the class-token-free default). (``evit_cli.convert``
+    also takes names.)
     """
     adapter = adapters.get_adapter(model)
     adapter.check(model)
-    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention, method)
+    cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention, method,
+                      _score(adapter, model, score))
     _check_keeps_tokens(model, cfg)
     adapter.apply(model, cfg)
     model_state(model).config = cfg
     return model
 
 
+def _score(adapter, model: nn.Module, score: str | None) -> str:
+    """``score``, checked against what can rank ``model`` (``None``: its default)."""
+    scores = adapter.scores(model)
+    if score is None:
+        return scores[0]
+    check_score(score)
+    if score not in scores:
+        why = ("it has no class token" if score == "cls" else
+               "it has no attention-pool (MAP) head" if score == "probe" else "its adapter computes only these")
+        raise EvitError(f"score {score!r} cannot rank this model's tokens ({why}): use one of {', '.join(scores)}")
+    return score
+
+
 def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None,
-                    method: str | None = None) -> nn.Module:
+                    method: str | None = None, score: str | None = None) -> nn.Module:
     """:func:`convert_module`, where what is not given stays as the model already has it (or the defaults)."""
     old = get_config(model)
     return convert_module(
@@ -43,12 +59,13 @@ def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | 
         fuse=fuse if fuse is not None else (old.fuse if old else True),
         proportional_attention=old.proportional if old and old.method == (method or old.method) else None,
         method=method or (old.method if old else "evit"),
+        score=score or (old.score if old else None),
     )
 
 
 def reorganized_as(cfg: EViTConfig) -> dict:
     """The keywords of :func:`convert_module` that reorganize as ``cfg`` does, at other rates or layers."""
-    return {"fuse": cfg.fuse, "proportional_attention": cfg.proportional, "method": cfg.method}
+    return {"fuse": cfg.fuse, "proportional_attention": cfg.proportional, "method": cfg.method, "score": cfg.score}
 
 
 def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:

@@ -36,8 +36,17 @@ def count_macs(model: nn.Module, img_size: int, device: str | torch.device = "cp
     """Multiply-accumulates of one forward pass on one image (FLOPs / 2), attention included."""
     x = torch.randn(1, 3, img_size, img_size, device=device)
     counter = FlopCounterMode(display=False, custom_mapping=_attention_mapping())
-    with counter, torch.no_grad():
-        model(x)
+    # parameters frozen meanwhile: the counter's module tracker cannot hook a view of a trainable parameter made
+    # under no_grad (an attention-pool probe's ``latent.expand``)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with counter, torch.no_grad():
+            adapters.get_adapter(model).run(model, x)  # an image-text model: its image tower
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     return counter.get_total_flops() // 2
 
 
@@ -71,14 +80,15 @@ def largest_keep_rate_under(model: nn.Module, budget: float, step: float = 0.001
     return round(lo * step, 6)
 
 
-def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True, method: str = "evit") -> float:
+def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True, method: str = "evit",
+               score: str | None = None) -> float:
     """Convert ``model`` (already at its new image size) with the keep rate whose counted MACs come
     closest to the dense model at ``reference_size`` px without exceeding them; returns the rate."""
     adapter = adapters.get_adapter(model)
     ref = dense_copy(model)
     adapter.set_img_size(ref, reference_size)
     budget = count_macs(ref, reference_size)
-    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse, method=method)
+    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse, method=method, score=score)
     rate = largest_keep_rate_under(model, budget)
-    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse, method=method)
+    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse, method=method, score=score)
     return rate

@@ -13,7 +13,7 @@ import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from ..algorithm.config import parse_keep_rates, parse_layers
+from ..algorithm.config import METHODS, parse_keep_rates, parse_layers
 from ..errors import EvitError
 from ..model import validate
 from ..model.validate import optional
@@ -90,6 +90,9 @@ class TrainConfig:
                             flags=("--layers", "-l"), shown="4,7,10, or the model's own", kind=str)
     fuse: bool | None = option(None, "Fuse or drop the inattentive tokens.", check=MAYBE_BOOL,
                                shown="the model's own, else fuse")
+    method: str | None = option(None, "How the inattentive tokens are reorganized: evit (the paper's) or squeeze "
+                                "(docs/algorithm.md); the model trains from that starting point.",
+                                check=optional(validate.one_of(*METHODS)), shown="the model's own, else evit")
     pretrained: bool = option(True, "Start from pretrained weights.", check=BOOL)
     checkpoint: str | None = option(None, "Local weights for MODEL.", check=MAYBE_TEXT, flags=("--checkpoint", "-c"),
                                     shown="none")

@@ -123,7 +123,7 @@ def prepare(cfg: TrainConfig, device: torch.device) -> Setup:
             t_adapter.set_img_size(teacher.model, adapter.img_size(model))
         teacher.model.to(device)
     previous = model_state(model).training
-    convert_keeping(model, cfg.keep_rate, cfg.layers, cfg.fuse)
+    convert_keeping(model, cfg.keep_rate, cfg.layers, cfg.fuse, cfg.method)
     model.to(device)
     setup = Setup(model, adapter, data, head, mapping, teacher, loss, previous)
     if cfg.oracle:

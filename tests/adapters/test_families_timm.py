@@ -21,6 +21,8 @@ from timm.models.vision_transformer import ResPostBlock
 import evit_cli
 from evit_cli.adapters import record_kept
 from evit_cli.adapters.block import state_of
+from evit_cli.algorithm.restore import RestoreSpec
+from evit_cli.algorithm.state import model_state
 
 TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
 LAYERS = (2, 3)
@@ -255,6 +257,7 @@ def test_headless_model_and_forward_features(family, x):
 def test_forward_intermediates_give_the_remaining_tokens_and_full_maps(family, x):
     dense = tiny(family)
     model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=LAYERS)
+    model_state(model).positions.restore_with = RestoreSpec("fused")  # the default: tests/adapters/test_dense.py
     record_kept(model)
     with torch.no_grad():
         nlc = model.forward_intermediates(x, indices=[0, 1, 2, 3], output_fmt="NLC", intermediates_only=True)
@@ -293,12 +296,10 @@ def _meta(name, **kw):
 
 
 @pytest.mark.parametrize("name, kwargs, words", [
-    ("vit_medium_patch16_gap_256", {}, "no class token (it pools by global average)"),
-    ("vit_base_patch16_siglip_224", {}, "no class token (it pools by attention pool (MAP))"),
-    ("vit_base_patch16_rope_reg1_gap_256", {}, "no class token"),
+    ("vit_medium_patch16_gap_256", {"global_pool": "max"}, "no class token and pools by global max"),
+    ("vit_base_patch16_siglip_224", {"global_pool": "avgmax"}, "no class token and pools by global average and max"),
     ("cait_xxs24_224", {}, "only in its last class-attention blocks"),
     ("xcit_nano_12_p16_224", {}, "only in its last class-attention blocks"),
-    ("naflexvit_base_patch16_map", {}, "no class token (it pools by attention pool (MAP))"),
     ("naflexvit_base_patch16_radio_v3", {"rope_type": "axial"},
      "is a ViT with a class token, but its RoPE in a NaFlexVit"),
     ("tnt_s_patch16_224", {}, "is a ViT with a class token, but its pixel-level inner transformer"),

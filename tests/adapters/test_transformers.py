@@ -86,14 +86,15 @@ def hf_twin(kind: str, attn: str):
     return timm_model, hf.eval()
 
 
+@pytest.mark.parametrize("how", [{}, {"method": "squeeze"}, {"proportional_attention": True}])
 @pytest.mark.parametrize("kind", ["vit", "distilled"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_same_weights_in_timm_and_transformers_give_same_evit_output(kind, attn, images):
+def test_same_weights_in_timm_and_transformers_give_same_evit_output(kind, attn, how, images):
     timm_model, hf = hf_twin(kind, attn)
     with torch.no_grad():
         assert (hf(images).logits - timm_model(images)).abs().max() < 1e-4  # the twins agree dense
-        evit_cli.convert(timm_model, keep_rate="0.8,0.6,0.5", layers="2,4,5")
-        evit_cli.convert(hf, keep_rate="0.8,0.6,0.5", layers="2,4,5")
+        evit_cli.convert(timm_model, keep_rate="0.8,0.6,0.5", layers="2,4,5", **how)
+        evit_cli.convert(hf, keep_rate="0.8,0.6,0.5", layers="2,4,5", **how)
         assert hf.config._attn_implementation == attn
         assert (hf(images).logits - timm_model(images)).abs().max() < 1e-4
     assert evit_cli.tokens_after_layers(hf) == evit_cli.tokens_after_layers(timm_model)

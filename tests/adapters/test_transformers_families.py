@@ -85,15 +85,16 @@ def _layers(model):
         root.encoder.layer if hasattr(root, "encoder") else root.layers)
 
 
+@pytest.mark.parametrize("method", ["evit", "squeeze"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_keep_rate_1_is_the_original_model(name, attn, images):
+def test_keep_rate_1_is_the_original_model(name, attn, method, images):
     model, _ = _build(name, attn)
     dense = _original(model)
     mae = isinstance(model, tf.ViTMAEModel)
     with torch.no_grad():
         expected = _out(dense, images, original_mae=mae)
-        evit_cli.convert(model, keep_rate=1.0, layers=(2, 4, 5))
+        evit_cli.convert(model, keep_rate=1.0, layers=(2, 4, 5), method=method)
         assert (_out(model, images) - expected).abs().max() < 1e-5
         evit_cli.revert(model)
         assert not any(type(m).__name__.startswith("EViT") for m in model.modules())
@@ -210,6 +211,19 @@ def _reference_layer(name, layer, inp, shared_bias, kw):
     return layer(inp, attention_mask=shared_bias, **kw)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_squeeze_runs_in_every_family_with_no_extra_token(name, images):
+    """Eager and sdpa attention agree (the size bias goes through both); prefix + kept tokens, no fused one."""
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model, prefix = _build(name, attn)
+        evit_cli.convert(model, keep_rate=0.5, layers=(2, 4), method="squeeze")
+        with torch.no_grad():
+            outs.append(_out(model, images))
+        assert evit_cli.tokens_after_layers(model) == [prefix + 32, prefix + 16]
+    assert outs[0].shape == outs[1].shape and (outs[0] - outs[1]).abs().max() < 1e-4
+
+
 @pytest.mark.parametrize("name", ["vit", "dinov2_reg_cls", "clip", "beit", "data2vec"])
 def test_forward_and_backward_run(name, images):
     model, _ = _build(name, "sdpa")
@@ -254,10 +268,10 @@ def test_vit_mae_masking_is_off_and_every_patch_in_order(images):
 @pytest.mark.parametrize("cls, cfg, match", [
     (tf.ViTForMaskedImageModeling, tf.ViTConfig(**VIT), "masked-image-modeling"),
     (tf.DeiTForMaskedImageModeling, tf.DeiTConfig(**VIT), "masked-image-modeling"),
-    (tf.SiglipVisionModel, tf.SiglipVisionConfig(**CLIP_VISION), "no class token.*attention-pooling"),
-    (tf.InstructBlipVisionModel, tf.InstructBlipVisionConfig(**VIT),
-     "InstructBlipVisionModel is a ViT with a class token, but .* not supported yet"),
-    (tf.Data2VecVisionForSemanticSegmentation, tf.Data2VecVisionConfig(**VIT), "Data2VecVisionForSemanticSegmentation"),
+    (tf.Siglip2VisionModel, tf.Siglip2VisionConfig(**CLIP_VISION), "patches padded .* under a patch mask"),
+    (tf.TimesformerModel, tf.TimesformerConfig(**VIT),
+     "TimesformerModel is a ViT with a class token, but .* not supported yet"),
+    (tf.DPTForDepthEstimation, tf.DPTConfig(**VIT), "DPTForDepthEstimation predicts from a map of every patch"),
     (tf.ConvNextModel, tf.ConvNextConfig(), "ConvNextModel is not a Vision Transformer family"),
 ])
 def test_other_transformers_models_are_refused_truthfully(cls, cfg, match):

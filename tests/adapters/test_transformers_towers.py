@@ -345,3 +345,27 @@ def test_owlvit_detection_checkpoint_converts_as_its_image_tower(tmp_path, capsy
     with torch.no_grad():
         got = evit_cli.load(tmp_path / "tiny_out")(x).pooler_output
         assert torch.equal(got, detector.owlvit.vision_model(x).pooler_output)  # the tower's weights, loaded
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if not n.startswith("yolos")])
+def test_squeeze_keeps_the_original_at_keep_1_and_agrees_across_attention(name, images):
+    """The squeeze method in every tower (RoPE, pooled class tokens, fused qkv): keep 1.0 is the original
+    model, and at 0.5 eager and sdpa agree on prefix + kept tokens (no fused token)."""
+    outs = []
+    for attn in ("eager", "sdpa"):
+        model, prefix, _ = _build(name, attn)
+        dense = copy.deepcopy(model)
+        with torch.no_grad():
+            expected = _out(dense, images)
+            evit_cli.convert(model, keep_rate=1.0, layers=(2, 4), method="squeeze")
+            assert (_out(model, images) - expected).abs().max() < 1e-5
+            evit_cli.convert(model, keep_rate=0.5, layers=(2, 4), method="squeeze")
+            outs.append(_out(model, images))
+        assert evit_cli.tokens_after_layers(model) == [prefix + 32, prefix + 16]
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_squeeze_refuses_yolos_detection_tokens():
+    model, _, _ = _build("yolos", "sdpa")
+    with pytest.raises(evit_cli.EvitError, match="keeps tokens after its patches"):
+        evit_cli.convert(model, keep_rate=0.5, layers=(2,), method="squeeze")

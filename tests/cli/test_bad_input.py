@@ -81,8 +81,8 @@ CASES = [
     # models and checkpoints
     ("unknown name", ["convert", "deit_smal_patch16_224", "--no-pretrained", "-o", "o"], "Did you mean"),
     ("not a ViT", ["convert", "resnet18", "--no-pretrained", "-o", "o"], "not a supported Vision Transformer"),
-    ("ViT without class token", ["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained", "-o", "o"],
-     "no class token"),
+    ("class score without class token", ["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained", "--score",
+                                         "cls", "-o", "o"], "no class token"),
     ("missing local folder", ["convert", "./nope", "-o", "o"], "does not exist"),
     ("missing checkpoint", ["convert", "deit_tiny_patch16_224", "-c", "missing.pth", "-o", "o"], "does not exist"),
     ("truncated checkpoint", ["convert", "vit_tiny_patch16_224", "-c", "cut.safetensors", "-o", "o"], "truncated"),

@@ -91,7 +91,7 @@ def test_bench_table_on_terminal(tiny_folder, capsys, tmp_path):
         (["convert", "deit_tiny_patch16_224", "--no-pretrained", "-k", "0.9,0.8"], "2 keep rates for 3 layers"),
         (["convert", "deit_tiny_patch16_224", "--checkpoint", "/nonexistent.pth"], "does not exist"),
         (["convert", "resnet18", "--no-pretrained"], "not a supported Vision Transformer"),
-        (["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained"], "no class token"),
+        (["convert", "vit_base_patch16_reg4_gap_256", "--no-pretrained", "--score", "cls"], "no class token"),
         (["bench", "deit_tiny_patch16_224", "--batch", "0"], "at least 1"),
         (["bench", "deit_tiny_patch16_224", "--device", "cuda"], "no CUDA"),
     ],

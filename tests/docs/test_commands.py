@@ -64,6 +64,10 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "benchmarks/embed_real.py": "fine-tunes the headless real DeiT-Tiny: most of an hour",
     "benchmarks/claims_real.py": "scores the real DeiT-Tiny in nine settings on 982 photos: minutes",
     "benchmarks/training_free_real.py": "scores the real DeiT-Tiny in sixteen settings on 3925 photos: an hour",
+    "benchmarks/dense_real.py": "scores the real DeiT-Tiny's maps in fifteen settings on 3925 photos and times "
+                                "DeiT-Small: most of an hour (tests/adapters/test_dense.py checks the restore)",
+    "benchmarks/no_class_token_real.py": "scores the real DeiT-Tiny with three token scores on up to 3925 photos: "
+                                         "minutes to an hour",
     "recovery_variants.py": "fine-tunes the real DeiT-Tiny: minutes per variant",
     "deit_t_recovered": "fine-tunes the real DeiT-Tiny for minutes (tests/measure/test_fidelity.py trains the same way "
                         "on tiny models); exporting or evaluating its output needs it",

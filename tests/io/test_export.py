@@ -85,9 +85,19 @@ def test_export_of_position_dependent_families(name, fmt, tmp_path):
         assert (got - model(x)).abs().max() < 1e-4
 
 
+def _tiny_hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(image_size=32, patch_size=4, hidden_size=32, num_hidden_layers=6,
+                                               num_attention_heads=2, intermediate_size=64, num_labels=3)).eval()
+
+
+@pytest.mark.parametrize("source", ["timm", "transformers"])
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_a_squeeze_model_exports_and_matches_pytorch(fmt, tmp_path):
+def test_a_squeeze_model_exports_and_matches_pytorch(fmt, source, tmp_path):
     """The squeeze (its similarity, scatter and size bias) traces like the paper's method."""
-    model = evit_cli.convert(tiny_timm("vit"), keep_rate=0.7, layers=(2, 3, 4, 5), method="squeeze")
+    model = tiny_timm("vit") if source == "timm" else _tiny_hf_vit()
+    evit_cli.convert(model, keep_rate=0.7, layers=(2, 3, 4, 5), method="squeeze")
     report = export(model, fmt, tmp_path / f"m.{fmt}")  # compares the file with PyTorch at batch 1 and 8
     assert report["tokens_after_layers"] == evit_cli.tokens_after_layers(model) == [46, 33, 24, 18]

@@ -110,19 +110,26 @@ def _compare_in_child(folders: dict[str, Path], x: torch.Tensor, tmp_path: Path)
     return json.loads(out.strip().splitlines()[-1])
 
 
+SQUEEZED = ("vit", "dinov2_reg_cls", "beit")  # the squeeze method: plain, registers, relative-position bias
+
+
 def _export_families(names, tmp_path: Path) -> dict[str, Path]:
     folders = {}
     for name in names:
         model, _ = _build(name, "sdpa")
         evit_cli.convert(model, keep_rate=0.5, layers=(2, 4))
         folders[name] = evit_cli.save(model, tmp_path / name)
+    for name in SQUEEZED:
+        model, _ = _build(name, "sdpa")
+        evit_cli.convert(model, keep_rate=0.5, layers=(2, 4), method="squeeze")
+        folders[f"{name}_squeeze"] = evit_cli.save(model, tmp_path / f"{name}_squeeze")
     return folders
 
 
 def test_every_transformers_family_loads_as_evit_without_evit_installed(tmp_path):
     folders = _export_families(FAMILIES, tmp_path)
     result = _compare_in_child(folders, torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)), tmp_path)
-    assert set(result) == set(FAMILIES)
+    assert set(result) == set(FAMILIES) | {f"{n}_squeeze" for n in SQUEEZED}
     for name, r in result.items():
         assert r["module"].startswith("transformers_modules."), (name, r)  # the folder's code, not a package's
         assert r["class"].startswith("Evit") and r["dense_class"] == r["class"][len("Evit"):], (name, r)

@@ -78,7 +78,7 @@ def test_hub_folder_converts_with_the_preprocessing_transformers_uses(repo, cls,
 
 
 @pytest.mark.parametrize("proc", [
-    None,  # no preprocessor_config.json: the family processor's defaults
+    None,  # no preprocessor_config.json: the family processor's defaults, at the model's own image_size
     {"size": {"height": 40, "width": 40}, "do_resize": True, "image_processor_type": "ViTImageProcessor",
      "image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.3, 0.4], "resample": 3},
     {"size": {"shortest_edge": 36}, "crop_size": {"height": 32, "width": 32}, "do_center_crop": True,
@@ -103,8 +103,10 @@ def test_every_preprocessor_form_matches_the_image_processor(proc, tmp_path):
     if proc is None:
         from transformers import ViTImageProcessor
 
-        expected = torch.as_tensor(np.asarray(ViTImageProcessor()(_photo(), return_tensors="pt")["pixel_values"][0]))
-        assert dc["input_size"] == (3, 224, 224)
+        # the default processor would hand a 32-pixel model 224-pixel images, which it cannot take
+        proc32 = ViTImageProcessor(size={"height": 32, "width": 32})
+        expected = torch.as_tensor(np.asarray(proc32(_photo(), return_tensors="pt")["pixel_values"][0]))
+        assert dc["input_size"] == (3, 32, 32)
     else:
         expected = _hf_pixels(tmp_path)
     assert dc["input_size"] == tuple(expected.shape)
@@ -129,9 +131,9 @@ def test_attn_implementation_option_is_kept_and_refused_for_timm(tmp_path, capsy
 
 
 @pytest.mark.parametrize("arch, match", [("ViTForMaskedImageModeling", "masked-image-modeling"),
-                                         ("SiglipVisionModel", "no class token"),
+                                         ("Siglip2VisionModel", "patch mask"),
                                          ("TimesformerForVideoClassification", "not support yet"),
-                                         ("BeitForSemanticSegmentation", "map of every patch")])
+                                         ("DPTForDepthEstimation", "map of every patch")])
 def test_refused_architectures_in_config_json_are_one_line(arch, match, tmp_path):
     cfg = json.loads((HUB / "google__vit-base-patch16-224" / "config.json").read_text())
     cfg["architectures"], cfg["model_type"] = [arch], "timesformer" if "Timesformer" in arch else cfg["model_type"]

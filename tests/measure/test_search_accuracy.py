@@ -38,6 +38,11 @@ def test_min_agreement_on_an_unlabelled_folder(confident, tmp_path, capsys):
     assert code == 0, err
     found = evit_cli.load(tmp_path / "found")
     assert list(evit_cli.model.convert.get_config(found).keep_rates) == r["keep_rates"]
+    # both methods were searched; the cheaper within the constraint is reported and rebuilt
+    assert set(r["methods"]) == {"evit", "squeeze"}
+    assert r["method"] == min(r["methods"], key=lambda k: r["methods"][k]["gmacs"])
+    assert evit_cli.model.convert.get_config(found).method == r["method"]
+    assert ("--method squeeze" in r["command"]) == (r["method"] == "squeeze")
     dense, evit = independent_logits(dense_copy(found), photos), independent_logits(found, photos)
     agreement = 100 * (dense.argmax(-1) == evit.argmax(-1)).float().mean().item()
     assert agreement >= 90 and agreement == pytest.approx(r["agreement"])
@@ -68,3 +73,14 @@ def test_max_drop_needs_labels(confident, tmp_path, capsys):
     photos = write_flat_folder(tmp_path / "photos", 4)
     code, _, err = run(["search", confident, "--dataset", photos, "--max-drop", 1, "--workers", 0], capsys)
     assert code == 2 and "--max-drop needs labels" in err
+
+
+def test_method_limits_the_search_to_one_method(confident, tmp_path, capsys):
+    photos = write_flat_folder(tmp_path / "photos", 8)
+    code, stdout, err = run(["search", confident, "--dataset", photos, "--min-agreement", 50, "--limit", 100,
+                             "--workers", 0, "--method", "squeeze", "--json"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert set(r["methods"]) == {"squeeze"} and r["method"] == "squeeze" and "--method squeeze" in r["command"]
+    code, _, err = run(["search", confident, "--dataset", photos, "--min-agreement", 50, "--method", "tome"], capsys)
+    assert code == 2 and "tome" in err

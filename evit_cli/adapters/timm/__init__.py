@@ -15,7 +15,7 @@ import logging
 import torch
 from torch import nn
 
-from ...algorithm.config import EViTConfig
+from ...algorithm.config import NO_CLASS_TOKEN_SCORE, SCORES, EViTConfig
 from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..base import Adapter, Sequence
@@ -24,6 +24,7 @@ from ..swap import original, swap_in, swap_out
 from .blocks import EViTBlockMixin
 from .families import ModelSpec, family_of
 from .model import EViTModelMixin
+from .pooling import pool_kind, pool_refusal, probe
 
 # timm ViT-like classes EViT cannot serve, and why (class name -> what is not supported)
 _LATE_CLASS_ATTENTION = {"Cait", "Xcit", "VOLO"}
@@ -33,8 +34,6 @@ _NOT_YET = {
     "VisionTransformerSAM": "windowed attention",
 }
 _FEATURE_WRAPPERS = {"FeatureGetterNet", "FeatureListNet", "FeatureDictNet", "FeatureHookNet"}
-_POOLS = {"avg": "global average", "max": "global max", "avgmax": "global average and max",
-          "map": "attention pool (MAP)", "": "no pooling at all"}
 
 
 # ------------------------------------------------------------------ refusals
@@ -46,48 +45,46 @@ def _label(model: nn.Module) -> str:
     return f"{arch} ({cls})" if arch else cls
 
 
-def _no_class_token(model: nn.Module, label: str) -> str:
-    pool = getattr(model, "global_pool", "avg")
-    how = _POOLS.get(pool, f"{pool!r} pooling")
-    return (f"{label} has no class token (it pools by {how}): EViT ranks tokens by class-token attention, "
-            "so pick a model with a class token (e.g. deit_small_patch16_224)")
+def has_class_token(model: nn.Module) -> bool:
+    return any(n.rsplit(".", 1)[-1].startswith("cls_token") for n, _ in model.named_parameters())
 
 
 def _unspecd_refusal(model: nn.Module, has_cls: bool) -> str | None:
     """Why a timm model of no spec'd family (or a features wrapper, or a late class-attention model) cannot convert."""
     cls, label = original(type(model)).__name__, _label(model)
     if cls in _FEATURE_WRAPPERS:
-        return (f"{cls} is a features_only wrapper: convert the ViT itself (timm.create_model without "
-                "features_only) and call its forward_intermediates")
+        return (f"{cls} is a features_only wrapper: convert its model (evit_cli.convert(net.model, ...)); the "
+                "wrapper then returns full maps, the removed patches put back")
     if cls in _LATE_CLASS_ATTENTION:
         return (f"{label} attends with its class token only in its last class-attention blocks: EViT needs "
                 "class-token attention in the blocks it reorganizes")
     if family_of(model) is not None:
         return None
     if cls in _NOT_YET:
-        return _no_class_token(model, label) if not has_cls else \
-            f"{label} is a ViT with a class token, but its {_NOT_YET[cls]} is not supported yet"
-    return (f"{label} is not a supported Vision Transformer: EViT needs a ViT with a class token "
-            "(timm VisionTransformer, Eva, Beit, VisionTransformerRelPos, NaFlexVit or CrossVit)")
+        return f"{label} is a ViT{' with a class token' * has_cls}, but its {_NOT_YET[cls]} is not supported yet"
+    return (f"{label} is not a supported Vision Transformer: EViT serves timm VisionTransformer, Eva, Beit, "
+            "VisionTransformerRelPos, NaFlexVit and CrossVit")
 
 
 def refusal(model: nn.Module) -> str | None:
     """Why EViT cannot convert ``model``, in one line (None: it can)."""
-    has_cls = any(n.rsplit(".", 1)[-1].startswith("cls_token") for n, _ in model.named_parameters())
+    has_cls = has_class_token(model)
     why = _unspecd_refusal(model, has_cls)
     if why:
         return why
     fam, label = family_of(model), _label(model)
-    if not has_cls:
-        return _no_class_token(model, label)
+    why = pool_refusal(model) if not has_cls else None
+    if why:
+        return f"{label} has no class token and {why}"
+    what = f"{label} is a ViT{' with a class token' * has_cls}"
     why = fam.refusal(model) if fam.refusal is not None else None
     if why:
-        return f"{label} is a ViT with a class token, but its {why} is not supported yet"
+        return f"{what}, but its {why} is not supported yet"
     for i, group in enumerate(fam.layers(model)):
         for blk in group:
             why = _block_refusal(fam, blk)
             if why:
-                return f"{label} is a ViT with a class token, but its {why} (block {i + 1}) is not supported yet"
+                return f"{what}, but its {why} (block {i + 1}) is not supported yet"
     return None
 
 
@@ -124,6 +121,13 @@ class TimmAdapter(Adapter):
         why = refusal(model)
         if why:
             raise EvitError(why)
+
+    def scores(self, model: nn.Module) -> tuple[str, ...]:
+        """Class attention first where there is a class token, else the class-token-free default; ``"probe"``
+        for an attention-pool (MAP) tower."""
+        free = [NO_CLASS_TOKEN_SCORE] + [s for s in SCORES if s not in ("cls", "probe", NO_CLASS_TOKEN_SCORE)]
+        ours = ["cls", *free] if has_class_token(model) else free
+        return tuple(ours + ["probe"] * (pool_kind(model) == "map" and len(self.sequences(model)) == 1))
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The blocks (CrossViT: the multi-scale stages), of the reported sequence."""
@@ -167,7 +171,8 @@ class TimmAdapter(Adapter):
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
         self.remove(model)
         fam = _family(model)
-        positions = PositionState(track_sizes=cfg.proportional or cfg.method == "squeeze")
+        positions = PositionState(track_sizes=cfg.proportional or cfg.method == "squeeze" or cfg.score != "cls",
+                                  weighs_pool=cfg.score != "cls")
         prefixes = [seq.num_prefix for seq in fam.sequences(model)]
         if cfg.method != "evit" and len(prefixes) > 1:
             raise EvitError(f"the {cfg.method} method follows one token sequence: {_label(model)} has "
@@ -184,7 +189,8 @@ class TimmAdapter(Adapter):
                 swap_in(blk, EViTBlockMixin)
                 blk.evit = BlockState(index=i, num_prefix=prefixes[seq], family=fam, block_spec=spec, sequence=seq,
                                       positions=positions, keep_rate=rates.get(i), fuse=cfg.fuse,
-                                      proportional=cfg.proportional, method=cfg.method)
+                                      proportional=cfg.proportional, method=cfg.method, score=cfg.score,
+                                      probe=probe(model, prefixes[seq]) if cfg.score == "probe" else None)
 
     def remove(self, model: nn.Module) -> None:
         swap_out(model)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from timm.layers import apply_rot_embed_cat
 from torch import Tensor, nn
 
-from ...algorithm.reorg import class_attention, gather_bias, gather_rope, size_bias
+from ...algorithm.reorg import gather_bias, gather_rope, score_row, size_bias
 from ...errors import EvitError
 from ..block import BlockState, EViTBlock, reorganize_tokens, runs_dense
 
@@ -87,9 +87,11 @@ def _rotate(attn: nn.Module, t: Tensor, rope: Tensor, num_prefix: int) -> Tensor
 
 
 def attention(attn: nn.Module, read_qkv, x: Tensor, terms: Terms, num_prefix: int,
-              value_norm: bool = False, row: bool = True) -> tuple[Tensor, Tensor | None]:
-    """The attention module's output and its class-attention row (B, N), position terms applied
-    (``value_norm``: each head's row weighted by its value norms, the ``squeeze`` method's ranking;
+              value_norm: bool = False, row: bool = True, score: str = "cls",
+              weights: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """The attention module's output and its ranking row (B, N) (``score``: the class-attention row, or a
+    class-token-free one, ``reorg.score_row``; ``weights``: the patches each token holds), position terms
+    applied (``value_norm``: each head's row weighted by its value norms, the ``squeeze`` method's ranking;
     ``row=False``: a block that only follows positions, no row, ``None``)."""
     B, N, _ = x.shape
     q, k, v = read_qkv(attn, x)
@@ -101,8 +103,7 @@ def attention(attn: nn.Module, read_qkv, x: Tensor, terms: Terms, num_prefix: in
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     bias = terms.bias.to(q.dtype) if terms.bias is not None else None
-    cls_attn = class_attention(q[:, :, :1], k, attn.scale, bias[:, :, :1] if bias is not None else None,
-                               v if value_norm else None) if row else None
+    cls_attn = score_row(score, q, k, attn.scale, bias, v if value_norm else None, weights) if row else None
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, N, -1)
     if getattr(attn, "norm", None) is not None:
@@ -120,6 +121,14 @@ def _scale(blk: nn.Module, name: str, y: Tensor) -> Tensor:
     return s * y if isinstance(s, Tensor) else s(y)
 
 
+def _ranking(blk: nn.Module, x: Tensor, active: bool) -> dict:
+    """How the block's attention computes its ranking row: the keywords of :func:`attention`."""
+    st: BlockState = blk.evit
+    row = active and st.row_score is not None
+    return {"value_norm": st.value_norm, "row": row, "score": st.row_score or "cls",
+            "weights": st.size_weights(x) if row and st.score == "mean_query" else None}
+
+
 def _maybe_reorganize(blk: nn.Module, x: Tensor, cls_attn: Tensor, active: bool):
     return reorganize_tokens(blk, x, cls_attn) if active else (x, None)
 
@@ -131,7 +140,7 @@ def _maybe_reorganize(blk: nn.Module, x: Tensor, cls_attn: Tensor, active: bool)
 def pre_norm(blk, spec, x, terms, active):
     """``x + Attn(LN1 x)``, reorganize, ``x + FFN(LN2 x)`` (ViT ``Block``, ``EvaBlock``, BEiT ``Block``)."""
     a, cls_attn = attention(blk.attn, spec.reader(blk.attn), blk.norm1(x), terms, blk.evit.num_prefix,
-                            blk.evit.value_norm, active)
+                            **_ranking(blk, x, active))
     x = x + blk.drop_path1(_scale(blk, spec.layer_scale[0], a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(_scale(blk, spec.layer_scale[1], blk.mlp(blk.norm2(x)))), kept
@@ -139,8 +148,8 @@ def pre_norm(blk, spec, x, terms, active):
 
 def post_norm(blk, spec, x, terms, active):
     """``x + LN1(Attn x)``, reorganize, ``x + LN2(FFN x)`` (``ResPostBlock``, ``EvaBlockPostNorm``)."""
-    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit.num_prefix, blk.evit.value_norm,
-                            active)
+    a, cls_attn = attention(blk.attn, spec.reader(blk.attn), x, terms, blk.evit.num_prefix,
+                            **_ranking(blk, x, active))
     x = x + blk.drop_path1(blk.norm1(a))
     x, kept = _maybe_reorganize(blk, x, cls_attn, active)
     return x + blk.drop_path2(blk.norm2(blk.mlp(x))), kept
@@ -151,12 +160,13 @@ def parallel_branches(blk, spec, x, terms, active):
     EViT sits between the two sums, ranking by the class row averaged over every head of every branch."""
     outs, rows = [], []
     for br in blk.attns:
-        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit.num_prefix, blk.evit.value_norm,
-                           active)
+        a, row = attention(br.attn, spec.reader(br.attn), br.norm(x), terms, blk.evit.num_prefix,
+                           **_ranking(blk, x, active))
         outs.append(br.drop_path(br.ls(a)))
         rows.append(row)
     x = x + torch.stack(outs).sum(dim=0)
-    x, kept = _maybe_reorganize(blk, x, torch.stack(rows).mean(dim=0) if active else None, active)
+    ranked = active and blk.evit.row_score is not None
+    x, kept = _maybe_reorganize(blk, x, torch.stack(rows).mean(dim=0) if ranked else None, active)
     return x + torch.stack([ffn(x) for ffn in blk.ffns]).sum(dim=0), kept
 
 
@@ -170,7 +180,9 @@ def parallel_scaling(blk, spec, x, terms, active):
     q = blk.q_norm(q.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
     k = blk.k_norm(k.view(B, N, blk.num_heads, blk.head_dim)).transpose(1, 2)
     v = v.view(B, N, blk.num_heads, blk.head_dim).transpose(1, 2)
-    cls_attn = class_attention(q[:, :, :1], k, blk.scale, v=v if blk.evit.value_norm else None) if active else None
+    rank = _ranking(blk, x, active)
+    cls_attn = score_row(rank["score"], q, k, blk.scale, None, v if rank["value_norm"] else None,
+                         rank["weights"]) if rank["row"] else None
     a = F.scaled_dot_product_attention(q, k, v, dropout_p=blk.attn_drop.p if blk.training else 0.0)
     a = a.transpose(1, 2).reshape(B, N, -1)
     x_mlp = blk.mlp_drop(blk.mlp_act(x_mlp))

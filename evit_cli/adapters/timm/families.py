@@ -56,6 +56,7 @@ from timm.models.vision_transformer_relpos import (
     VisionTransformerRelPos,
 )
 
+from ...algorithm.state import model_state
 from ..base import Sequence
 from .blocks import (
     Terms,
@@ -147,8 +148,12 @@ def relpos_terms(blk, shared_rel_pos=None) -> Terms:
 
 
 def naflex_img_size(model) -> int:
-    """The size it was built for (``img_size``), else its pretrained config's (NaFlex takes any size)."""
+    """The size it was built for (``img_size``: kept by its embedding only without a position grid size, so
+    also read from what evit built it with), else its pretrained config's (NaFlex takes any size)."""
     size = model.embeds.default_img_size
+    built = ((model_state(model).source or {}).get("kwargs") or {}).get("img_size")
+    if built is not None:
+        size = (built, built) if isinstance(built, int) else tuple(built)
     if size is None:
         size = ((getattr(model, "pretrained_cfg", None) or {}).get("input_size") or (3, 224, 224))[1:]
     return int(size[0])

@@ -2,46 +2,36 @@
 
 ``forward_intermediates`` with ``output_fmt="NLC"`` returns, per block, the
 non-prefix tokens that remain after it; with ``"NCHW"`` (timm's default,
-used by ``features_only``) each kept token goes back to its patch and every
-other patch holds the fused token that absorbed it (zeros without fusion),
-so the maps have the dense model's shape.
+used by ``features_only``) the removed patches are put back
+(``algorithm/restore.py``, the model's ``PositionState.restore_with``), so the
+maps have the dense model's shape.
 """
 
 from __future__ import annotations
 
 import inspect
 
-import torch
 from timm.models._features import feature_take_indices
 from torch import Tensor
 
+from ...algorithm.restore import Restore, restore
 from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..block import PositionState
 from ..swap import original
 from .families import family_of
+from .pooling import pool_kind, pooled
 
 
-def _grid(y: Tensor, pos: Tensor, num_patches: int) -> Tensor:
-    """Tokens (B, M, C) back on the patch grid (B, num_patches, C): each kept token at its
-    patch, every other patch holds the fused token that absorbed it (zero without fusion)."""
-    B, _, C = y.shape
-    fused = pos[:, -1:] < 0
-    filler = torch.where(fused[..., None], y[:, -1:], torch.zeros_like(y[:, -1:]))
-    grid = torch.cat([filler.expand(B, num_patches, C), y.new_zeros(B, 1, C)], dim=1)
-    idx = torch.where(pos < 0, num_patches, pos)
-    return grid.scatter(1, idx[..., None].expand(B, idx.shape[1], C), y)[:, :num_patches]
-
-
-def _maps(ys: list, positions: list[Tensor | None], hw: tuple[int, int]) -> list:
-    """timm's NLC intermediates (or (tokens, prefix) pairs) as NCHW maps of the patch grid."""
+def _maps(ys: list, restores: list[Restore | None], hw: tuple[int, int]) -> list:
+    """timm's NLC intermediates (or (tokens, prefix) pairs) as NCHW maps of the full patch grid."""
     H, W = hw
 
-    def to_map(y: Tensor, pos: Tensor | None) -> Tensor:
-        y = y if pos is None else _grid(y, pos, H * W)
+    def to_map(y: Tensor, r: Restore | None) -> Tensor:
+        y = restore(y, r)
         return y.reshape(y.shape[0], H, W, -1).permute(0, 3, 1, 2).contiguous()
 
-    return [(to_map(y[0], p), y[1]) if isinstance(y, tuple) else to_map(y, p) for y, p in zip(ys, positions)]
+    return [(to_map(y[0], r), y[1]) if isinstance(y, tuple) else to_map(y, r) for y, r in zip(ys, restores)]
 
 
 class EViTModelMixin:
@@ -49,15 +39,48 @@ class EViTModelMixin:
 
     ``forward_intermediates`` with ``output_fmt="NLC"`` returns, per block, the
     non-prefix tokens that remain after it; with ``"NCHW"`` (timm's default,
-    used by ``features_only``) each kept token goes back to its patch and every
-    other patch holds the fused token that absorbed it (zeros without fusion),
-    so the maps have the dense model's shape.
+    used by ``features_only``) the full patch grid, the removed patches put back
+    as ``PositionState.restore_with`` says (``algorithm/restore.py``).
     """
 
     def forward_features(self, *args, **kwargs):
         self._evit_check_call(args, kwargs)
         with self._evit_run():
             return super().forward_features(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """The whole forward in one run, so that the pool sees the patches each remaining token holds."""
+        self._evit_check_call(args, kwargs)
+        with self._evit_run():
+            return super().forward(*args, **kwargs)
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """timm's pool, each token weighted by the patches it holds where a class-token-free score fused them
+        (``pooling.pooled``); the model's own pool while nothing was removed."""
+        done = self._evit_pool(x) if pool_type is None else None
+        return super().pool(x, pool_type) if done is None else done
+
+    def _pool(self, x: Tensor, pool_type: str | None = None, patch_valid: Tensor | None = None) -> Tensor:
+        """NaFlexVit's pool, as :meth:`pool` (its fixed-size mode: no ``patch_valid``)."""
+        done = self._evit_pool(x) if pool_type is None and patch_valid is None else None
+        return super()._pool(x, pool_type=pool_type, patch_valid=patch_valid) if done is None else done
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False, **kwargs) -> Tensor:
+        """The head of a family that pools inside it (BEiT, ViT-RelPos: ``x[:, P:].mean(1)``), with the weighted
+        pool of :meth:`pool`; the others' ``forward_head`` calls :meth:`pool` itself."""
+        pooled = None if hasattr(super(), "pool") or hasattr(super(), "_pool") else self._evit_pool(x)
+        if pooled is None:
+            return super().forward_head(x, pre_logits=pre_logits, **kwargs)
+        x = self.head_drop(self.fc_norm(pooled))
+        return x if pre_logits else self.head(x)
+
+    def _evit_pool(self, x: Tensor) -> Tensor | None:
+        positions = model_state(self).positions
+        if positions is None or not positions.weighs_pool or pool_kind(self) not in ("avg", "map"):
+            return None
+        num_prefix = family_of(self).sequences(self)[0].num_prefix
+        sizes = positions.prefix_and_sizes(num_prefix, x)
+        return None if sizes is None else pooled(self, x, sizes, num_prefix)
 
     def forward_intermediates(self, x: Tensor, *args, **kwargs):
         self._evit_check_call((x, *args), kwargs)
@@ -69,25 +92,29 @@ class EViTModelMixin:
                             "remain only: call forward_intermediates with output_fmt='NLC'")
         bound.arguments["output_fmt"] = "NLC"
         with self._evit_run() as state:
-            out = super().forward_intermediates(*bound.args, **bound.kwargs)
+            state.restoring = fmt != "NLC"
+            try:
+                out = super().forward_intermediates(*bound.args, **bound.kwargs)
+            finally:
+                state.restoring = False
             if fmt == "NLC":
                 return out
             take, _ = feature_take_indices(len(self.blocks), bound.arguments.get("indices"))
-            positions = self._evit_positions(sorted(take), state)
+            restores = self._evit_restores(sorted(take), state)
         hw = family_of(self).feat_size(self, tuple(x.shape[-2:]))
         if isinstance(out, dict):
-            return {**out, "image_intermediates": _maps(out["image_intermediates"], positions, hw)}
+            return {**out, "image_intermediates": _maps(out["image_intermediates"], restores, hw)}
         if bound.arguments.get("intermediates_only"):
-            return _maps(out, positions, hw)
-        return out[0], _maps(out[1], positions, hw)
+            return _maps(out, restores, hw)
+        return out[0], _maps(out[1], restores, hw)
 
-    def _evit_positions(self, take: list[int], state: PositionState) -> list[Tensor | None]:
-        """Positions of the tokens after each block in ``take`` (None: nothing removed yet)."""
-        result, pos = [], None
+    def _evit_restores(self, take: list[int], state: PositionState) -> list[Restore | None]:
+        """The restore of the full grid after each block in ``take`` (None: nothing removed yet)."""
+        result, current = [], None
         for i in range(max(take, default=-1) + 1):
-            pos = state.after.get(i, pos)
+            current = state.restores.get(i, current)
             if i in take:
-                result.append(pos)
+                result.append(current)
         return result
 
     def _evit_check_call(self, args: tuple, kwargs: dict) -> None:

@@ -32,6 +32,9 @@ class TimmWrapperAdapter(TransformersAdapter):
     def remove(self, model: nn.Module) -> None:
         TIMM.remove(model.timm_model)
 
+    def scores(self, model: nn.Module) -> tuple[str, ...]:
+        return TIMM.scores(model.timm_model)
+
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return TIMM.layers(model.timm_model)
 

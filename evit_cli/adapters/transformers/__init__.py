@@ -14,7 +14,9 @@ pool the class token are unchanged, heads that average the patch tokens
 ``(B, N_i, C)`` with ``N_i`` the tokens after layer ``i`` (``i = 0``: the
 embeddings); ``output_attentions=True`` gives one ``(B, H, N, N)`` map per
 layer over the tokens entering it (with the eager attention; with sdpa
-transformers returns none, as it does without EViT).
+transformers returns none, as it does without EViT). A dense-prediction model (a backbone,
+Depth Anything, BEiT segmentation: :mod:`.dense`) gets the hidden states its head reads on the
+full patch grid, the removed patches put back, so its outputs keep the dense model's shapes.
 """
 
 from __future__ import annotations
@@ -23,15 +25,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...algorithm.config import EViTConfig
+from ...algorithm.config import NO_CLASS_TOKEN_SCORE, SCORES, EViTConfig
+from ...algorithm.reorg import weighted_mean
 from ...algorithm.state import model_state
 from ...errors import EvitError
 from ..base import Adapter
 from ..block import BlockState, PositionState
+from .dense import install as restore_dense
+from .dense import is_dense
+from .dense import uninstall as unrestore_dense
 from .families import Family, refusal, refused_class, resolve
 from .layer import family_of, is_evit_layer, refuse_attention_mask
 from .layer import swap_in as swap_layer_in
 from .layer import swap_out as swap_layer_out
+from .pooling import has_probe, probe
+from .pooling import install as weigh_pooling
+from .pooling import uninstall as unweigh_pooling
 from .positions import FollowMidPositions
 from .preprocess import data_config as processor_data_config
 from .preprocess import input_size as processor_input_size
@@ -41,10 +50,13 @@ from .relpos import tables as bias_tables
 
 
 def vision_root(model: nn.Module) -> nn.Module:
-    """The vision encoder: CLIP's vision tower, else the base model."""
+    """The vision encoder: CLIP's vision tower, else the base model (of a dense head's backbone: Depth
+    Anything's, UperNet's)."""
     root = getattr(model, "vision_model", None)
     if isinstance(root, nn.Module):
         return root
+    backbone = getattr(model, "backbone", None)
+    model = backbone if isinstance(backbone, nn.Module) else model
     return getattr(model, "base_model", model)
 
 
@@ -116,7 +128,7 @@ class TransformersAdapter(Adapter):
         return isinstance(model, PreTrainedModel)
 
     def check(self, model: nn.Module) -> None:
-        if refused_class(type(model).__name__) or family(model) is None:
+        if (refused_class(type(model).__name__) and not is_dense(model)) or family(model) is None:
             raise EvitError(refusal(model))
         spec = family(model)
         attn = getattr(_layers(model)[0], spec.attention)
@@ -126,6 +138,14 @@ class TransformersAdapter(Adapter):
                     f"this transformers version lays out {type(attn).__name__} without {path!r}: "
                     "install transformers>=5 (pip install -U transformers)"
                 )
+
+    def scores(self, model: nn.Module) -> tuple[str, ...]:
+        """Class attention first where the family has class tokens, else the class-token-free default; ``"probe"``
+        for a tower with an attention-pooling probe (SigLIP)."""
+        spec = _family(model)
+        free = [NO_CLASS_TOKEN_SCORE] + [s for s in SCORES if s not in ("cls", "probe", NO_CLASS_TOKEN_SCORE)]
+        ours = ["cls", *free] if spec.prefix > 0 or spec.pooled_class_tokens else free
+        return tuple(ours + ["probe"] * has_probe(vision_root(model)))
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         _family(model)
@@ -155,24 +175,32 @@ class TransformersAdapter(Adapter):
         return processor_data_config(proc, _family(model).processor, self.img_size(model))
 
     def apply(self, model: nn.Module, cfg: EViTConfig) -> None:
-        if cfg.proportional:
-            raise EvitError("proportional attention is implemented for timm models only: convert without it")
-        if cfg.method != "evit":
-            raise EvitError(f"the {cfg.method} method is implemented for timm models only: use the evit method")
         self.remove(model)
         spec, layers, root = _family(model), _layers(model), vision_root(model)
+        sizes = cfg.proportional or cfg.method == "squeeze"
+        free = cfg.score != "cls"  # a class-token-free score: the fused token stands for its patches, pools weigh it
+        if (sizes or free) and spec.suffix_config:
+            raise EvitError(f"{type(model).__name__} keeps tokens after its patches, which the sizes of the "
+                            f"{cfg.method} method, proportional attention and the {cfg.score} score do not follow: "
+                            "use the evit method and the cls score")
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
         mid = resolve(root, spec.mid_positions) if spec.mid_positions else None
         follow = spec.relative_position_bias or spec.rope or mid is not None
-        positions = PositionState() if follow else None
+        positions = PositionState(track_sizes=sizes or free) if follow or sizes or free or is_dense(model) else None
         states = [BlockState(index=i, num_prefix=prefix, family=spec, positions=positions, keep_rate=rates.get(i),
-                             fuse=cfg.fuse, patch_size=_patch(model),
+                             fuse=cfg.fuse, proportional=cfg.proportional, method=cfg.method, patch_size=_patch(model),
+                             score=cfg.score, probe=probe(root) if cfg.score == "probe" else None,
                              bias_tables=bias_tables(layer, spec, root) if spec.relative_position_bias else ())
                   for i, layer in enumerate(layers)]
         for layer, state in zip(layers, states):
             swap_layer_in(layer, state)
         if mid is not None:
             mid.register_forward_hook(FollowMidPositions(states[0]))
+        if free:  # its pool weighs each token by the patches it holds (pooling.py)
+            weigh_pooling(model, root, positions)
+        if is_dense(model):  # its head reads every patch: the removed ones are put back (dense.py)
+            restore_dense(model, root, positions, prefix)
+            model_state(model).positions = positions  # where its restore strategy is set (restore_with)
         if any(c.__name__ == "ViTMAEModel" for c in type(root).__mro__):  # also a subclass (remote code)
             _masking_off(root)
         if refuse_attention_mask not in root._forward_pre_hooks.values():
@@ -183,6 +211,8 @@ class TransformersAdapter(Adapter):
         for layer in layers if layers is not None else ():
             if is_evit_layer(layer):
                 swap_layer_out(layer)
+        unrestore_dense(root)
+        unweigh_pooling(model, root)
         hooks = root._forward_pre_hooks
         for key in [k for k, fn in hooks.items() if fn is refuse_attention_mask]:
             hooks.pop(key)
@@ -246,7 +276,7 @@ class TransformersAdapter(Adapter):
 
     def run(self, model: nn.Module, images: torch.Tensor):
         """The model on images: a full CLIP model through its image tower (``get_image_features``)."""
-        if hasattr(model, "get_image_features") and hasattr(model, "text_model"):
+        if hasattr(model, "get_image_features") and (hasattr(model, "text_model") or hasattr(model, "language_model")):
             return model.get_image_features(pixel_values=images)
         return model(images)
 
@@ -254,14 +284,26 @@ class TransformersAdapter(Adapter):
         """The logits of a classifier; the embedding a headless model's users take: CLIP's projected
         image embedding (``image_embeds``, or ``pooler_output`` of a full CLIP model's
         ``get_image_features``), else the pooled output (DINOv2's and CLIP's normed class token,
-        ViT's pooler, BEiT's mean pooling), else the class token of ``last_hidden_state``."""
+        ViT's pooler, BEiT's mean pooling), a depth model's depth, a backbone's last feature map, else
+        the class token of ``last_hidden_state``."""
         if isinstance(raw, torch.Tensor):
             return raw
-        for attr in ("logits", "image_embeds", "pooler_output"):
+        for attr in ("logits", "image_embeds", "pooler_output", "predicted_depth"):
             value = getattr(raw, attr, None)
             if value is not None:
                 return value
-        return raw.last_hidden_state[:, 0]
+        if getattr(raw, "feature_maps", None) is not None:  # a backbone: its last feature map
+            return raw.feature_maps[-1]
+        return self._first_or_mean(model, raw.last_hidden_state)
+
+    def _first_or_mean(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """The class token; a tower without one: the mean of its tokens, each weighted by the patches it holds."""
+        spec = family(model)
+        if spec is None or spec.prefix > 0 or spec.pooled_class_tokens:
+            return hidden[:, 0]
+        st = getattr(_layers(model)[0], "evit", None)
+        sizes = st.positions.prefix_and_sizes(0, hidden) if st is not None and st.positions is not None else None
+        return hidden.mean(dim=1) if sizes is None else weighted_mean(hidden, sizes)
 
 
 TRANSFORMERS = TransformersAdapter()

@@ -91,6 +91,26 @@ FAMILIES: dict[str, Family] = {
                                 explicit_attention=True, layer_args=(), processor="BlipImageProcessor"),
     "MLCDEncoderLayer": replace(CLIP, name="MLCD vision", layer_args=("position_embeddings", "attention_mask"),
                                 rope=True, rope_prefix_rows=1, any_input_size=True),
+    # towers with CLIP's layers and a class token (issue 31)
+    "AltCLIPEncoderLayer": replace(CLIP, name="AltCLIP vision"),
+    "GitVisionEncoderLayer": replace(CLIP, name="GIT vision"),
+    "CLIPSegEncoderLayer": replace(CLIP, name="CLIPSeg vision", processor="ViTImageProcessor"),
+    "Blip2EncoderLayer": replace(CLIP, name="BLIP-2 vision", qkv="qkv", out_proj="projection",
+                                 attn_dropout="attention_dropout", layer_args=(), processor="BlipImageProcessor"),
+    "InstructBlipEncoderLayer": replace(CLIP, name="InstructBLIP vision", qkv="qkv", out_proj="projection",
+                                        attn_dropout="attention_dropout", layer_args=(),
+                                        processor="BlipImageProcessor"),
+    "InstructBlipVideoEncoderLayer": replace(CLIP, name="InstructBLIP-Video vision", qkv="qkv", out_proj="projection",
+                                             attn_dropout="attention_dropout", layer_args=(),
+                                             processor="BlipImageProcessor"),
+    "Tipsv2VisionLayer": Family("TIPSv2 vision", norm1="norm1", norm2="norm2", out_proj="o_proj", dropout=None,
+                                layer_scale=("layer_scale1", "layer_scale2"), drop_path="drop_path",
+                                prefix_config="num_register_tokens", processor="Tipsv2ImageProcessor"),
+    # towers without a class token: ranked by a class-token-free score, their pools weigh tokens by patches
+    "SiglipEncoderLayer": replace(CLIP, name="SigLIP vision", prefix=0, processor="SiglipImageProcessor"),
+    "IJepaLayer": Family("I-JEPA", prefix=0),
+    "Aimv2EncoderLayer": replace(CLIP, name="AIMv2 vision", norm1="rms_norm1", attention="attention",
+                                 norm2="rms_norm2", mlp="ffn", prefix=0),
     "PixioLayer": Family("Pixio", prefix=0, prefix_config="n_cls_tokens", pooled_class_tokens=True,
                          drop_path="drop_path", processor="BitImageProcessor"),
     "DINOv3ViTLayer": Family("DINOv3", norm1="norm1", norm2="norm2", attn_dropout="dropout", dropout=None,
@@ -140,15 +160,20 @@ def module_chain(obj, path: Path):
 MASKED_IMAGE_MODELING = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "BeitForMaskedImageModeling",
                          "ViTMAEForPreTraining", "Data2VecVisionForMaskedImageModeling")
 # models whose head reads a map of every patch (segmentation, backbone feature maps)
-DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation")
+DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation", "ForImageSegmentation",
+                    "ForDensePrediction", "ForNormalEstimation")
+# those evit converts, the removed patches put back for their head (dense.py); the others stay refused
+DENSE_SUPPORTED = ("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DepthAnythingForDepthEstimation",
+                   "BeitForSemanticSegmentation", "Data2VecVisionForSemanticSegmentation", "BeitBackbone",
+                   "UperNetForSemanticSegmentation")  # UperNet: with a backbone of a supported family (BEiT's)
 # models whose head predicts a box from every patch token (open-vocabulary detection)
 PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
 # models that read or write text with the image (captioning, question answering, image-text matching, OCR)
 TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval",
                   "VisionEncoderDecoderModel")
 NO_CLASS_TOKEN = {
-    "Siglip": "SigLIP's vision tower has no class token (it pools with an attention-pooling head)",
-    "Siglip2": "SigLIP 2's vision tower has no class token (it pools with an attention-pooling head)",
+    "Siglip2": "SigLIP 2's vision tower pools patches padded to a fixed count under a patch mask, which EViT's "
+               "token counts do not follow yet",
 }
 
 
@@ -160,7 +185,8 @@ def refusal(model: nn.Module) -> str:
 
 def refused_class(name: str) -> bool:
     """True for the transformers classes refused by name alone (their head, or no class token)."""
-    return (name in MASKED_IMAGE_MODELING + PER_PATCH_BOXES or name.endswith(DENSE_PREDICTION + TEXT_AND_IMAGE)
+    dense = name.endswith(DENSE_PREDICTION) and name not in DENSE_SUPPORTED
+    return (name in MASKED_IMAGE_MODELING + PER_PATCH_BOXES or dense or name.endswith(TEXT_AND_IMAGE)
             or any(name.startswith(p) for p in NO_CLASS_TOKEN))
 
 
@@ -169,9 +195,10 @@ def reason(name: str, has_cls: bool) -> str:
     if name in MASKED_IMAGE_MODELING:
         return (f"{name} is a masked-image-modeling model: its head reconstructs every patch, so EViT cannot "
                 "remove tokens; convert the encoder alone (e.g. ViTModel, BeitModel)")
-    if name.endswith(DENSE_PREDICTION):
-        return (f"{name} predicts from a map of every patch (segmentation or backbone features), so EViT cannot "
-                "remove tokens; convert the encoder alone (e.g. BeitModel, Data2VecVisionModel)")
+    if name.endswith(DENSE_PREDICTION) and name not in DENSE_SUPPORTED:
+        return (f"{name} predicts from a map of every patch (segmentation or backbone features), and evit puts "
+                "removed patches back only for " + ", ".join(DENSE_SUPPORTED) + "; convert the encoder alone "
+                "(e.g. BeitModel, Data2VecVisionModel)")
     if name in PER_PATCH_BOXES:
         return (f"{name} predicts a box from every patch token, so EViT cannot remove tokens; convert its image "
                 f"tower alone ({name.replace('ForObjectDetection', 'VisionModel')})")
@@ -180,7 +207,7 @@ def reason(name: str, has_cls: bool) -> str:
                 "encoder on its own (e.g. model.vision_model; save it with save_pretrained to use the CLI)")
     for prefix, why in NO_CLASS_TOKEN.items():
         if name.startswith(prefix):
-            return f"{name}: {why}; EViT ranks tokens by class-token attention, so it cannot be converted"
+            return f"{name}: {why}"
     if has_cls:
         return f"{name} is a ViT with a class token, but its layer layout is not supported yet ({supported()})"
     return f"{name} is not a Vision Transformer family evit supports yet ({supported()})"

@@ -23,7 +23,7 @@ import sys
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...algorithm.reorg import class_attention
+from ...algorithm.reorg import class_attention, score_row, size_bias
 from ...errors import EvitError
 from ..block import BlockState, EViTBlock, clear_block, runs_dense
 from ..swap import original
@@ -67,9 +67,13 @@ class EViTAttentionMixin:
         if not evit_cls:
             return out, weights, None
         # from q and k, as sdpa: eager's weights are taken after attention dropout
+        if self.evit.score != "cls":  # a class-token-free score; "probe": the pooling head ranks, after the residual
+            return out, weights, None if self.evit.score == "probe" else score_row(
+                self.evit.score, q, k, scale, attention_mask, v if self.evit.value_norm else None,
+                self.evit.size_weights(hidden_states) if self.evit.score == "mean_query" else None)
         rows = self.evit.num_prefix if spec.pooled_class_tokens else 1
         bias = attention_mask[:, :, :rows] if attention_mask is not None else None
-        cls_attn = class_attention(q[:, :, :rows], k, scale, bias)
+        cls_attn = class_attention(q[:, :, :rows], k, scale, bias, v=v if self.evit.value_norm else None)
         return out, weights, cls_attn.mean(1) if rows > 1 else cls_attn
 
 
@@ -126,6 +130,8 @@ class EViTLayerMixin(EViTBlock):
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         st: BlockState = self.evit
         spec: Family = st.family
+        if st.index == 0 and st.positions is not None:  # a new forward: no token removed yet
+            st.positions.reset()
         kwargs.update(zip(spec.layer_args, args))
         kwargs.pop("attention_mask", None)  # transformers' own all-visible mask (a user's is refused)
         want_weights = False
@@ -135,11 +141,15 @@ class EViTLayerMixin(EViTBlock):
         if spec.rope:  # the rotations of the tokens that remain
             kwargs["position_embeddings"] = rope_for(self, kwargs["position_embeddings"])
         bias = bias_for(self, kwargs) if spec.relative_position_bias else None
+        weighed = st.proportional and st.positions.sizes is not None
+        if weighed:  # proportional attention: each key's logit raised by the log of the patches it holds
+            sizes = size_bias(st.positions.sizes, st.num_prefix).to(hidden_states.dtype)
+            bias = sizes if bias is None else bias + sizes
         # int(...) sizes are constants when traced; a rank hook makes it run at keep 1.0 too
         reduce = st.reorganizes and not runs_dense(st, int(hidden_states.shape[1]))
         if st.reorganizes:
             st.kept = None
-        if not reduce and not spec.relative_position_bias and not spec.legacy:
+        if not reduce and not spec.relative_position_bias and not spec.legacy and not weighed:
             mask = {"attention_mask": None} if "attention_mask" in spec.layer_args else {}
             return super().forward(hidden_states, **mask, **kwargs)
         x = hidden_states

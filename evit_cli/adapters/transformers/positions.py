@@ -55,8 +55,6 @@ def rope_for(layer: nn.Module, cos_sin) -> tuple[Tensor, Tensor]:
     """The layer's (cos, sin) for the tokens that remain: the full ones until a token was removed,
     then (B, 1, R, D) rows gathered at the original positions (layer 0 resets the positions)."""
     st: BlockState = layer.evit
-    if st.index == 0:
-        st.positions.reset()
     pos = st.positions.pos
     if pos is None:
         return cos_sin

@@ -61,6 +61,9 @@ def data_config(proc: dict | None, default_processor: str, img_size: int | None 
     resize, mode = _edge(p.size) if getattr(p, "do_resize", True) and p.size is not None else (None, "center")
     crop = _edge(p.crop_size)[0] if getattr(p, "do_center_crop", False) and getattr(p, "crop_size", None) else None
     size = crop or resize or img_size
+    if proc is None and img_size and size != img_size:  # no processor file: the default's geometry at the model's size
+        resize, crop = (round(img_size * resize / crop), img_size) if crop and resize else (img_size, None)
+        size = img_size
     resample = p.resample if getattr(p, "resample", None) is not None else 2
     return {
         "input_size": (3, size, size),

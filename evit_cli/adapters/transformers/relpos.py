@@ -42,8 +42,6 @@ def bias_for(layer: nn.Module, kwargs: dict) -> Tensor | None:
     height, width = kwargs.pop("resolution")
     window = (int(height) // st.patch_size, int(width) // st.patch_size)
     interpolate = bool(kwargs.pop("interpolate_pos_encoding", False))
-    if st.index == 0:
-        st.positions.reset()
     bias = _full_bias(st, window, window[0] * window[1] + st.num_prefix, interpolate)
     pos = st.positions.pos
     if bias is None or pos is None:

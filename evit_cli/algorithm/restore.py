@@ -1,0 +1,118 @@
+"""Putting the removed tokens back: full patch-grid maps from the tokens that remain (docs/algorithm.md).
+
+Nothing in this file knows about a model. A reorganizing block hands :func:`step` its
+candidate tokens before and after the reorganization and the indices it kept; the result,
+a :class:`Restore`, says for every original patch how to rebuild it from the tokens that
+remain: ``grid = offset + matrix @ tokens`` (:func:`restore`). Each strategy is a choice of
+the weights ``W`` (removed token -> new tokens) and of the offset:
+
+- ``"fused"``: a removed patch holds the fused token that absorbed it (zero without fusion);
+- ``"reconstruct"``: a removed token is the softmax-weighted mean of the kept tokens, weighted
+  by its cosine similarity to them at the moment it was removed (Liang et al., NeurIPS 2022);
+- ``"delta"``: its own value when it was removed, plus what those same weighted kept tokens
+  have changed since: ``x_j + sum_i W_ji (y_i(t) - y_i(s))``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+STRATEGIES = ("fused", "reconstruct", "delta")
+DEFAULT_STRATEGY = "delta"  # chosen by benchmarks/dense_real.py (benchmarks/results/dense_real.md)
+DEFAULT_TEMPERATURE = 0.05  # ditto: the softmax temperature over cosine similarities
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    """How removed patches are rebuilt: a strategy of :data:`STRATEGIES`, the softmax
+    temperature over cosine similarities and ``top_k`` (0: every kept token, else the
+    ``top_k`` most similar ones only)."""
+
+    strategy: str = DEFAULT_STRATEGY
+    temperature: float = DEFAULT_TEMPERATURE
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"restore strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
+        if not self.temperature > 0:
+            raise ValueError(f"restore temperature must be positive, got {self.temperature}")
+
+
+class Restore(NamedTuple):
+    """Per image, each original patch as ``offset + matrix @ tokens`` of the remaining tokens.
+
+    ``matrix`` (B, P, M): P patches over the M non-prefix tokens that remain; ``offset``
+    (B, P, C) or ``None`` (zero)."""
+
+    matrix: Tensor
+    offset: Tensor | None = None
+
+
+def removed_indices(kept: Tensor, m: int) -> Tensor:
+    """The candidates not in ``kept`` (B, k), in increasing order: (B, m - k)."""
+    mask = torch.ones(kept.shape[0], m, dtype=torch.bool, device=kept.device).scatter(1, kept, False)
+    order = torch.arange(m, device=kept.device).expand(kept.shape[0], m)
+    # removed ones first (keys 0..m-1), kept ones after (keys m..2m-1): a stable order without a boolean index
+    keys = torch.where(mask, order, order + m)
+    return keys.argsort(dim=1)[:, : m - kept.shape[1]]
+
+
+def similarity_weights(removed: Tensor, kept: Tensor, temperature: float, top_k: int = 0) -> Tensor:
+    """``W`` (B, r, k): for each removed token (B, r, C) a softmax over the kept ones (B, k, C) of
+    ``cos(x_j, x_i) / temperature``; with ``top_k`` only the ``top_k`` most similar keep weight."""
+    unit_r = removed / removed.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    unit_k = kept / kept.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    logits = (unit_r @ unit_k.transpose(1, 2)).float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        low = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < low, float("-inf"))
+    return logits.softmax(dim=-1).to(removed.dtype)
+
+
+def _columns(t: Tensor, idx: Tensor) -> Tensor:
+    return t.gather(2, idx[:, None, :].expand(t.shape[0], t.shape[1], idx.shape[1]))
+
+
+def _rows(t: Tensor, idx: Tensor) -> Tensor:
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def step(state: Restore | None, before: Tensor, after: Tensor, kept: Tensor, spec: RestoreSpec) -> Restore:
+    """The restore after one reorganization: ``before`` (B, M, C) the candidates it ranked, ``after``
+    (B, k [+ 1], C) the candidates it left (the kept ones, in ``kept``'s order, then the fused token
+    where it made one), ``kept`` (B, k) their indices among ``before``. ``state`` ``None``: every
+    patch is still its own token (the identity)."""
+    b, m, _ = before.shape
+    k, cols = kept.shape[1], after.shape[1]
+    rm = removed_indices(kept, m)
+    eye = torch.eye(m, device=before.device, dtype=before.dtype).expand(b, m, m)
+    matrix = eye if state is None else state.matrix
+    x_rm = _rows(before, rm)
+    if spec.strategy == "fused":
+        w = torch.zeros(b, rm.shape[1], cols, device=before.device, dtype=before.dtype)
+        if cols > k:
+            w[..., k] = 1.0
+    else:
+        w = similarity_weights(x_rm, after[:, :k], spec.temperature, spec.top_k)
+        w = torch.cat([w, w.new_zeros(b, rm.shape[1], cols - k)], dim=2)
+    to_rm = _columns(matrix, rm)  # (B, P, r): how much of each removed token every patch held
+    kept_cols = torch.cat([_columns(matrix, kept), matrix.new_zeros(b, matrix.shape[1], cols - k)], dim=2)
+    new = Restore(kept_cols + to_rm @ w, None if state is None else state.offset)
+    if spec.strategy == "delta":  # each removed token keeps what its weighted kept tokens do not explain
+        add = to_rm @ (x_rm - w @ after)
+        new = Restore(new.matrix, add if new.offset is None else new.offset + add)
+    return new
+
+
+def restore(tokens: Tensor, state: Restore | None) -> Tensor:
+    """The full grid (B, P, C) from the remaining non-prefix ``tokens`` (B, M, C); ``state``
+    ``None``: nothing was removed, ``tokens`` is the grid already."""
+    if state is None:
+        return tokens
+    grid = state.matrix.to(tokens.dtype) @ tokens
+    return grid if state.offset is None else grid + state.offset.to(tokens.dtype)

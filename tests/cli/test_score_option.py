@@ -1,0 +1,32 @@
+"""`evit convert --score`: what ranks the tokens, chosen on the command line and kept in the folder."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import randomize
+from test_cli import run
+
+import evit_cli
+
+TINY = dict(img_size=32, patch_size=4, embed_dim=48, depth=4, num_heads=3, num_classes=10)
+
+
+@pytest.fixture
+def avg_folder(tmp_path):
+    model = evit_cli.convert("vit_base_patch16_224", pretrained=False, global_pool="avg", class_token=False, **TINY,
+                             keep_rate=0.7, layers=(2, 3))
+    return evit_cli.save(randomize(model), tmp_path / "avg_evit")
+
+
+def test_score_is_chosen_and_kept(avg_folder, tmp_path, capsys):
+    assert evit_cli.model_state(evit_cli.load(avg_folder)).config.score == "received"
+    code, _, err = run(["convert", avg_folder, "--score", "mean_query", "-o", tmp_path / "again"], capsys)
+    assert code == 0, err
+    assert evit_cli.model_state(evit_cli.load(tmp_path / "again")).config.score == "mean_query"
+
+
+@pytest.mark.parametrize("score, message", [("cls", "has no class token"), ("best", "--score must be one of")])
+def test_a_score_the_model_cannot_take_is_one_line_exit_2(avg_folder, tmp_path, capsys, score, message):
+    code, _, err = run(["convert", avg_folder, "--score", score, "-o", tmp_path / "no"], capsys)
+    assert code == 2
+    assert message in err and err.strip().count("\n") == 0
