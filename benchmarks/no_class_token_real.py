@@ -48,7 +48,7 @@ def parse_args(argv):
     ap = c.Parser(__doc__)
     ap.add_argument("--limit", type=int, default=None, help="At most N photos, evenly spaced (all: 3925).")
     ap.add_argument("--held-out-only", action="store_true",
-                    help="Run only the held-out photos (index % 4 == 0: 982), --limit of them.")
+                    help="Run only the held-out photos (index %% 4 == 0: 982), --limit of them.")
     ap.add_argument("--scores", default=",".join(SCORES), help=f"Which scores to run. [{','.join(SCORES)}]")
     ap.add_argument("--rates", default=",".join(map(str, RATES)), help="Keep rates at 4,7,10. [0.5,...,0.9]")
     ap.add_argument("--reps", type=int, default=5, help="Timed repetitions per batch size (median). [5]")
