@@ -133,7 +133,8 @@ def run(args) -> dict:
     test_idx = c.held_out(paths, args.limit)
     dense = c.dense_model()
     ctx = {"classes": c.class_numbers(paths, test_idx), "labels": c.labels_of(paths, test_idx)}
-    result = {"keep": args.keep, "layers": args.layers, "method": args.method, "epochs": args.epochs, "finetune_args": args.finetune_args,
+    result = {"keep": args.keep, "layers": args.layers, "method": args.method, "epochs": args.epochs,
+              "finetune_args": args.finetune_args,
               "test_photos": len(test_idx), "machine": c.machine(), "torch": torch.__version__,
               "command": c.command(__file__), "rows": []}
     with tempfile.TemporaryDirectory(prefix="generalize_real.") as tmp:

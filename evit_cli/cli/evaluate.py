@@ -42,7 +42,7 @@ SweepOutput = o.output("Folder for sweep.json, sweep.md and sweep.png.", kind=Pa
 
 def evaluate(
     model: EvalModel, dataset: EvalDataset, split: o.Split = None, keep_rate: o.KeepRate = None,
-    layers: o.Layers = None, pretrained: o.Pretrained = None, checkpoint: o.Checkpoint = None,
+    layers: o.Layers = None, method: o.Method = None, pretrained: o.Pretrained = None, checkpoint: o.Checkpoint = None,
     batch: EvalBatch = 64, limit: o.Limit = None, workers: o.Workers = 2, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, device: o.Device = "cpu", reps: EvalReps = 5, report: EvalReport = None,
     reference: Reference = None, skip_bad_images: o.SkipBadImages = False, as_json: o.AsJson = False,
@@ -56,7 +56,7 @@ def evaluate(
     if report is not None:
         check_report_dir(report)
     resolve_device(device)
-    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint, method=method)
     result = run_eval(m, dataset, reference=reference, split=split, limit=limit, batch=batch, workers=workers,
                       device=device, reps=reps, image_column=image_column, label_column=label_column,
                       skip_bad_images=skip_bad_images, progress=True).to_dict()

@@ -63,7 +63,8 @@ HELP_ONLY = {  # a substring of the command -> why it only runs --help here
     "benchmarks/generalize_real.py": "fine-tunes the real DeiT-Tiny four times: most of an hour",
     "benchmarks/embed_real.py": "fine-tunes the headless real DeiT-Tiny: most of an hour",
     "benchmarks/claims_real.py": "scores the real DeiT-Tiny in nine settings on 982 photos: minutes",
-    "benchmarks/training_free_real.py": "scores the real DeiT-Tiny in sixteen settings on 3925 photos: an hour",
+    "benchmarks/training_free_real.py": "scores the real DeiT-Tiny in seventeen settings on 3925 photos: an hour "
+                                        "(--speed-only: their timing again, 17 minutes)",
     "benchmarks/dense_real.py": "scores the real DeiT-Tiny's maps in fifteen settings on 3925 photos and times "
                                 "DeiT-Small: most of an hour (tests/adapters/test_dense.py checks the restore)",
     "benchmarks/no_class_token_real.py": "scores the real DeiT-Tiny with three token scores on up to 3925 photos: "
