@@ -129,6 +129,76 @@ def run_script(script: str, parse, work, render, argv=None) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- timing
+
+B1_CALLS = 20  # batch-1 calls in one timed repetition
+
+
+def add_speed_options(ap: argparse.ArgumentParser, stem: str) -> None:
+    """--reps, --no-speed, --speed-only and --threads: how a benchmark times its rows (:func:`side_by_side`)."""
+    ap.add_argument("--reps", type=int, default=5, help="Timed repetitions per batch size (median). [5]")
+    ap.add_argument("--no-speed", action="store_true", help="Skip the timing (speedups null).")
+    ap.add_argument("--speed-only", action="store_true",
+                    help=f"Time the rows of OUT/{stem}.json again (nothing else): for a quiet machine after a "
+                         "--no-speed run.")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads. [torch's default]")
+
+
+def side_by_side(dense_call, model_call, reps: int, crop: int = 224) -> dict:
+    """Speedup of ``model_call`` over ``dense_call`` (each called on a batch of random images) at batch 64
+    (one call a repetition) and batch 1 (B1_CALLS calls): median seconds over ``reps`` repetitions, the two
+    timed in turn after one warm-up call each."""
+    import statistics
+
+    import torch
+
+    out = {}
+    with torch.inference_mode():
+        for batch, calls in ((64, 1), (1, B1_CALLS)):
+            x = torch.randn(batch, 3, crop, crop, generator=torch.Generator().manual_seed(batch))
+            dense_call(x), model_call(x)
+            times: tuple[list, list] = ([], [])
+            for _ in range(reps):
+                for call, ts in zip((dense_call, model_call), times):
+                    t0 = time.perf_counter()
+                    for _ in range(calls):
+                        call(x)
+                    ts.append((time.perf_counter() - t0) / calls)
+            d, m = statistics.median(times[0]), statistics.median(times[1])
+            out[f"speedup_b{batch}"] = round(d / m, 4)
+            out[f"seconds_b{batch}"] = {"dense": round(d, 5), "model": round(m, 5)}
+    return out
+
+
+def timing_note(r: dict) -> list[str]:
+    """The Markdown line naming the --speed-only run that timed ``r`` again, if one did."""
+    if not r.get("speed_command"):
+        return []
+    return [f"Speedups timed again on a quiet machine: `{r['speed_command']}` ({r['speed_machine']})"]
+
+
+def retime(args, script: str, stem: str, time_row, render) -> dict:
+    """--speed-only: ``time_row(row, result)`` (the row's new speed keys, or None for a row not timed) for every
+    row of the earlier result OUT/STEM.json, written back after each row; the rest of the result is kept."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    if not (out / f"{stem}.json").exists():
+        raise RuntimeError(f"--speed-only times an earlier run: {out / (stem + '.json')} does not exist")
+    r = json.loads((out / f"{stem}.json").read_text())
+    r.update(reps=args.reps, speed_command=command(script), speed_machine=machine())
+    prog = Progress(len(r["rows"]))
+    for row in r["rows"]:
+        new = time_row(row, r)
+        if new:
+            row.update(new)
+            write_results(out, stem, r, render(r))
+        prog.step(f"row {r['rows'].index(row) + 1}: speedup b64 {row.get('speedup_b64')}", 1)
+    return r
+
+
 # --------------------------------------------------------------------------- results
 
 

@@ -24,15 +24,14 @@ restored map at keep 0.7, PCA to RGB, for a few photos). On the project's 2-core
 machine, plus about 6 minutes of timing at --reps 5.
 
     python benchmarks/dense_real.py --out benchmarks/results
+    python benchmarks/dense_real.py --speed-only --out benchmarks/results  # time a --no-speed run again
     python benchmarks/dense_real.py --limit 64 --no-speed --out /tmp/d  # smoke
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when run from elsewhere
@@ -41,7 +40,6 @@ import _common as c  # noqa: E402
 STEM = "dense_real"
 SPEED_MODEL = "deit_small_patch16_224"
 TAPS = [2, 5, 8, 11]  # blocks 3, 6, 9, 12
-B1_CALLS = 20
 CROP = 224
 
 
@@ -54,9 +52,7 @@ def parse_args(argv):
                     help="Strategies as NAME or NAME:TEMPERATURE[:TOPK], comma-separated. [fused, reconstruct "
                          "and delta at the default temperature]")
     ap.add_argument("--batch", type=int, default=64, help="Photos per forward. [64]")
-    ap.add_argument("--reps", type=int, default=5, help="Timed repetitions. [5]")
-    ap.add_argument("--no-speed", action="store_true", help="Skip the DeiT-Small timing.")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default). [0]")
+    c.add_speed_options(ap, STEM)
     ap.add_argument("--figure-photos", type=int, default=4, help="Photos in the figure. [4]")
     ap.add_argument("--out", default=str(c.RESULTS), help="Folder of the result files. [benchmarks/results]")
     args = ap.parse_args(argv)
@@ -148,29 +144,36 @@ def restore_macs(model, layers: list[int], spec) -> int:
 
 
 def speed(spec, keep: float, layers: list[int], dense, reps: int) -> dict:
-    import torch
+    """Backbone + restore against the dense backbone, both through NCHW ``forward_intermediates`` at TAPS."""
+    def nchw(m):
+        return lambda x: m.forward_intermediates(x, indices=TAPS, output_fmt="NCHW", intermediates_only=True)
 
-    model = build(dense, keep, layers, spec)
+    return c.side_by_side(nchw(dense), nchw(build(dense, keep, layers, spec)), reps, CROP)
 
-    def call(m, x):
-        return m.forward_intermediates(x, indices=TAPS, output_fmt="NCHW", intermediates_only=True)
 
-    out = {}
-    with torch.inference_mode():
-        for batch, calls in ((64, 1), (1, B1_CALLS)):
-            x = torch.randn(batch, 3, CROP, CROP, generator=torch.Generator().manual_seed(batch))
-            call(dense, x), call(model, x)
-            t_dense, t_model = [], []
-            for _ in range(reps):
-                for m, ts in ((dense, t_dense), (model, t_model)):
-                    t0 = time.perf_counter()
-                    for _ in range(calls):
-                        call(m, x)
-                    ts.append((time.perf_counter() - t0) / calls)
-            d, m = statistics.median(t_dense), statistics.median(t_model)
-            out[f"speedup_b{batch}"] = round(d / m, 4)
-            out[f"seconds_b{batch}"] = {"dense": round(d, 5), "model": round(m, 5)}
-    return out
+def timed_here(spec, keep: float) -> bool:
+    """The rows timed: the default strategy at every keep rate, every strategy at 0.7."""
+    from evit_cli.algorithm.restore import RestoreSpec
+
+    return spec == RestoreSpec() or keep == 0.7
+
+
+def retime(args) -> dict:
+    """--speed-only: the speedups of the timed rows of an earlier run measured again, the rest kept."""
+    import timm
+
+    from evit_cli.algorithm.restore import RestoreSpec
+
+    small = timm.create_model(SPEED_MODEL, pretrained=False, num_classes=0).eval()
+
+    def time_row(row, r):
+        spec = RestoreSpec(row["strategy"], row["temperature"], row["top_k"])
+        return speed(spec, row["keep"], r["layers"], small, args.reps) if timed_here(spec, row["keep"]) else None
+
+    r = c.retime(args, __file__, STEM, time_row, markdown)
+    r["speed_model"] = SPEED_MODEL
+    c.write_results(Path(args.out), STEM, r, markdown(r))
+    return r
 
 
 # --------------------------------------------------------------------------- scoring
@@ -198,7 +201,6 @@ def run(args) -> dict:
     import timm
     import torch
 
-    from evit_cli.algorithm.restore import RestoreSpec
     from evit_cli.model.macs import count_macs
 
     if args.threads:
@@ -233,7 +235,6 @@ def run(args) -> dict:
          "dense_gmacs": round(backbone / 1e9, 4), "speed_model": None if args.no_speed else SPEED_MODEL,
          "reps": args.reps}
     small = None if args.no_speed else timm.create_model(SPEED_MODEL, pretrained=False, num_classes=0).eval()
-    default = RestoreSpec()
     for spec, keep in settings:
         model = models[(spec, keep)]
         all_cos = torch.cat(cos[(spec, keep)], dim=1)  # (taps, photos, P)
@@ -244,7 +245,7 @@ def run(args) -> dict:
                "blocks": {str(t + 1): summary(all_cos[i]) for i, t in enumerate(TAPS)},
                "kmeans_agreement": round(float(torch.cat(agree[(spec, keep)]).mean()), 4),
                "speedup_b64": None, "speedup_b1": None}
-        if small is not None and (spec == default or keep == 0.7):
+        if small is not None and timed_here(spec, keep):
             row.update(speed(spec, keep, args.layer_list, small, args.reps))
         r["rows"].append(row)
         c.write_results(out, STEM, r, markdown(r))
@@ -279,7 +280,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['restore']} | {x['keep']} | {x['gmacs']:.3f} | " + " | ".join(cells)
                      + f" | {100 * x['kmeans_agreement']:.1f}% | {fmt(x['speedup_b64'], '.2f')} / "
                      f"{fmt(x['speedup_b1'], '.2f')} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *c.timing_note(r), ""])
 
 
 def figure(shown: dict, path: Path, photos: int) -> None:
@@ -316,7 +317,7 @@ def figure(shown: dict, path: Path, photos: int) -> None:
 
 
 def main(argv=None) -> int:
-    return c.run_script(f"{STEM}.py", parse_args, run, markdown, argv)
+    return c.run_script(f"{STEM}.py", parse_args, lambda a: retime(a) if a.speed_only else run(a), markdown, argv)
 
 
 if __name__ == "__main__":

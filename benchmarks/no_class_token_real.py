@@ -22,26 +22,25 @@ is marked "recommended". On the project's 2-core CPU machine: about 1.5 to 3 min
 photos (16 rows), plus about 1.5 minutes of timing per row at --reps 5.
 
     python benchmarks/no_class_token_real.py --out benchmarks/results
+    python benchmarks/no_class_token_real.py --speed-only --out benchmarks/results  # time a --no-speed run again
     python benchmarks/no_class_token_real.py --limit 64 --no-speed --out /tmp/t  # smoke
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _common, also when run from elsewhere
 import _common as c  # noqa: E402
-from training_free_real import load_photo, normalize, timed  # noqa: E402
+from training_free_real import load_photo, normalize  # noqa: E402
 
 STEM = "no_class_token_real"
 SPEED_MODEL = "deit_small_patch16_224"
 SCORES = ("cls", "mean_query", "received")
 RATES = (0.5, 0.6, 0.7, 0.8, 0.9)
 LAYERS = [4, 7, 10]
-B1_CALLS = 20
 
 
 def parse_args(argv):
@@ -51,10 +50,8 @@ def parse_args(argv):
                     help="Run only the held-out photos (index %% 4 == 0: 982), --limit of them.")
     ap.add_argument("--scores", default=",".join(SCORES), help=f"Which scores to run. [{','.join(SCORES)}]")
     ap.add_argument("--rates", default=",".join(map(str, RATES)), help="Keep rates at 4,7,10. [0.5,...,0.9]")
-    ap.add_argument("--reps", type=int, default=5, help="Timed repetitions per batch size (median). [5]")
-    ap.add_argument("--no-speed", action="store_true", help="Skip the DeiT-Small timing (speedups null).")
+    c.add_speed_options(ap, STEM)
     ap.add_argument("--batch", type=int, default=64, help="Batch size of the DeiT-Tiny passes. [64]")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads. [torch's default]")
     ap.add_argument("--out", default=str(c.RESULTS), help=f"Folder for {STEM}.{{json,md}}.")
     args = ap.parse_args(argv)
     c.check_args(ap, args, ("limit", "reps", "batch", "threads"))
@@ -96,23 +93,22 @@ def logits_of(model, images, batch: int):
 
 
 def speed(spec: dict, dense, reps: int) -> dict:
-    """Speedup of ``spec`` on DeiT-Small at batch 64 and 1 (median seconds dense / reduced, timed in turn)."""
+    """Speedup of ``spec`` on DeiT-Small at batch 64 and 1 against ``dense`` (``_common.side_by_side``)."""
     import timm
     import torch
 
     torch.manual_seed(0)
-    model = build(spec, timm.create_model(SPEED_MODEL, pretrained=False).eval())
-    out = {}
-    with torch.inference_mode():
-        for batch, calls in ((64, 1), (1, B1_CALLS)):
-            x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
-            dense(x), model(x)
-            t_dense, t_model = [], []
-            for _ in range(reps):
-                t_dense.append(timed(dense, x, calls))
-                t_model.append(timed(model, x, calls))
-            out[f"speedup_b{batch}"] = round(statistics.median(t_dense) / statistics.median(t_model), 4)
-    return out
+    return c.side_by_side(dense, build(spec, timm.create_model(SPEED_MODEL, pretrained=False).eval()), reps)
+
+
+def retime(args) -> dict:
+    """--speed-only: the speedups of every row of an earlier run measured again, the rest kept."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    small = timm.create_model(SPEED_MODEL, pretrained=False).eval()
+    return c.retime(args, __file__, STEM, lambda x, _: x["convert"] and speed(x, small, args.reps), markdown)
 
 
 def measure(spec: dict, images, ref: dict, args) -> dict:
@@ -158,7 +154,7 @@ def markdown(r: dict) -> str:
         lines.append(f"| {x['score'] or 'dense'} | {name} | {x['gmacs']:.3f} | {x['top1']:.2f} "
                      f"| {x['agreement']:.1f} | {x['kl']:.3f} | {h['top1']:.2f} | {h['agreement']:.1f} "
                      f"| {h['kl']:.3f} | {fmt(x['speedup_b64'], '.2f')} | {fmt(x['speedup_b1'], '.2f')} |")
-    return "\n".join(lines + ["", "Command: `" + r["command"] + "`", ""])
+    return "\n".join(lines + ["", "Command: `" + r["command"] + "`", *c.timing_note(r), ""])
 
 
 def run(args) -> dict:
@@ -191,5 +187,9 @@ def run(args) -> dict:
     return result
 
 
+def main(argv=None) -> int:
+    return c.run_script(__file__, parse_args, lambda a: retime(a) if a.speed_only else run(a), markdown, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(c.run_script(__file__, parse_args, run, markdown))
+    sys.exit(main())

@@ -43,7 +43,6 @@ time the same rows again once the machine is quiet (about 1.5 minutes a row):
 from __future__ import annotations
 
 import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,7 +52,6 @@ import _common as c  # noqa: E402
 
 STEM = "training_free_real"
 SPEED_MODEL = "deit_small_patch16_224"
-B1_CALLS = 20  # batch-1 calls in one timed repetition
 METHODS = ("dense", "evit", "squeeze", "tome")
 PAPER_LAYERS = [4, 7, 10]
 RECOMMENDED = (0.8, list(range(5, 13)))
@@ -68,15 +66,10 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def parse_args(argv):
     ap = c.Parser(__doc__)
     ap.add_argument("--limit", type=int, default=None, help="At most N photos, evenly spaced (all: 3925).")
-    ap.add_argument("--reps", type=int, default=5, help="Timed repetitions per batch size (median). [5]")
-    ap.add_argument("--no-speed", action="store_true", help="Skip the DeiT-Small timing (speedups null).")
-    ap.add_argument("--speed-only", action="store_true",
-                    help="Time the rows of OUT/training_free_real.json again (nothing else): for a quiet machine "
-                         "after a --no-speed run.")
+    c.add_speed_options(ap, STEM)
     ap.add_argument("--methods", default=",".join(METHODS[1:]),
                     help="Which of evit,squeeze,tome to run (the dense model always runs). [evit,squeeze,tome]")
     ap.add_argument("--batch", type=int, default=64, help="Batch size of the DeiT-Tiny passes. [64]")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads. [torch's default]")
     ap.add_argument("--out", default=str(c.RESULTS), help=f"Folder for {STEM}.{{json,md,png}}.")
     args = ap.parse_args(argv)
     c.check_args(ap, args, ("limit", "reps", "batch", "threads"))
@@ -280,34 +273,14 @@ def scores(logits, dense_logits, labels, classes) -> dict:
             "first5": part(classes < 5), "last5": part(classes >= 5)}
 
 
-def timed(model, x, calls: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        model(x)
-    return (time.perf_counter() - t0) / calls
-
-
 def speed(spec: dict, dense, reps: int) -> dict:
-    """Speedup of ``spec`` on DeiT-Small at batch 64 and 1: median seconds of the dense model over those of
-    the reduced one, timed in turn (``reps`` repetitions after one warm-up call each)."""
+    """Speedup of ``spec`` on DeiT-Small at batch 64 and 1 against ``dense`` (``_common.side_by_side``)."""
     import timm
     import torch
 
     torch.manual_seed(0)
     model = build(spec, timm.create_model(SPEED_MODEL, pretrained=False).eval())
-    out = {}
-    with torch.inference_mode():
-        for batch, calls in ((64, 1), (1, B1_CALLS)):
-            x = torch.randn(batch, 3, CROP, CROP, generator=torch.Generator().manual_seed(batch))
-            dense(x), model(x)
-            t_dense, t_model = [], []
-            for _ in range(reps):
-                t_dense.append(timed(dense, x, calls))
-                t_model.append(timed(model, x, calls))
-            d, m = statistics.median(t_dense), statistics.median(t_model)
-            out[f"speedup_b{batch}"] = round(d / m, 4)
-            out[f"seconds_b{batch}"] = {"dense": round(d, 5), "model": round(m, 5)}
-    return out
+    return c.side_by_side(dense, model, reps, CROP)
 
 
 def measure(spec: dict, images, ref: dict, args) -> dict:
@@ -360,8 +333,7 @@ def markdown(r: dict) -> str:
               "| method | setting | first five | last five |", "|---|---|---|---|"]
     for x in r["rows"]:
         lines.append(f"| {x['method']} | {x['settings']} | {half_text(x['first5'])} | {half_text(x['last5'])} |")
-    timing = [f"Speedups timed again on a quiet machine: `{r['speed_command']}`"] if r.get("speed_command") else []
-    return "\n".join(lines + ["", "Command: `" + r["command"] + "`", *timing, ""])
+    return "\n".join(lines + ["", "Command: `" + r["command"] + "`", *c.timing_note(r), ""])
 
 
 def curves(rows: list[dict], xval, key: str) -> dict:
@@ -461,25 +433,14 @@ def spec_of(row: dict) -> dict:
 
 def retime(args) -> dict:
     """--speed-only: the speedups of every row of an earlier run measured again, the rest kept."""
-    import json
-
     import timm
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    r = json.loads((out / f"{STEM}.json").read_text())
-    timed_rows = [x for x in r["rows"] if x["method"] != "dense"]
-    prog = c.Progress(len(timed_rows))
     torch.manual_seed(0)
     small = timm.create_model(SPEED_MODEL, pretrained=False).eval()
-    r.update(reps=args.reps, speed_command=c.command(__file__), speed_machine=c.machine())
-    for x in timed_rows:
-        x.update(speed(spec_of(x), small, args.reps))
-        c.write_results(out, STEM, r, markdown(r))
-        prog.step(f"{x['method']} {x['settings']}: speedup b64 {x['speedup_b64']:.2f}", 1)
-    plot(r, out / f"{STEM}.png")
+    r = c.retime(args, __file__, STEM, lambda x, _: None if x["method"] == "dense" else speed(spec_of(x), small,
+                                                                                          args.reps), markdown)
+    plot(r, Path(args.out) / f"{STEM}.png")
     return r
 
 

@@ -51,6 +51,11 @@ class Adapter(ABC):
         """The token scores (``config.SCORES``) that can rank ``model``'s tokens, its default first."""
         return ("cls",)
 
+    def restores(self, model: nn.Module) -> bool:
+        """Whether a forward of ``model`` can put the removed patches back (a dense head or backbone, timm's NCHW
+        intermediates): what a restore setting (``algorithm/restore.py``) applies to."""
+        return False
+
     # ------------------------------------------------------------ shape of the token sequence
 
     def depth(self, model: nn.Module) -> int:

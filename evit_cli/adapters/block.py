@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize, squeeze
+from ..algorithm.reorg import follow_positions, follow_sizes, num_kept, reorganize, reorganize_padded, squeeze
 from ..algorithm.restore import Restore, RestoreSpec
 from ..algorithm.restore import step as restore_step
 
@@ -39,6 +39,9 @@ class PositionState:
         self.restoring = False  # whether this forward follows the restore (full patch-grid maps asked for)
         self.restore: Restore | None = None  # the patch grid from the tokens that remain (None: identity)
         self.restores: dict[int, Restore] = {}  # block index -> the restore after that block
+        # (B, N) bool, the valid tokens of this forward's padded input (SigLIP 2's patch mask), set before the first
+        # block by the tower's hook; None where every token is valid. Not reset: the hook sets it every forward.
+        self.padding: Tensor | None = None
 
     def reset(self) -> None:
         self.pos, self.sizes, self.after, self.restore, self.restores = None, None, {}, None, {}
@@ -64,6 +67,22 @@ class PositionState:
         if self.sizes is None or self.sizes.shape[1] + num_prefix != x.shape[1]:
             return None
         return torch.cat([self.sizes.new_ones(self.sizes.shape[0], num_prefix), self.sizes], dim=1)
+
+    def candidate_sizes(self, num_prefix: int, x: Tensor) -> Tensor | None:
+        """(B, M) patches each candidate of ``x`` holds, 0 for a padded one, in a padded batch (``None`` in others):
+        the sizes once a token was removed, else the input's patch mask."""
+        if self.padding is None:
+            return None
+        if self.sizes is not None and self.sizes.shape[1] + num_prefix == x.shape[1]:
+            return self.sizes
+        return self.padding[:, num_prefix:].to(x.dtype) if self.padding.shape[1] == x.shape[1] else None
+
+    def weights(self, num_prefix: int, x: Tensor) -> Tensor | None:
+        """(B, P + M) patches each token of ``x`` holds (prefix 1; padded tokens 0), where followed or padded."""
+        held = self.prefix_and_sizes(num_prefix, x)
+        if held is None and (held := self.candidate_sizes(num_prefix, x)) is not None:
+            held = torch.cat([held.new_ones(held.shape[0], num_prefix), held], dim=1)
+        return held
 
     def follow(self, index: int, kept: Tensor, m: int, fuse: bool, sizes: Tensor | None = None,
                tokens: tuple[Tensor, Tensor] | None = None) -> None:
@@ -119,7 +138,14 @@ class BlockState:
 
     def size_weights(self, x: Tensor) -> Tensor | None:
         """(B, N) patches each token of ``x`` holds (prefix 1), where followed; the mean query weighs by them."""
-        return self.positions.prefix_and_sizes(self.num_prefix, x) if self.positions is not None else None
+        return self.positions.weights(self.num_prefix, x) if self.positions is not None else None
+
+    def valid_tokens(self, x: Tensor) -> Tensor | None:
+        """(B, N) bool, the tokens of ``x`` that are not padding, in a padded batch (SigLIP 2); ``None`` in others."""
+        held = self.positions.candidate_sizes(self.num_prefix, x) if self.positions is not None else None
+        if held is None:
+            return None
+        return torch.cat([held.new_ones(held.shape[0], self.num_prefix, dtype=torch.bool), held > 0], dim=1)
 
 
 class EViTBlock:
@@ -131,6 +157,20 @@ class EViTBlock:
 def state_of(module: nn.Module) -> BlockState | None:
     """The EViT state of a block (``None`` for any other module)."""
     return module.__dict__.get("evit") if isinstance(module, EViTBlock) else None
+
+
+def set_restore(model: nn.Module, spec: RestoreSpec) -> None:
+    """Put ``model``'s removed patches back as ``spec`` says: on the position state its blocks share."""
+    for module in model.modules():
+        st = state_of(module)
+        if st is not None and st.positions is not None:
+            st.positions.restore_with = spec
+
+
+def restore_in(model: nn.Module) -> RestoreSpec | None:
+    """How ``model``'s removed patches are put back now (``None``: its blocks follow no positions)."""
+    st = next((s for s in map(state_of, model.modules()) if s is not None and s.positions is not None), None)
+    return None if st is None else st.positions.restore_with
 
 
 def clear_block(blk: nn.Module) -> None:
@@ -158,7 +198,12 @@ def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tens
     rank = st.rank(blk, x, cls_attn) if st.rank is not None else None
     m = int(x.shape[1]) - st.num_prefix  # a constant when traced: counts depend on the input size only
     sizes, before = None, x[:, st.num_prefix:]
-    if st.method == "squeeze":
+    held = st.positions.candidate_sizes(st.num_prefix, x) if st.positions is not None else None
+    if held is not None:  # a padded batch: each image keeps its own share of its valid tokens
+        x, kept, sizes = reorganize_padded(x, cls_attn, held, st.num_prefix, st.keep_rate, st.fuse, rank=rank,
+                                           mean=st.score != "cls")
+        fuse = st.fuse
+    elif st.method == "squeeze":
         # squeezed tokens join kept ones: no extra token, and the kept tokens' sizes grow
         held = st.positions.sizes if st.positions is not None else None
         x, kept, sizes = squeeze(x, cls_attn, st.num_prefix, st.keep_rate, held, rank=rank)

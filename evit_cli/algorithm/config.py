@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import EvitError
+from .restore import RestoreSpec, parse_restore
 
 DEFAULT_LAYERS = (4, 7, 10)  # the paper's DeiT setting (1-based)
 METHODS = ("evit", "squeeze")  # the paper's reorganization (the default), and the squeeze (docs/algorithm.md)
@@ -21,7 +22,9 @@ class EViTConfig:
     ``method``: ``"evit"`` (the paper's: keep, fuse the rest into one token) or ``"squeeze"`` (keep, squeeze
     each other token into its most similar kept one; timm models, see docs/algorithm.md).
     ``score``: what ranks the tokens, one of ``SCORES`` (``"cls"``: class attention, the paper's; the others need
-    no class token and fuse into the score-weighted mean, see docs/algorithm.md)."""
+    no class token and fuse into the score-weighted mean, see docs/algorithm.md).
+    ``restore``: how the removed patches are put back for dense prediction (``algorithm/restore.py``; ``None``: not
+    set, the default strategy)."""
 
     layers: tuple[int, ...]
     keep_rates: tuple[float, ...]
@@ -29,6 +32,7 @@ class EViTConfig:
     proportional: bool = False
     method: str = "evit"
     score: str = "cls"
+    restore: RestoreSpec | None = None
 
     def to_dict(self) -> dict:
         d = {"layers": list(self.layers), "keep_rates": list(self.keep_rates), "fuse": self.fuse}
@@ -38,13 +42,20 @@ class EViTConfig:
             d["method"] = self.method
         if self.score != "cls":  # dicts without it (older exports) rank by class attention
             d["score"] = self.score
+        if self.restore is not None:  # dicts without it (older exports, or not set) restore as the default
+            d["restore"] = self.restore.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "EViTConfig":
         return cls(tuple(d["layers"]), tuple(d["keep_rates"]), bool(d.get("fuse", True)),
                    bool(d.get("proportional_attention", False)), str(d.get("method", "evit")),
-                   str(d.get("score", "cls")))
+                   str(d.get("score", "cls")), parse_restore(d["restore"]) if d.get("restore") else None)
+
+    @property
+    def restore_spec(self) -> RestoreSpec:
+        """How the removed patches are put back: the one set, else the default."""
+        return self.restore or RestoreSpec()
 
     @property
     def adds_token(self) -> bool:
@@ -124,15 +135,17 @@ def check_score(score: str) -> str:
 
 
 def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: bool | None = None,
-                method: str = "evit", score: str = "cls") -> EViTConfig:
+                method: str = "evit", score: str = "cls", restore=None) -> EViTConfig:
     """Validate user input against a model of ``depth`` blocks.
 
     ``keep_rate`` is one value for every layer or one per layer; ``proportional`` ``None``: on for the
-    ``squeeze`` method (it is part of it), off for the paper's.
+    ``squeeze`` method (it is part of it), off for the paper's. ``restore``: anything ``restore.parse_restore``
+    reads, or ``None`` (not set).
     """
     if method not in METHODS:
         raise EvitError(f"method {method!r} is not one of {', '.join(METHODS)}")
     check_score(score)
+    restore = None if restore is None else parse_restore(restore)
     if proportional is None:
         proportional = method == "squeeze"
     if method == "squeeze" and not fuse:
@@ -159,6 +172,6 @@ def make_config(layers, keep_rate, depth: int, fuse: bool = True, proportional: 
     if proportional and not fuse:
         raise EvitError("proportional attention weighs the fused token by the patches it holds: it needs fusing "
                         "(drop --no-fuse)")
-    return EViTConfig(layers, rates, fuse, bool(proportional), method, score)
+    return EViTConfig(layers, rates, fuse, bool(proportional), method, score, restore)
 
 

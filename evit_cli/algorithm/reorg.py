@@ -62,7 +62,9 @@ def class_attention(
     rows = logits.float().softmax(dim=-1)  # (B, H, R, N), R = 1 but for models pooling several class tokens
     if v is not None:
         rows = rows * v.float().norm(dim=-1).unsqueeze(2)
-    return rows.mean(dim=1).squeeze(1)
+    rows = rows.mean(dim=1)
+    # not squeeze(1) on several rows (a no-op in PyTorch): ONNX's Squeeze fails on a dimension that is not 1
+    return rows[:, 0] if rows.shape[1] == 1 else rows
 
 
 def mean_query_attention(
@@ -88,20 +90,24 @@ def mean_query_attention(
 
 def received_attention(
     q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None,
+    queries: Tensor | None = None,
 ) -> Tensor:
     """The attention each token receives, averaged over all queries and heads: no class token needed.
 
     ``q``, ``k``: (B, H, N, d); ``bias`` broadcastable to (B, H, N, N). Returns (B, N):
     ``mean_h mean_i softmax(q_i * scale @ K^T + bias_i)``, the column means of the attention
     matrix (``v``: each head's weighed by its value norms). O(N^2 * d) per head: the N x N matrix
-    is formed, one head at a time.
+    is formed, one head at a time. ``queries`` (B, N) 0/1, when given, averages over the queries marked 1
+    only (the valid tokens of a padded sequence; its ``bias`` masks the padded keys).
     """
     total = q.new_zeros(q.shape[0], k.shape[2], dtype=torch.float32)
+    w = None if queries is None else (queries.float() / queries.float().sum(dim=1, keepdim=True))[:, :, None]
     for h in range(q.shape[1]):
         logits = (q[:, h] * scale) @ k[:, h].transpose(-2, -1)  # (B, N, N)
         if bias is not None:
             logits = logits + bias[:, min(h, bias.shape[1] - 1)]
-        col = logits.float().softmax(dim=-1).mean(dim=1)  # (B, N)
+        rows = logits.float().softmax(dim=-1)
+        col = rows.mean(dim=1) if w is None else (rows * w).sum(dim=1)  # (B, N)
         total = total + (col * v[:, h].float().norm(dim=-1) if v is not None else col)
     return total / q.shape[1]
 
@@ -115,17 +121,18 @@ def probe_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
 
 
 def score_row(score: str, q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None, v: Tensor | None = None,
-              weights: Tensor | None = None) -> Tensor:
+              weights: Tensor | None = None, queries: Tensor | None = None) -> Tensor:
     """The ranking row (B, N) of ``score`` (config.SCORES; not ``"probe"``, which the pooling head computes
     from its own query, :func:`class_attention` of that query): ``"cls"`` the class token's row (token 0),
     ``"mean_query"`` :func:`mean_query_attention`, ``"received"`` :func:`received_attention`.
-    ``q``, ``k``, ``v``: (B, H, N, d); ``bias``: the block's additive attention bias (b, H, N, N)."""
+    ``q``, ``k``, ``v``: (B, H, N, d); ``bias``: the block's additive attention bias (b, H, N, N); ``queries``: the
+    valid queries of a padded sequence, which ``"received"`` averages over."""
     if score == "cls":
         return class_attention(q[:, :, :1], k, scale, bias[:, :, :1] if bias is not None else None, v)
     if score == "mean_query":
         return mean_query_attention(q, k, scale, bias, v, weights)
     if score == "received":
-        return received_attention(q, k, scale, bias, v)
+        return received_attention(q, k, scale, bias, v, queries)
     raise ValueError(f"no ranking row for score {score!r}")
 
 
@@ -172,6 +179,44 @@ def reorganize(
             weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
         parts.append(weights.to(x.dtype).unsqueeze(1) @ tokens)
     return torch.cat(parts, dim=1), idx
+
+
+def reorganize_padded(
+    x: Tensor, score: Tensor, sizes: Tensor, num_prefix: int, keep_rate: float, fuse: bool = True,
+    rank: Tensor | None = None, mean: bool = True,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`reorganize` on a padded batch (SigLIP 2): image ``b`` keeps ``k_b = ceil(keep_rate * M_b)`` of its
+    own ``M_b`` valid candidates and fuses the rest of them; a padded token is never ranked, kept or fused.
+
+    ``sizes`` (B, M): the patches each candidate holds, 0 for a padded one (the mask); ``score`` (B, N) ranks and
+    weighs as in :func:`reorganize`. Image ``b``'s kept tokens fill the first ``k_b`` of ``K = max_b k_b`` slots,
+    best first; its slots from ``k_b`` on hold tokens it fused (or padding) and get size 0: masked like padding.
+    The fused token comes last, its size the patches it fused (0, masked, where the image fused none). Returns
+    ``[prefix, kept (K), fused]`` (no fused token without ``fuse``), the kept indices (B, K) among the candidates
+    and the new sizes; ``(x, None, sizes)`` when no image removes a token.
+    """
+    valid = sizes > 0
+    m = [int(v) for v in valid.sum(dim=1).tolist()]  # data-dependent: the keep counts follow each image
+    ks = [num_kept(mb, keep_rate) for mb in m]
+    if all(k >= mb for k, mb in zip(ks, m)):
+        return x, None, sizes
+    if min(ks) < 1:
+        raise ValueError(f"keep rate {keep_rate} keeps no token out of {min(m)}")
+    tokens, attn = x[:, num_prefix:], score[:, num_prefix:]
+    order = (attn if rank is None else rank[:, num_prefix:]).masked_fill(~valid, float("-inf"))
+    idx = order.topk(max(ks), dim=1, largest=True, sorted=True).indices  # (B, K): each image's best first
+    slot_kept = torch.arange(idx.shape[1], device=x.device)[None, :] < torch.tensor(ks, device=x.device)[:, None]
+    attentive = torch.zeros_like(valid).scatter(1, idx, slot_kept)
+    parts = [x[:, :num_prefix], tokens.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))]
+    new_sizes = sizes.gather(1, idx) * slot_kept
+    if fuse:
+        rest = valid & ~attentive
+        weights = torch.where(rest, attn, torch.zeros_like(attn))
+        if mean:
+            weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        parts.append(weights.to(x.dtype).unsqueeze(1) @ tokens)
+        new_sizes = torch.cat([new_sizes, (sizes * rest).sum(dim=1, keepdim=True)], dim=1)
+    return torch.cat(parts, dim=1), idx, new_sizes
 
 
 def squeeze(

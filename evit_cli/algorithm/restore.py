@@ -15,11 +15,14 @@ the weights ``W`` (removed token -> new tokens) and of the offset:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ..errors import EvitError
 
 STRATEGIES = ("fused", "reconstruct", "delta")
 DEFAULT_STRATEGY = "delta"  # chosen by benchmarks/dense_real.py (benchmarks/results/dense_real.md)
@@ -39,8 +42,43 @@ class RestoreSpec:
     def __post_init__(self):
         if self.strategy not in STRATEGIES:
             raise ValueError(f"restore strategy {self.strategy!r} is not one of {', '.join(STRATEGIES)}")
-        if not self.temperature > 0:
-            raise ValueError(f"restore temperature must be positive, got {self.temperature}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"restore temperature must be a positive number, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"restore top_k must be a whole number >= 0 (0: every kept token), got {self.top_k!r}")
+
+    def text(self) -> str:
+        """``strategy:temperature[:top_k]``, as :func:`parse_restore` reads it (``delta:0.05``)."""
+        return f"{self.strategy}:{self.temperature:g}" + (f":{self.top_k}" if self.top_k else "")
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "temperature": self.temperature, "top_k": self.top_k}
+
+
+RESTORE_EXAMPLE = "delta, reconstruct:0.05 or delta:0.05:8"
+
+
+def parse_restore(value, option: str = "restore") -> RestoreSpec:
+    """The restore setting of a converted model: ``"strategy[:temperature[:top_k]]"`` (a strategy of
+    :data:`STRATEGIES`, the softmax temperature, the number of most similar kept tokens; ``"reconstruct:0.05"``),
+    a :class:`RestoreSpec`, or the dict of :meth:`RestoreSpec.to_dict`; else the one-line error naming ``option``."""
+    if isinstance(value, RestoreSpec):
+        return value
+    try:
+        if isinstance(value, dict):
+            return RestoreSpec(str(value["strategy"]), float(value.get("temperature", DEFAULT_TEMPERATURE)),
+                               int(value.get("top_k", 0)))
+        if not isinstance(value, str):
+            raise ValueError(f"a {type(value).__name__}, not a string")
+        parts = [p.strip() for p in value.split(":")]
+        if len(parts) > 3 or not parts[0]:
+            raise ValueError(f"a strategy of {', '.join(STRATEGIES)} and at most two numbers")
+        temperature = float(parts[1]) if len(parts) > 1 else DEFAULT_TEMPERATURE
+        return RestoreSpec(parts[0], temperature, *([int(parts[2])] if len(parts) > 2 else []))
+    except (ValueError, KeyError, TypeError) as e:
+        why = str(e) if not isinstance(e, KeyError) else f"it has no {e}"
+        raise EvitError(f"{option} {value!r} is not a restore setting ({why}): use strategy[:temperature[:top_k]], "
+                        f"e.g. {RESTORE_EXAMPLE}") from None
 
 
 class Restore(NamedTuple):

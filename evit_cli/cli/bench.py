@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..errors import EvitError
 from ..io import loading
 from ..measure.bench import bench as run
 from ..measure.bench import compile_mode_of
@@ -36,6 +37,20 @@ Train = Annotated[bool, typer.Option("--train",
 Warmup = Annotated[int, typer.Option("--warmup", callback=o.NON_NEGATIVE_INT,
                                      help="Untimed passes first (compiling happens here).")]
 Reps = o.reps("Timed passes per model (batch-1 latency takes 3x as many).")
+
+
+def _indices(label: str, value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in value.split(","))
+    except ValueError:
+        raise EvitError(f"{label} must be comma-separated block indices from 0 such as 2,5,8,11, "
+                        f"got {value!r}") from None
+
+
+Intermediates = Annotated[Optional[str], typer.Option(
+    "--intermediates", callback=o.checked(_indices), show_default=False,
+    help="timm models: also time forward_intermediates(output_fmt=NCHW) at these 0-based block indices (the "
+         "backbone's maps, for EViT with the removed patches put back: docs/dense.md), side by side, e.g. 2,5,8,11.")]
 Report = o.report("Write bench.json and bench.md here (an exported folder gets them inside it).")
 
 
@@ -43,6 +58,7 @@ def bench(
     model: Model, batch: Batch = 256, device: o.Device = "cpu", amp: Amp = False, compile_: Compile = False,
     compile_mode: CompileMode = None, train: Train = False, onnx: Onnx = False, warmup: Warmup = 2, reps: Reps = 10,
     keep_rate: o.KeepRate = None, layers: o.Layers = None, report: Report = None, as_json: o.AsJson = False,
+    intermediates: Intermediates = None,
 ):
     """Dense vs EViT side by side: images/s, latency (batch and batch 1), GMACs, tokens, speedup.
 
@@ -57,7 +73,7 @@ def bench(
     mode = compile_mode_of(compile_mode or compile_)
     m = loading.load_converted(model, keep_rate, layers, pretrained=None if exported else False)
     result = run(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, onnx=onnx, warmup=warmup,
-                 reps=reps, progress=True)
+                 reps=reps, progress=True, intermediates=intermediates)
     if report is not None:
         result["report_files"] = [str(p) for p in write_bench(result, report)]
     emit(result, as_json, bench_table(result))

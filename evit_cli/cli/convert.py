@@ -54,7 +54,7 @@ def convert(
     pretrained: Pretrained = None, checkpoint: Checkpoint = None, num_classes: NumClasses = None,
     img_size: o.ImgSize = None, match_macs: MatchMacs = None, output: Output = None, overwrite: Overwrite = False,
     push_to_hub: PushToHub = None, as_json: o.AsJson = False, attn_implementation: AttnImplementation = None,
-    layout: Layout = None, method: o.Method = None, score: o.Score = None,
+    layout: Layout = None, method: o.Method = None, score: o.Score = None, restore: o.Restore = None,
 ):
     """Inject EViT into a ViT and export it: model.safetensors + evit.json."""
     output = output or Path(f"{Path(model).name}_evit")
@@ -72,9 +72,10 @@ def convert(
         validate.image_size("--match-macs", m, match_macs)
         old = core.get_config(m)
         match_macs_to(m, match_macs, layers or (old.layers if old else DEFAULT_LAYERS), True if fuse is None else fuse,
-                      method or (old.method if old else "evit"), score or (old.score if old else None))
+                      method or (old.method if old else "evit"), score or (old.score if old else None),
+                      restore or (old.restore if old else None))
     else:
-        core.convert_keeping(m, keep_rate, layers, fuse, method, score)
+        core.convert_keeping(m, keep_rate, layers, fuse, method, score, restore)
     summary = model_summary(m)
     if match_macs is not None:
         summary["matched_to"] = f"dense @{match_macs}px"

@@ -16,6 +16,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..algorithm.config import METHODS, SCORES, parse_keep_rates, parse_layers
+from ..algorithm.restore import DEFAULT_STRATEGY, DEFAULT_TEMPERATURE, RESTORE_EXAMPLE, STRATEGIES, parse_restore
 from ..model import validate
 from ..train.config import default_text, field_check
 
@@ -56,6 +57,7 @@ PERCENT = checked(validate.percent)
 DEVICE = checked(validate.device)
 KEEP_RATES = checked(_keeps_text(parse_keep_rates))
 LAYERS = checked(_keeps_text(parse_layers))
+RESTORE = checked(_keeps_text(parse_restore))
 BATCHES = checked(_keeps_text(lambda value, label: validate.int_list(label, value)))
 
 
@@ -145,6 +147,15 @@ Score = Annotated[Optional[str], typer.Option(
          "head's own query; timm MAP towers, SigLIP); the last three need no class token and fuse into the "
          "score-weighted mean (docs/algorithm.md). [default: cls where the model has a class token, else received; "
          "or an exported folder's own]")]
+
+
+Restore = Annotated[Optional[str], typer.Option(
+    "--restore", callback=RESTORE, show_default=False, metavar="STRATEGY[:TEMPERATURE[:TOP_K]]",
+    help=f"Dense prediction: how the removed patches are put back on the full grid (timm's forward_intermediates NCHW "
+         f"maps, transformers backbones, depth and segmentation models): {', '.join(STRATEGIES)}, optionally with the "
+         f"softmax temperature over cosine similarities and the top-k most similar kept tokens, e.g. {RESTORE_EXAMPLE} "
+         f"(docs/dense.md). Kept in the folder; refused for a transformers classifier, which never puts them back. "
+         f"[default: {DEFAULT_STRATEGY}:{DEFAULT_TEMPERATURE:g}, or an exported folder's own]")]
 
 
 def pretrained(help: str = "For a model name (not for an exported folder). [default: pretrained]"):

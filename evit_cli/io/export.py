@@ -43,7 +43,23 @@ def _export_onnx(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         raise EvitError("ONNX export needs the onnx extra: pip install 'evit-cli[onnx]'") from None
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(model, (x,), str(path), input_names=["pixel_values"], output_names=["logits"],
-                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False)
+                      dynamic_shapes=({0: batch},), dynamo=True, external_data=False, verbose=False,
+                      custom_translation_table=_translations())
+
+
+def _translations() -> dict:
+    """ONNX translations the exporter lacks. ``aten._is_all_true``: the test of ``torch._check_tensor_all``
+    (transformers' checks on SigLIP 2's ``spatial_shapes``, in its position-embedding resize): the exporter drops
+    the assertion reading it but has no translation for the test itself, now dead ("No ONNX function found")."""
+    target = getattr(getattr(torch.ops.aten, "_is_all_true", None), "default", None)
+    return {} if target is None else {target: _is_all_true}
+
+
+def _is_all_true(x):
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    return op.Cast(op.ReduceMin(op.Cast(x, to=TensorProto.INT32), keepdims=0), to=TensorProto.BOOL)
 
 
 def onnx_session(path: Path, threads: int | None = None):

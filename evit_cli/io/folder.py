@@ -58,7 +58,23 @@ def source_of(model: nn.Module) -> dict:
         raise EvitError("cannot tell how to rebuild this model: build it with evit_cli.load_model(name, ...) before "
                         "converting")
     kwargs = {"num_classes": int(model.num_classes), "img_size": adapter.img_size(model)}
+    _check_rebuilds(model, arch, kwargs)
     return {"family": "timm", "model": arch, "kwargs": kwargs, "pretrained": None, "checkpoint": None}
+
+
+def _check_rebuilds(model: nn.Module, arch: str, kwargs: dict) -> None:
+    """Refuse to save a timm model built by hand that ``arch`` with ``kwargs`` would not rebuild (other
+    arguments of ``timm.create_model``, such as ``patch_size`` or ``global_pool``, are not recorded)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        rebuilt = timm.create_model(arch, pretrained=False, **kwargs)
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in (model, rebuilt)]
+    if shapes[0] != shapes[1]:
+        raise EvitError(f"cannot save this {arch}: it was built with arguments of timm.create_model evit did not "
+                        "record, so the folder would not rebuild it; build it with evit_cli.load_model(name, "
+                        "pretrained=False, **kwargs) (or evit_cli.convert(name, ...)), which records them")
 
 
 def metadata(model: nn.Module, extra: dict | None = None) -> dict:
@@ -215,7 +231,7 @@ def load(folder: str | os.PathLike) -> nn.Module:
     if meta.get("evit"):
         cfg = EViTConfig.from_dict(meta["evit"])
         convert_module(model, keep_rate=cfg.keep_rates, layers=cfg.layers, fuse=cfg.fuse,
-                proportional_attention=cfg.proportional, method=cfg.method, score=cfg.score)
+                proportional_attention=cfg.proportional, method=cfg.method, score=cfg.score, restore=cfg.restore)
     return model.eval()
 
 

@@ -99,6 +99,7 @@ def convert(
     proportional_attention: bool | None = None,
     method: str = "evit",
     score: str | None = None,
+    restore=None,
     **load_kwargs,
 ) -> nn.Module:
     """Inject EViT reorganization into ``model`` and return it.
@@ -115,14 +116,18 @@ def convert(
     paper's; the default where the model has a class token), ``"mean_query"`` (the attention row of the mean
     query), ``"received"`` (the attention each token receives from all queries; the default without one) or
     ``"probe"`` (an attention-pool head's own query; attention-pooled timm towers, SigLIP); every score but
-    ``"cls"`` fuses into the score-weighted mean, see docs/algorithm.md.
+    ``"cls"`` fuses into the score-weighted mean, see docs/algorithm.md. ``restore``: how a dense-prediction
+    model (a timm ViT's ``forward_intermediates(output_fmt="NCHW")``, a transformers backbone, depth or segmentation
+    model) puts the removed patches back: ``"delta"`` (the default), ``"reconstruct"`` or ``"fused"``, optionally
+    with the softmax temperature and top-k, ``"reconstruct:0.05"``, ``"delta:0.05:8"`` (or a ``RestoreSpec``); kept
+    in the saved folder; refused for a transformers classifier, which never puts them back (docs/dense.md).
     """
     if not isinstance(model, nn.Module):
         model = load_model(model, **load_kwargs)
     elif load_kwargs:
         raise TypeError(f"loading options ({', '.join(load_kwargs)}) need a model name or folder, not a module")
     return core.convert_module(model, keep_rate=keep_rate, layers=layers, fuse=fuse,
-                        proportional_attention=proportional_attention, method=method, score=score)
+                        proportional_attention=proportional_attention, method=method, score=score, restore=restore)
 
 
 def is_exported(spec: str | os.PathLike) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..adapters.base import Adapter
+from ..adapters.block import set_restore
 from ..adapters.transformers import TRANSFORMERS
 from ..algorithm.config import EViTConfig
 from ..algorithm.state import model_state
@@ -22,13 +23,14 @@ PREFIX = "Evit"
 
 
 def apply_config(model: nn.Module, adapter: Adapter, config) -> None:
-    """Install EViT in ``model`` as ``config.evit`` says (layers, keep rates, fuse); nothing without it."""
+    """Install EViT in ``model`` as ``config.evit`` says (layers, keep rates, fuse, restore); nothing without it."""
     settings = getattr(config, "evit", None)
     if not settings:
         return
     cfg = EViTConfig.from_dict(settings)
     adapter.check(model)
     adapter.apply(model, cfg)
+    set_restore(model, cfg.restore_spec)
     model_state(model).config = cfg
 
 

@@ -224,7 +224,8 @@ TRANSFORMERS_CLASSES = (
     # issue 31: towers without a class token, and class-token towers of vision-language models
     "SiglipVisionModel", "SiglipModel", "SiglipForImageClassification", "IJepaModel", "IJepaForImageClassification",
     "Aimv2VisionModel", "Aimv2Model", "AltCLIPVisionModel", "GitVisionModel", "CLIPSegVisionModel", "Blip2VisionModel",
-    "InstructBlipVisionModel", "Tipsv2VisionModel",
+    "InstructBlipVisionModel", "Tipsv2VisionModel", "DPTModel",
+    "Siglip2VisionModel", "Siglip2Model", "Siglip2ForImageClassification",  # padded patch sequences
 )
 # a multimodal checkpoint -> its image tower, which takes images alone and loads the checkpoint's tower weights
 _TOWER = {"CLIPModel": "CLIPVisionModelWithProjection", "MetaClip2Model": "MetaClip2VisionModelWithProjection",
@@ -243,6 +244,7 @@ _DEFAULT_CLASS = {
     "blip": "BlipModel", "blip_vision_model": "BlipVisionModel", "pixio": "PixioModel", "dinov3_vit": "DINOv3ViTModel",
     "mlcd_vision_model": "MLCDVisionModel", "yolos": "YolosModel",
     "siglip": "SiglipModel", "siglip_vision_model": "SiglipVisionModel", "ijepa": "IJepaModel",
+    "siglip2": "Siglip2Model", "siglip2_vision_model": "Siglip2VisionModel",
     "aimv2": "Aimv2Model", "aimv2_vision_model": "Aimv2VisionModel", "altclip_vision_model": "AltCLIPVisionModel",
     "git_vision_model": "GitVisionModel", "clipseg_vision_model": "CLIPSegVisionModel",
     "blip_2_vision_model": "Blip2VisionModel", "instructblip_vision_model": "InstructBlipVisionModel",

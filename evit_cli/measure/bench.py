@@ -177,6 +177,7 @@ def bench(
     reps: int = 10,
     latency_reps: int | None = None,
     progress: bool = False,
+    intermediates: tuple[int, ...] | None = None,
 ) -> dict:
     """Benchmark an EViT model against its dense original, in one run.
 
@@ -188,13 +189,15 @@ def bench(
     mode such as ``"reduce-overhead"`` for CUDA graphs) adds the same figures
     for both models compiled, timed beside the eager ones; ``train`` adds
     training-step throughput (forward, backward, AdamW step) at ``batch``; ``onnx`` adds both models
-    exported to ONNX and timed in ONNX Runtime (CPU provider, torch's thread count), interleaved.
+    exported to ONNX and timed in ONNX Runtime (CPU provider, torch's thread count), interleaved;
+    ``intermediates`` (timm models: block indices) adds ``forward_intermediates`` (NCHW: backbone and restore).
     """
     if batch < 1:
         raise EvitError(f"--batch must be at least 1, got {batch}")
     if reps < 1 or warmup < 0:
         raise EvitError("--reps must be at least 1 and --warmup at least 0")
     evit, dev = _evit_model(model, device)
+    _check_intermediates(evit, intermediates)
     validate.fits_in_memory("--batch", batch, evit, batch=batch, device=device)
     img = adapters.get_adapter(evit).img_size(evit)
     models = {"dense": dense_copy(evit).eval(), "evit": evit}
@@ -215,7 +218,43 @@ def bench(
     if onnx:
         result["onnxruntime"] = time_onnxruntime(evit, batch=batch, warmup=warmup, reps=reps,
                                                  latency_reps=runs.latency_reps, progress=progress)
+    if intermediates:
+        result["intermediates"] = time_intermediates(models, x, intermediates, runs, progress=progress)
     return result
+
+
+def _check_intermediates(model: nn.Module, indices: tuple[int, ...] | None) -> None:
+    if not indices:
+        return
+    adapter = adapters.get_adapter(model)
+    if adapter.name != "timm" or not hasattr(model, "forward_intermediates"):
+        raise EvitError(f"--intermediates times timm's forward_intermediates: {type(model).__name__} has none (a "
+                        "transformers model's forward returns its restored maps already, which bench times)")
+    depth = adapter.depth(model)
+    for i in indices:
+        if not 0 <= i < depth:
+            raise EvitError(f"--intermediates {i} is out of range: the model has {depth} blocks, indexed 0 to "
+                            f"{depth - 1} (as forward_intermediates takes them)")
+
+
+def time_intermediates(models: dict[str, nn.Module], x: torch.Tensor, indices: tuple[int, ...], r: _Runs, *,
+                       progress: bool = False) -> dict:
+    """timm's ``forward_intermediates(output_fmt="NCHW")`` at block ``indices``: the backbone, and for the EViT
+    model the restore of the full patch grid; dense and EViT interleaved, at the batch and at batch 1."""
+    from ..utils.progress import Progress
+
+    def run(xb: torch.Tensor):
+        return lambda name: models[name].forward_intermediates(xb, indices=list(indices), output_fmt="NCHW",
+                                                               intermediates_only=True)
+
+    steps = len(models) * (2 * r.warmup + r.reps + r.latency_reps)
+    with (Progress(enabled=progress) as bar, bar.task("forward_intermediates", steps, unit="passes") as advance,
+          torch.inference_mode(), autocast(x.device, r.amp)):
+        at_batch, at_one = (_interleaved(list(models), run(xb), warmup=r.warmup, reps=n, device=x.device,
+                                         advance=advance)
+                            for xb, n in ((x, r.reps), (x[:1].clone(), r.latency_reps)))
+    d, e = (_timing(at_batch[k], at_one[k], x.shape[0]) for k in ("dense", "evit"))
+    return {"indices": list(indices), "output_fmt": "NCHW", "dense": d, "evit_model": e, **_speedups(d, e)}
 
 
 def time_onnxruntime(model: nn.Module, *, batch: int, warmup: int, reps: int, latency_reps: int,
@@ -387,6 +426,7 @@ def model_summary(model: nn.Module) -> dict:
         "keep_rates": list(cfg.keep_rates),
         "fuse": cfg.fuse,
         **({"method": cfg.method} if cfg.method != "evit" else {}),
+        **({"restore": cfg.restore.text()} if cfg.restore is not None else {}),
         "tokens": [adapter.num_tokens(model)] + measure_tokens(model, img, device),
         "gmacs_dense": dense_gmacs,
         "gmacs_evit": evit_gmacs,

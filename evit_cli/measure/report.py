@@ -56,6 +56,10 @@ def bench_notes(r: dict) -> list[str]:
         o = r["onnxruntime"]
         notes.append(f"ONNX Runtime {o['onnxruntime']} ({o['provider']}, {o['threads']} threads): speedup "
                      f"{o['speedup']:.2f}x at batch {r['batch']}, {o['speedup_b1']:.2f}x at batch 1")
+    if r.get("intermediates"):
+        i = r["intermediates"]
+        notes.append(f"forward_intermediates (NCHW maps at {','.join(map(str, i['indices']))}: backbone and restore): "
+                     f"speedup {i['speedup']:.2f}x at batch {r['batch']}, {i['speedup_b1']:.2f}x at batch 1")
     if r.get("training"):
         t = r["training"]
         notes.append(f"training step (forward, backward, AdamW) at batch {r['batch']}: dense "

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 from torch import nn
 
 from .. import adapters
+from ..adapters.block import restore_in, set_restore
 from ..algorithm.config import DEFAULT_LAYERS, EViTConfig, check_score, make_config
 from ..algorithm.reorg import num_kept, token_counts
 from ..algorithm.state import model_state
@@ -14,7 +16,8 @@ from ..errors import EvitError
 
 
 def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse: bool = True,
-            proportional_attention: bool | None = None, method: str = "evit", score: str | None = None) -> nn.Module:
+            proportional_attention: bool | None = None, method: str = "evit", score: str | None = None,
+            restore=None) -> nn.Module:
     """Inject EViT reorganization into the module ``model`` (in place) and return it.
 
     ``keep_rate`` is one rate or one per layer; ``layers`` are 1-based block numbers; ``fuse=False``
@@ -22,15 +25,21 @@ def convert_module(model: nn.Module, keep_rate=0.7, layers=DEFAULT_LAYERS, fuse:
     token's attention logit by the log of the patches it holds, as ToMe does (``None``: on for
     ``method="squeeze"``, off otherwise). ``method``: ``"evit"``, the paper's (the default), or
     ``"squeeze"`` (docs/algorithm.md). ``score``: what ranks the tokens (``config.SCORES``; ``None``: class
-    attention where the model has a class token, else the class-token-free default). (``evit_cli.convert``
-    also takes names.)
+    attention where the model has a class token, else the class-token-free default). ``restore``: how a
+    dense-prediction model puts the removed patches back (``restore.parse_restore``: ``"reconstruct:0.05"``;
+    ``None``: the default); refused for a model that never puts them back. (``evit_cli.convert`` also takes names.)
     """
     adapter = adapters.get_adapter(model)
     adapter.check(model)
     cfg = make_config(layers, keep_rate, adapter.depth(model), fuse, proportional_attention, method,
-                      _score(adapter, model, score))
+                      _score(adapter, model, score), restore)
+    if cfg.restore is not None and not adapter.restores(model):
+        raise EvitError(f"restore {cfg.restore.text()!r} has nothing to put back: {type(model).__name__} returns no "
+                        "patch map (a classifier or embedding tower; the restore serves dense heads and backbones): "
+                        "drop it")
     _check_keeps_tokens(model, cfg)
     adapter.apply(model, cfg)
+    set_restore(model, cfg.restore_spec)
     model_state(model).config = cfg
     return model
 
@@ -49,7 +58,7 @@ def _score(adapter, model: nn.Module, score: str | None) -> str:
 
 
 def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | None = None,
-                    method: str | None = None, score: str | None = None) -> nn.Module:
+                    method: str | None = None, score: str | None = None, restore=None) -> nn.Module:
     """:func:`convert_module`, where what is not given stays as the model already has it (or the defaults)."""
     old = get_config(model)
     return convert_module(
@@ -60,12 +69,14 @@ def convert_keeping(model: nn.Module, keep_rate=None, layers=None, fuse: bool | 
         proportional_attention=old.proportional if old and old.method == (method or old.method) else None,
         method=method or (old.method if old else "evit"),
         score=score or (old.score if old else None),
+        restore=restore if restore is not None else (old.restore if old else None),
     )
 
 
 def reorganized_as(cfg: EViTConfig) -> dict:
     """The keywords of :func:`convert_module` that reorganize as ``cfg`` does, at other rates or layers."""
-    return {"fuse": cfg.fuse, "proportional_attention": cfg.proportional, "method": cfg.method, "score": cfg.score}
+    return {"fuse": cfg.fuse, "proportional_attention": cfg.proportional, "method": cfg.method, "score": cfg.score,
+            "restore": cfg.restore}
 
 
 def _check_keeps_tokens(model: nn.Module, cfg: EViTConfig) -> None:
@@ -90,7 +101,13 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 def get_config(model: nn.Module) -> EViTConfig | None:
-    return model_state(model).config
+    """The model's EViT settings (``None``: dense), with the restore it runs with where it was set on its position
+    state by hand (``model_state(model).positions.restore_with``)."""
+    cfg = model_state(model).config
+    live = restore_in(model) if cfg is not None and adapters.get_adapter(model).restores(model) else None
+    if live is not None and live != cfg.restore_spec:
+        cfg = dataclasses.replace(cfg, restore=live)
+    return cfg
 
 
 def tokens_after_layers(model: nn.Module) -> list[int]:

@@ -81,14 +81,14 @@ def largest_keep_rate_under(model: nn.Module, budget: float, step: float = 0.001
 
 
 def match_macs(model: nn.Module, reference_size: int, layers, fuse: bool = True, method: str = "evit",
-               score: str | None = None) -> float:
+               score: str | None = None, restore=None) -> float:
     """Convert ``model`` (already at its new image size) with the keep rate whose counted MACs come
     closest to the dense model at ``reference_size`` px without exceeding them; returns the rate."""
     adapter = adapters.get_adapter(model)
     ref = dense_copy(model)
     adapter.set_img_size(ref, reference_size)
     budget = count_macs(ref, reference_size)
-    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse, method=method, score=score)
+    convert_module(model, keep_rate=1.0, layers=layers, fuse=fuse, method=method, score=score, restore=restore)
     rate = largest_keep_rate_under(model, budget)
-    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse, method=method, score=score)
+    convert_module(model, keep_rate=rate, layers=layers, fuse=fuse, method=method, score=score, restore=restore)
     return rate

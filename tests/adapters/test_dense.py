@@ -198,14 +198,3 @@ def test_upernet_on_a_convolutional_backbone_is_refused_in_one_line():
     with pytest.raises(evit_cli.EvitError, match="UperNetForSemanticSegmentation is not a Vision Transformer") as e:
         evit_cli.convert(tf.UperNetForSemanticSegmentation(cfg), keep_rate=0.5, layers=(2,))
     assert "\n" not in str(e.value)
-
-
-# ------------------------------------------------------------------ what stays refused
-
-
-@pytest.mark.parametrize("cls, cfg", [(tf.DINOv3ViTBackbone, tf.DINOv3ViTConfig(**SIZE)),
-                                      (tf.PixioBackbone, tf.PixioConfig(**SIZE))])
-def test_other_dense_heads_stay_refused_in_one_line(cls, cfg):
-    with pytest.raises(evit_cli.EvitError, match="map of every patch") as e:
-        evit_cli.convert(cls(cfg), keep_rate=0.5, layers=(2,))
-    assert "\n" not in str(e.value)

@@ -47,6 +47,7 @@ def _build(name: str, attn: str):
             **BEIT, use_relative_position_bias=True, **kw)), 1),
         "data2vec_shared": lambda: (tf.Data2VecVisionModel(tf.Data2VecVisionConfig(
             **BEIT, use_shared_relative_position_bias=True, **kw)), 1),
+        "dpt": lambda: (tf.DPTModel(tf.DPTConfig(**VIT, **kw)), 1),  # DPT's own ViT: ViT's older nested layout
     }
     torch.manual_seed(0)
     model, prefix = builders[name]()
@@ -54,7 +55,7 @@ def _build(name: str, attn: str):
 
 
 FAMILIES = ["vit", "deit_teacher", "vit_msn", "vit_mae", "dinov2", "dinov2_cls", "dinov2_reg", "dinov2_reg_cls",
-            "clip_vision", "clip_projection", "clip", "beit", "beit_shared", "data2vec", "data2vec_shared"]
+            "clip_vision", "clip_projection", "clip", "beit", "beit_shared", "data2vec", "data2vec_shared", "dpt"]
 RELPOS = ("beit", "data2vec")  # relative position bias: per-layer tables ("beit", "data2vec") or a shared one
 
 
@@ -208,6 +209,8 @@ def _reference_layer(name, layer, inp, shared_bias, kw):
     """transformers' own layer on ``inp``, given the shared bias the model would pass it (None: none)."""
     if name.startswith("data2vec"):  # the older layout: the shared bias as an argument, a tuple back
         return layer(inp, relative_position_bias=shared_bias, **kw)[0]
+    if name == "dpt":  # its layer takes no mask
+        return layer(inp, **kw)
     return layer(inp, attention_mask=shared_bias, **kw)
 
 
@@ -268,10 +271,11 @@ def test_vit_mae_masking_is_off_and_every_patch_in_order(images):
 @pytest.mark.parametrize("cls, cfg, match", [
     (tf.ViTForMaskedImageModeling, tf.ViTConfig(**VIT), "masked-image-modeling"),
     (tf.DeiTForMaskedImageModeling, tf.DeiTConfig(**VIT), "masked-image-modeling"),
-    (tf.Siglip2VisionModel, tf.Siglip2VisionConfig(**CLIP_VISION), "patches padded .* under a patch mask"),
+    (tf.Siglip2TextModel, tf.Siglip2TextConfig(hidden_size=48, num_hidden_layers=6, num_attention_heads=3,
+                                               intermediate_size=96), "text tower reads text"),
     (tf.TimesformerModel, tf.TimesformerConfig(**VIT),
      "TimesformerModel is a ViT with a class token, but .* not supported yet"),
-    (tf.DPTForDepthEstimation, tf.DPTConfig(**VIT), "DPTForDepthEstimation predicts from a map of every patch"),
+    (tf.VitDetBackbone, tf.VitDetConfig(**SIZE), "VitDetBackbone predicts from a map of every patch"),
     (tf.ConvNextModel, tf.ConvNextConfig(), "ConvNextModel is not a Vision Transformer family"),
 ])
 def test_other_transformers_models_are_refused_truthfully(cls, cfg, match):

@@ -169,10 +169,60 @@ def test_class_score_is_refused_for_a_tower_without_a_class_token():
         evit_cli.convert(build("siglip_vision"), layers=LAYERS, score="cls")
 
 
-def test_siglip2_is_refused_with_its_reason():
-    cfg = tf.Siglip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3)
-    with pytest.raises(evit_cli.EvitError, match="patch mask") as err:
-        evit_cli.convert(tf.Siglip2VisionModel(cfg), layers=(1,))
+def _probe_row(vm, x, sizes):
+    """The pooling head's probe query over the keys it would compute from ``x`` (N, C) (``post_layernorm``, then
+    the key projection of its ``nn.MultiheadAttention``), ``log`` of the sizes added, averaged over heads: by hand,
+    from the head's weights, one head at a time."""
+    mha = vm.head.attention
+    n, c = x.shape
+    heads = mha.num_heads
+    d = c // heads
+    w, b = mha.in_proj_weight, mha.in_proj_bias
+    q = (vm.head.probe.reshape(c) @ w[:c].T + b[:c]).reshape(heads, d)
+    k = (vm.post_layernorm(x) @ w[c:2 * c].T + b[c:2 * c]).reshape(n, heads, d)
+    return sum(torch.softmax(k[:, i] @ q[i] / math.sqrt(d) + sizes.log(), -1) for i in range(heads)) / heads
+
+
+def test_probe_score_ranks_by_the_heads_own_query(images):
+    """score="probe" on SigLIP's MAP-pooled tower: at each EViT layer (after the attention residual) the kept tokens
+    are the top of the probe's attention over the keys, computed by hand from the head's weights, and the fused token
+    is their mean weighted by that row; the pooled output equals that loop over transformers' own layers."""
+    model = build("siglip_vision")
+    evit = evit_cli.convert(copy.deepcopy(model), keep_rate=RATES, layers=LAYERS, score="probe")
+    rates, vm = dict(zip(LAYERS, RATES)), getattr(model, "vision_model", model)
+    with torch.no_grad():
+        got = evit(images).pooler_output
+        kept = {i: evit_blocks(evit)[0].evit.positions.after[i - 1][:, :-1] for i in LAYERS}  # patch ids, fused last
+        want = []
+        for b, img in enumerate(images):
+            x = vm.embeddings(img[None])[0]
+            sizes, ids = torch.ones(x.shape[0]), list(range(x.shape[0]))  # ids: each token's patch, -1 fused
+            for i, layer in enumerate(vm.encoder.layers, start=1):
+                if i not in rates:
+                    x = layer(x[None], None)[0]
+                    continue
+                h = layer.layer_norm1(x)
+                x = x + layer.self_attn(h[None], None)[0][0]
+                row = _probe_row(vm, x, sizes)
+                k = math.ceil(round(rates[i] * x.shape[0], 6))
+                order = sorted(range(x.shape[0]), key=lambda j: -float(row[j]))
+                keep, drop = order[:k], order[k:]
+                ids = [ids[j] for j in keep] + [-1]
+                assert sorted(kept[i][b].tolist()) == sorted(ids[:-1]), i
+                fused = sum(row[j] * x[j] for j in drop) / sum(row[j] for j in drop)
+                x = torch.cat([x[keep], fused[None]])
+                sizes = torch.cat([sizes[keep], sizes[drop].sum()[None]])
+                x = x + layer.mlp(layer.layer_norm2(x))
+            x = vm.post_layernorm(x)
+            want.append(vm.head(x.repeat_interleave(sizes.long(), 0)[None])[0])
+    torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-4)
+
+
+def test_siglip2_text_tower_is_refused_with_its_reason():
+    cfg = tf.Siglip2TextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3,
+                               vocab_size=99)
+    with pytest.raises(evit_cli.EvitError, match="text tower") as err:
+        evit_cli.convert(tf.Siglip2TextModel(cfg), layers=(1,))
     assert "\n" not in str(err.value)
 
 

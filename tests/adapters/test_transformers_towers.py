@@ -272,8 +272,7 @@ def test_onnx_export_matches_pytorch(name, tmp_path):
      "box from every patch.*OwlViTVisionModel"),
     (tf.BlipForConditionalGeneration, tf.BlipConfig(vision_config=V, text_config=TEXT),
      "reads or writes text with the image"),
-    (tf.DINOv3ViTBackbone, tf.DINOv3ViTConfig(**V), "map of every patch"),
-    (tf.PixioBackbone, tf.PixioConfig(**SIZE), "map of every patch"),
+    (tf.VitDetBackbone, tf.VitDetConfig(**V, out_features=["stage2"]), "map of every patch"),
 ])
 def test_heads_that_need_every_patch_or_text_are_refused_in_one_line(cls, cfg, match):
     with pytest.raises(evit_cli.EvitError, match=match) as e:

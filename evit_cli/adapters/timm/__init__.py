@@ -129,6 +129,11 @@ class TimmAdapter(Adapter):
         ours = ["cls", *free] if has_class_token(model) else free
         return tuple(ours + ["probe"] * (pool_kind(model) == "map" and len(self.sequences(model)) == 1))
 
+    def restores(self, model: nn.Module) -> bool:
+        """Every timm ViT: ``forward_intermediates(output_fmt="NCHW")`` puts the removed patches back, with a
+        classifier head too (model.py)."""
+        return True
+
     def layers(self, model: nn.Module) -> list[nn.Module]:
         """The blocks (CrossViT: the multi-scale stages), of the reported sequence."""
         return [group[0] for group in _family(model).layers(model)]

@@ -35,6 +35,9 @@ class TimmWrapperAdapter(TransformersAdapter):
     def scores(self, model: nn.Module) -> tuple[str, ...]:
         return TIMM.scores(model.timm_model)
 
+    def restores(self, model: nn.Module) -> bool:
+        return TIMM.restores(model.timm_model)
+
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return TIMM.layers(model.timm_model)
 

@@ -21,6 +21,8 @@ full patch grid, the removed patches put back, so its outputs keep the dense mod
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,9 @@ from .families import Family, refusal, refused_class, resolve
 from .layer import family_of, is_evit_layer, refuse_attention_mask
 from .layer import swap_in as swap_layer_in
 from .layer import swap_out as swap_layer_out
+from .padding import install as follow_padding
+from .padding import patchify
+from .padding import uninstall as unfollow_padding
 from .pooling import has_probe, probe
 from .pooling import install as weigh_pooling
 from .pooling import uninstall as unweigh_pooling
@@ -147,6 +152,10 @@ class TransformersAdapter(Adapter):
         ours = ["cls", *free] if spec.prefix > 0 or spec.pooled_class_tokens else free
         return tuple(ours + ["probe"] * has_probe(vision_root(model)))
 
+    def restores(self, model: nn.Module) -> bool:
+        """A dense-prediction model (dense.py) puts the removed patches back; a classifier or tower never does."""
+        return is_dense(model)
+
     def layers(self, model: nn.Module) -> list[nn.Module]:
         _family(model)
         return list(_layers(model))
@@ -163,6 +172,8 @@ class TransformersAdapter(Adapter):
         proc = model_state(model).preprocessor
         if spec is not None and spec.any_input_size and proc:
             return int(processor_input_size(proc, spec.processor))
+        if spec is not None and spec.padded:  # SigLIP 2: the square image whose patches fill its sequence
+            return math.isqrt(int(_config(model).num_patches)) * _patch(model)
         size = _config(model).image_size
         return int(size[0] if isinstance(size, (list, tuple)) else size)
 
@@ -183,6 +194,10 @@ class TransformersAdapter(Adapter):
             raise EvitError(f"{type(model).__name__} keeps tokens after its patches, which the sizes of the "
                             f"{cfg.method} method, proportional attention and the {cfg.score} score do not follow: "
                             "use the evit method and the cls score")
+        if sizes and spec.padded:
+            raise EvitError(f"{type(model).__name__} pads its patch sequences under a mask, which the {cfg.method} "
+                            "method and proportional attention do not follow yet: use the evit method without "
+                            "proportional attention")
         prefix, rates = self.num_prefix_tokens(model), dict(zip(cfg.indices, cfg.keep_rates))
         mid = resolve(root, spec.mid_positions) if spec.mid_positions else None
         follow = spec.relative_position_bias or spec.rope or mid is not None
@@ -196,6 +211,8 @@ class TransformersAdapter(Adapter):
             swap_layer_in(layer, state)
         if mid is not None:
             mid.register_forward_hook(FollowMidPositions(states[0]))
+        if spec.padded:  # which tokens are padding, per forward (padding.py)
+            follow_padding(root, positions)
         if free:  # its pool weighs each token by the patches it holds (pooling.py)
             weigh_pooling(model, root, positions)
         if is_dense(model):  # its head reads every patch: the removed ones are put back (dense.py)
@@ -213,6 +230,7 @@ class TransformersAdapter(Adapter):
                 swap_layer_out(layer)
         unrestore_dense(root)
         unweigh_pooling(model, root)
+        unfollow_padding(root)
         hooks = root._forward_pre_hooks
         for key in [k for k, fn in hooks.items() if fn is refuse_attention_mask]:
             hooks.pop(key)
@@ -275,7 +293,12 @@ class TransformersAdapter(Adapter):
     # ------------------------------------------------------------ the model's output
 
     def run(self, model: nn.Module, images: torch.Tensor):
-        """The model on images: a full CLIP model through its image tower (``get_image_features``)."""
+        """The model on images: a full CLIP model through its image tower (``get_image_features``); SigLIP 2 on the
+        patches of ``images``, every one valid (``padding.patchify``)."""
+        spec = family(model)
+        if spec is not None and spec.padded:
+            inputs = patchify(images, _patch(model))
+            return model.get_image_features(**inputs) if hasattr(model, "text_model") else model(**inputs)
         if hasattr(model, "get_image_features") and (hasattr(model, "text_model") or hasattr(model, "language_model")):
             return model.get_image_features(pixel_values=images)
         return model(images)

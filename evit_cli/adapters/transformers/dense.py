@@ -1,7 +1,7 @@
 """Dense-prediction models (backbones, depth, segmentation): the removed patches put back.
 
 Their heads read every patch of some of the encoder's hidden states (``Dinov2Backbone``'s feature
-maps, Depth Anything's and BEiT segmentation's necks). A converted one follows, in its shared
+maps, Depth Anything's, DPT's and BEiT segmentation's necks). A converted one follows, in its shared
 :class:`..block.PositionState`, how to rebuild every removed patch from the tokens that remain
 (``algorithm/restore.py``); a forward hook on the encoder hands the head those hidden states with
 the dense model's shapes: the prefix tokens, then the full patch grid.
@@ -23,16 +23,26 @@ def is_dense(model: nn.Module) -> bool:
 
 
 def encoder_of(root: nn.Module) -> nn.Module:
-    return getattr(root, "encoder", root)
+    """The module whose output holds the hidden states: the encoder (DINOv2's, Data2Vec's), or the model itself
+    where it records them and its encoder does not (BEiT's has none, DPT's records nothing)."""
+    encoder = getattr(root, "encoder", None)
+    if encoder is None:
+        return root
+    records = "hidden_states" in (getattr(root, "_can_record_outputs", None) or {})
+    return root if records and not hasattr(encoder, "_can_record_outputs") else encoder
 
 
 def read_states(model: nn.Module, root: nn.Module) -> set[int] | None:
     """The hidden states (0: the embeddings; ``i``: after layer ``i``) the model's head reads: a
     backbone's ``out_indices`` (stage ``i`` is state ``i``), BEiT segmentation's ``config.out_indices``
-    (it reads state ``i - 1``); ``None``: all of them, and ``last_hidden_state``."""
+    (it reads state ``i - 1``), DPT's ``config.backbone_out_indices`` (state ``i + 1``); ``None``: all
+    of them, and ``last_hidden_state``."""
     for owner in (model, getattr(model, "backbone", None), root):  # a backbone, or a head's
         if hasattr(owner, "stage_names") and getattr(owner, "out_indices", None) is not None:
             return {int(i) for i in owner.out_indices}
+    dpt = getattr(model.config, "backbone_out_indices", None)
+    if dpt is not None:  # the hybrid DPT reads BiT's maps in place of the first two
+        return {int(i) + 1 for i in dpt[2 if getattr(model.config, "is_hybrid", False) else 0:]}
     out = getattr(model.config, "out_indices", None)
     return {int(i) - 1 for i in out} if out is not None else None
 
@@ -50,7 +60,7 @@ class RestoreHiddenStates:
     def full(self, h: Tensor, layer: int) -> Tensor:
         """``h`` (B, N, C) after 0-based ``layer`` (-1: the embeddings) as (B, P + patches, C)."""
         done = [i for i in self.positions.restores if i <= layer]
-        if not done or h.dim() != 3:
+        if not done or h is None or h.dim() != 3:  # None: a state the caller did not select
             return h
         p = self.num_prefix
         return torch.cat([h[:, :p], restore(h[:, p:], self.positions.restores[max(done)])], dim=1)

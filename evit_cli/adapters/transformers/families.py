@@ -64,6 +64,7 @@ class Family:
     shared_bias: str = "shared_position_bias"    # the shared table, from the vision model
     legacy: bool = False                     # the older nested layout (see the module docstring)
     any_input_size: bool = False             # embeddings interpolate positions to any input size
+    padded: bool = False                     # flattened patches padded under a patch mask (SigLIP 2: padding.py)
     processor: str = "ViTImageProcessor"     # transformers' default image processor of the family
 
 
@@ -108,6 +109,8 @@ FAMILIES: dict[str, Family] = {
                                 prefix_config="num_register_tokens", processor="Tipsv2ImageProcessor"),
     # towers without a class token: ranked by a class-token-free score, their pools weigh tokens by patches
     "SiglipEncoderLayer": replace(CLIP, name="SigLIP vision", prefix=0, processor="SiglipImageProcessor"),
+    "Siglip2EncoderLayer": replace(CLIP, name="SigLIP 2 vision", prefix=0, padded=True,
+                                   processor="Siglip2ImageProcessor"),
     "IJepaLayer": Family("I-JEPA", prefix=0),
     "Aimv2EncoderLayer": replace(CLIP, name="AIMv2 vision", norm1="rms_norm1", attention="attention",
                                  norm2="rms_norm2", mlp="ffn", prefix=0),
@@ -124,6 +127,13 @@ FAMILIES: dict[str, Family] = {
                          attn_dropout="attention.dropout_prob", attention_returns_output_only=True,
                          suffix_config="num_detection_tokens", mid_positions="encoder.interpolation", layer_args=(),
                          any_input_size=True, processor="YolosImageProcessor"),
+    # DPT's own ViT (DPTModel, DPT's depth and segmentation models): ViT's older nested layout, as YOLOS's
+    "DPTViTLayer": Family("DPT", mlp=("intermediate", "output.dense", "output.dropout"), dropout=None,
+                          q="attention.query", k="attention.key", v="attention.value",
+                          head_dim="attention.attention_head_size", config="attention.config",
+                          out_proj=("output.dense", "output.dropout"), scaling="attention.scaling",
+                          attn_dropout="attention.dropout_prob", attention_returns_output_only=True, layer_args=(),
+                          processor="DPTImageProcessor"),
     "BeitLayer": Family("BEiT", layer_scale=("lambda_1", "lambda_2"), drop_path="drop_path",
                         relative_position_bias=True, processor="BeitImageProcessor"),
     "Data2VecVisionLayer": Family("Data2Vec-vision", mlp=("intermediate", "output"), dropout=None,
@@ -165,15 +175,16 @@ DENSE_PREDICTION = ("ForSemanticSegmentation", "Backbone", "ForDepthEstimation",
 # those evit converts, the removed patches put back for their head (dense.py); the others stay refused
 DENSE_SUPPORTED = ("Dinov2Backbone", "Dinov2WithRegistersBackbone", "DepthAnythingForDepthEstimation",
                    "BeitForSemanticSegmentation", "Data2VecVisionForSemanticSegmentation", "BeitBackbone",
-                   "UperNetForSemanticSegmentation")  # UperNet: with a backbone of a supported family (BEiT's)
+                   "UperNetForSemanticSegmentation",  # UperNet: with a backbone of a supported family (BEiT's)
+                   "DPTForDepthEstimation", "DPTForSemanticSegmentation",  # DPT: its ViT (hybrid too) or a backbone
+                   "DINOv3ViTBackbone", "PixioBackbone")
 # models whose head predicts a box from every patch token (open-vocabulary detection)
 PER_PATCH_BOXES = ("OwlViTForObjectDetection", "Owlv2ForObjectDetection")
 # models that read or write text with the image (captioning, question answering, image-text matching, OCR)
 TEXT_AND_IMAGE = ("ForConditionalGeneration", "ForQuestionAnswering", "ForImageTextRetrieval",
                   "VisionEncoderDecoderModel")
-NO_CLASS_TOKEN = {
-    "Siglip2": "SigLIP 2's vision tower pools patches padded to a fixed count under a patch mask, which EViT's "
-               "token counts do not follow yet",
+NO_CLASS_TOKEN = {  # class-name prefix -> why (SigLIP 2's text tower: its layers are the image tower's)
+    "Siglip2TextModel": "SigLIP 2's text tower reads text: convert Siglip2VisionModel or Siglip2Model (image tower)",
 }
 
 

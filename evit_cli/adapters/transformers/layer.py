@@ -13,7 +13,9 @@ one gathers for the tokens that remain (:mod:`.positions`).
 Masks: a converted model refuses a user ``attention_mask`` (a hook on the
 encoder); the masks transformers builds itself are then all-visible (e.g.
 during ``torch.export``) and are dropped, since after a reorganization they
-would have the wrong length.
+would have the wrong length. SigLIP 2's patch mask is the exception
+(:mod:`.padding`): it reaches the layers until a token moved, then a mask
+that follows the tokens replaces it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..swap import original
 from ..swap import swap_in as swap_class
 from ..swap import swap_out as restore_class
 from .families import FAMILIES, Family, module_chain, resolve
+from .padding import padding_bias
 from .positions import reorganize as follow_kept_positions
 from .positions import rope_for, rotate
 from .relpos import bias_for
@@ -70,7 +73,8 @@ class EViTAttentionMixin:
         if self.evit.score != "cls":  # a class-token-free score; "probe": the pooling head ranks, after the residual
             return out, weights, None if self.evit.score == "probe" else score_row(
                 self.evit.score, q, k, scale, attention_mask, v if self.evit.value_norm else None,
-                self.evit.size_weights(hidden_states) if self.evit.score == "mean_query" else None)
+                self.evit.size_weights(hidden_states) if self.evit.score == "mean_query" else None,
+                self.evit.valid_tokens(hidden_states) if self.evit.score == "received" else None)
         rows = self.evit.num_prefix if spec.pooled_class_tokens else 1
         bias = attention_mask[:, :, :rows] if attention_mask is not None else None
         cls_attn = class_attention(q[:, :, :rows], k, scale, bias, v=v if self.evit.value_norm else None)
@@ -133,7 +137,7 @@ class EViTLayerMixin(EViTBlock):
         if st.index == 0 and st.positions is not None:  # a new forward: no token removed yet
             st.positions.reset()
         kwargs.update(zip(spec.layer_args, args))
-        kwargs.pop("attention_mask", None)  # transformers' own all-visible mask (a user's is refused)
+        given = kwargs.pop("attention_mask", None)  # transformers' own all-visible mask (a user's is refused)
         want_weights = False
         if spec.legacy:  # the older call; the shared table's full bias is recomputed below for the tokens that remain
             want_weights = bool(kwargs.pop("output_attentions", False))
@@ -141,6 +145,9 @@ class EViTLayerMixin(EViTBlock):
         if spec.rope:  # the rotations of the tokens that remain
             kwargs["position_embeddings"] = rope_for(self, kwargs["position_embeddings"])
         bias = bias_for(self, kwargs) if spec.relative_position_bias else None
+        if spec.padded:  # SigLIP 2: transformers' patch mask until a token moved, then the one that follows them
+            bias = padding_bias(st, hidden_states)
+            given = given if st.positions.sizes is None else bias
         weighed = st.proportional and st.positions.sizes is not None
         if weighed:  # proportional attention: each key's logit raised by the log of the patches it holds
             sizes = size_bias(st.positions.sizes, st.num_prefix).to(hidden_states.dtype)
@@ -150,7 +157,7 @@ class EViTLayerMixin(EViTBlock):
         if st.reorganizes:
             st.kept = None
         if not reduce and not spec.relative_position_bias and not spec.legacy and not weighed:
-            mask = {"attention_mask": None} if "attention_mask" in spec.layer_args else {}
+            mask = {"attention_mask": given if spec.padded else None} if "attention_mask" in spec.layer_args else {}
             return super().forward(hidden_states, **mask, **kwargs)
         x = hidden_states
         h = getattr(self, spec.norm1)(x)

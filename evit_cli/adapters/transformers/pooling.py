@@ -7,10 +7,12 @@ adds ``log(size)`` to its logit for each token, and ``SiglipForImageClassificati
 tokens weighs each by its patches. While no token was removed (keep 1.0) the library's own forward runs,
 unchanged. The ``"probe"`` score ranks a layer's tokens by the head's own probe query against the keys the
 head would compute from them (``post_layernorm`` and the head's key projection applied to the layer's tokens).
+SigLIP 2's head and classifier read its patch mask instead: once a token moved, the sizes (0 for padding) mask it.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -20,8 +22,9 @@ from ..swap import original
 from ..swap import swap_in as swap_class
 from ..swap import swap_out as restore_class
 
-PROBE_HEADS = ("SiglipMultiheadAttentionPoolingHead",)
+PROBE_HEADS = ("SiglipMultiheadAttentionPoolingHead", "Siglip2MultiheadAttentionPoolingHead")
 MEAN_POOLED = {"SiglipForImageClassification": "vision_model", "IJepaForImageClassification": "ijepa"}
+MASK_POOLED = "Siglip2ForImageClassification"  # the mean of the tokens its patch mask marks valid
 
 
 def probe_head(root: nn.Module) -> nn.Module | None:
@@ -32,18 +35,44 @@ def probe_head(root: nn.Module) -> nn.Module | None:
 
 class ProbeHeadMixin:
     """SigLIP's attention-pooling head (``nn.MultiheadAttention`` of one probe) with ``log(size)`` added to its
-    logit for each token."""
+    logit for each token (SigLIP 2's: its patch mask, ``attention_mask``, read until a token moved; then a padded
+    token's size 0 masks it)."""
 
-    def forward(self, hidden_state: Tensor) -> Tensor:
+    def forward(self, hidden_state: Tensor, *padding) -> Tensor:
         positions: PositionState = self.__dict__["evit"]
         sizes = positions.prefix_and_sizes(0, hidden_state)
         if sizes is None:
-            return super().forward(hidden_state)
+            return super().forward(hidden_state, *padding)
         b, heads = hidden_state.shape[0], self.attention.num_heads
         mask = sizes.log().to(hidden_state.dtype)[:, None, :].repeat_interleave(heads, dim=0)  # (B * H, 1, N)
         x = self.attention(self.probe.repeat(b, 1, 1), hidden_state, hidden_state, attn_mask=mask)[0]
         x = x + self.mlp(self.layernorm(x))
         return x[:, 0]
+
+
+class MaskedMeanClassifierMixin:
+    """SigLIP 2's classifier: the mean of the valid tokens (its patch mask), each weighted by the patches it holds
+    once a token moved (padded tokens hold 0)."""
+
+    def forward(self, pixel_values=None, pixel_attention_mask=None, spatial_shapes=None, labels=None, **kwargs):
+        from transformers.modeling_outputs import ImageClassifierOutput
+
+        positions: PositionState = self.__dict__["evit"]
+        outputs = self.vision_model(pixel_values, pixel_attention_mask=pixel_attention_mask,
+                                    spatial_shapes=spatial_shapes, **kwargs)
+        seq = outputs.last_hidden_state
+        sizes = positions.prefix_and_sizes(0, seq)
+        if sizes is not None:
+            pooled = weighted_mean(seq, sizes)
+        elif pixel_attention_mask is not None:  # transformers' own pooling, unchanged
+            pool_mask = pixel_attention_mask[..., None].to(seq.device)
+            pooled = torch.sum(seq * pool_mask, dim=1) / torch.sum(pool_mask, dim=1)
+        else:
+            pooled = torch.mean(seq, dim=1)
+        logits = self.classifier(pooled)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
 class ClsQueryHeadMixin:
@@ -85,20 +114,25 @@ class MeanPooledClassifierMixin:
 
 def install(model: nn.Module, root: nn.Module, positions: PositionState) -> None:
     """Make the pooling of ``model`` (vision tower ``root``) weigh tokens by the patches they hold."""
-    heads = {"SiglipMultiheadAttentionPoolingHead": ProbeHeadMixin, "Aimv2AttentionPoolingHead": ClsQueryHeadMixin}
+    heads = {"SiglipMultiheadAttentionPoolingHead": ProbeHeadMixin, "Aimv2AttentionPoolingHead": ClsQueryHeadMixin,
+             "Siglip2MultiheadAttentionPoolingHead": ProbeHeadMixin}
     head = getattr(root, "head", None)
     mixin = heads.get(original(type(head)).__name__) if isinstance(head, nn.Module) else None
     if mixin is not None:
         swap_class(head, mixin)
         head.__dict__["evit"] = positions
-    if any(c.__name__ in MEAN_POOLED for c in type(model).__mro__):  # also a subclass (remote code)
-        swap_class(model, MeanPooledClassifierMixin)
+    names = {c.__name__ for c in type(model).__mro__}  # also a subclass (remote code)
+    mixin = MaskedMeanClassifierMixin if MASK_POOLED in names else MeanPooledClassifierMixin if names & set(
+        MEAN_POOLED) else None
+    if mixin is not None:
+        swap_class(model, mixin)
         model.__dict__["evit"] = positions
 
 
 def uninstall(model: nn.Module, root: nn.Module) -> None:
     for module in (getattr(root, "head", None), model):
-        if isinstance(module, (ProbeHeadMixin, ClsQueryHeadMixin, MeanPooledClassifierMixin)):
+        if isinstance(module, (ProbeHeadMixin, ClsQueryHeadMixin, MeanPooledClassifierMixin,
+                               MaskedMeanClassifierMixin)):
             restore_class(module)
             module.__dict__.pop("evit", None)
 
