@@ -28,10 +28,11 @@ classification, detection, segmentation, depth, masked image modeling,
 backbones), and the image towers (``*Vision*`` classes) of the image-text model
 types (image-text-to-text, visual question answering). Each is built on the
 meta device from its default config; it is ViT-like when one patchify
-convolution (kernel = stride) feeds one flat stack of attention layers of that
-width (no stage holding a stack of its own: not Swin, Hiera, PVT). Each
+convolution (kernel = stride), or one linear layer on flattened patches (SigLIP 2),
+feeds one flat stack of attention layers of that width (no stage holding a stack of its own: not Swin, Hiera, PVT). Each
 ViT-like class is converted as above, and the converted ones run once on the
-meta device with their token counts checked; a refusal is recorded with its
+meta device (on the CPU, from the default config, where the forward reads values: SigLIP 2) with their
+token counts checked; a refusal is recorded with its
 reason.
 
     python benchmarks/coverage.py          # about 15 minutes on 2 CPU cores
@@ -202,15 +203,18 @@ def _stacks(module) -> list:
 
 
 def hf_vit_like(model) -> bool:
-    """One patchify convolution (kernel = stride) feeding one flat stack of attention layers of its width,
-    in the smallest module around the convolution that holds such a stack (the image tower of a CLIP)."""
+    """One patchify layer (a convolution with kernel = stride, or a linear layer on flattened patches, as in
+    SigLIP 2) feeding one flat stack of attention layers of its width, in the smallest module around the
+    patchify layer that holds such a stack (the image tower of a CLIP)."""
     from torch import nn
 
     convs = [n for n, m in model.named_modules()
-             if isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.stride[0] > 1]
+             if isinstance(m, nn.Conv2d) and m.kernel_size == m.stride and m.stride[0] > 1
+             or isinstance(m, nn.Linear) and n.endswith("patch_embedding")]
     if len(convs) != 1:
         return False
-    width = model.get_submodule(convs[0]).out_channels
+    patchify = model.get_submodule(convs[0])
+    width = patchify.out_channels if isinstance(patchify, nn.Conv2d) else patchify.out_features
     parts = convs[0].split(".")
     for depth in range(len(parts) - 1, -1, -1):
         root = model.get_submodule(".".join(parts[:depth]))
@@ -227,20 +231,29 @@ def try_transformers(cls) -> dict:
     row = {"name": cls.__name__, "module": cls.__module__.split(".")[2]}
     try:
         with torch.device("meta"):
-            model = cls(cls.config_class())
+            model = cls(cls.config_class()).eval()  # as a user runs it (batch norm in a head: running statistics)
     except Exception as e:  # noqa: BLE001 - a class that cannot be built from its default config
         return {**row, "vit_like": None, "status": "not built", "reason": _one_line(e)}
     row["vit_like"] = hf_vit_like(model)
     if not row["vit_like"]:
         return row
+    out = convert_and_count(model)
+    if "meta tensors" in out.get("reason", ""):  # a forward that reads values (SigLIP 2's patch shapes): on the CPU
+        out = {**convert_and_count(cls(cls.config_class()).eval(), "cpu"), "device": "cpu"}
+    return {**row, **out}
+
+
+def convert_and_count(model, device: str = "meta") -> dict:
+    """Convert ``model`` at keep 0.7 in the paper's layers and run it once on ``device``: converted when the token
+    count after each EViT layer is the predicted one."""
     try:
         adapter = evit_cli.adapters.get_adapter(model)
         evit_cli.convert(model, keep_rate=0.7, layers=paper_layers(adapter.depth(model)))
-        x = torch.empty(1, 3, adapter.img_size(model), adapter.img_size(model), device="meta")
+        x = torch.zeros(1, 3, adapter.img_size(model), adapter.img_size(model), device=device)
     except EvitError as e:
-        return {**row, "status": "refused", "reason": str(e)}
+        return {"status": "refused", "reason": str(e)}
     except Exception as e:  # noqa: BLE001
-        return {**row, "status": "crashed", "reason": _one_line(e)}
+        return {"status": "crashed", "reason": _one_line(e)}
     seen = []
     hooks = [b.register_forward_hook(lambda m, i, o: seen.append((o[0] if isinstance(o, tuple) else o).shape[1]))
              for b in evit_cli.adapters.evit_blocks(model)]
@@ -248,13 +261,13 @@ def try_transformers(cls) -> dict:
         with torch.no_grad():
             adapter.outputs(model, x)
     except Exception as e:  # noqa: BLE001
-        return {**row, "status": "crashed", "reason": "forward: " + _one_line(e)}
+        return {"status": "crashed", "reason": "forward: " + _one_line(e)}
     finally:
         for h in hooks:
             h.remove()
     if seen != evit_cli.tokens_after_layers(model):
-        return {**row, "status": "wrong", "reason": f"tokens {seen} vs {evit_cli.tokens_after_layers(model)}"}
-    return {**row, "status": "converted", "tokens": [int(s) for s in seen]}
+        return {"status": "wrong", "reason": f"tokens {seen} vs {evit_cli.tokens_after_layers(model)}"}
+    return {"status": "converted", "tokens": [int(s) for s in seen]}
 
 
 def transformers_section() -> list[dict]:
@@ -329,15 +342,24 @@ def _reason_key(row: dict) -> str:
     return f"{row['status']}: {reason}"
 
 
+def earlier_timm_rows(out: Path) -> list[dict]:
+    """The timm rows of an earlier run in ``out`` (none if there is none)."""
+    import json
+
+    path = out / "coverage.json"
+    return json.loads(path.read_text())["timm"]["models"] if path.exists() else []
+
+
 def main() -> None:
     p = _common.Parser(__doc__)
     p.add_argument("--out", default=str(_common.RESULTS), help="Folder for coverage.{json,md}.")
     p.add_argument("--no-transformers", action="store_true", help="Only the timm section.")
-    p.add_argument("--no-timm", action="store_true", help="Only the transformers section.")
+    p.add_argument("--no-timm", action="store_true",
+                   help="Only the transformers section (the timm section of OUT/coverage.json, if any, is kept).")
     args = p.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    timm_rows = [] if args.no_timm else timm_section()
+    timm_rows = earlier_timm_rows(Path(args.out)) if args.no_timm else timm_section()
     hf_rows = [] if args.no_transformers else transformers_section()
     ok = sum(r["status"] == "converted" for r in timm_rows)
     md = markdown(timm_rows, hf_rows)
