@@ -181,7 +181,7 @@ def validate(model: nn.Module, reference, data, device, *, batch_size: int = 64,
         if isinstance(forward, nn.Module):
             forward.eval()
         adapter = adapters.get_adapter(model)
-        fns = {name: lambda images: adapter.output(model, forward(images))}
+        fns = {name: lambda images: adapter.output(model, adapter.run(forward, images))}
     ref = _reference_outputs(reference)
     if ref is not None:
         fns[_REFERENCE] = ref

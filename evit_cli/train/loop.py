@@ -195,7 +195,7 @@ def _forward_backward(run: Run, images, target, rates: list[float], lr: float, t
     ctx = run.net.no_sync() if (run.d.world > 1 and not sync) else contextlib.nullcontext()
     guide = s.oracle.guiding(images) if s.oracle is not None else contextlib.nullcontext()
     with inner_outputs(s.model, s.teacher) as inner, ctx, autocast(run.device, cfg.amp), guide as oracle_out:
-        out = s.adapter.output(s.model, run.net(images)).float()
+        out = s.adapter.output(s.model, s.adapter.run(run.net, images)).float()  # SigLIP 2: patchified
         t_out = _teacher_outputs(s.teacher, s.oracle, oracle_out, images)
         kind = s.teacher.kind if s.teacher is not None else None
         loss = training_loss(out, target, t_out, labelled=s.trains_on_labels, alpha=cfg.distill_alpha, kind=kind,

@@ -1,7 +1,7 @@
 """Towers without a class token through every command a converted model goes to: bench, eval, sweep,
 search, visualize, finetune and export (ONNX), for a timm global-average tower, a timm attention-pool
 (MAP) tower and a transformers SigLIP classifier, each converted with a score other than its default
-(``mean_query``), which every command must keep."""
+(``mean_query``), which every command must keep; and a SigLIP 2 classifier (padded patches under a mask)."""
 
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ def _tower(kind: str) -> torch.nn.Module:
                                              class_token=False, **TINY))
     if kind == "timm_map":
         return randomize(evit_cli.load_model("vit_base_patch16_siglip_224", pretrained=False, **TINY))
-    from transformers import SiglipConfig, SiglipForImageClassification
+    import transformers as tf
 
-    vision = dict(image_size=32, patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3,
-                  intermediate_size=96)
+    vision = dict(patch_size=4, hidden_size=48, num_hidden_layers=4, num_attention_heads=3, intermediate_size=96)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=99,
                 max_position_embeddings=16)
-    return randomize(SiglipForImageClassification(SiglipConfig(text_config=text, vision_config=vision,
-                                                               num_labels=3)))
+    if kind == "siglip2":  # flattened patches padded to num_patches under a mask (evit feeds 8 x 8 = 64 of them)
+        return randomize(tf.Siglip2ForImageClassification(tf.Siglip2Config(
+            text_config=text, vision_config={**vision, "num_patches": 64}, num_labels=3)))
+    return randomize(tf.SiglipForImageClassification(tf.SiglipConfig(
+        text_config=text, vision_config={**vision, "image_size": 32}, num_labels=3)))
 
 
-@pytest.fixture(scope="module", params=["timm_avg", "timm_map", "siglip"])
+@pytest.fixture(scope="module", params=["timm_avg", "timm_map", "siglip", "siglip2"])
 def tower(request, tmp_path_factory):
     model = evit_cli.convert(_tower(request.param).eval(), keep_rate=0.7, layers=LAYERS, score=SCORE)
     return evit_cli.save(model, tmp_path_factory.mktemp(request.param) / "m")
@@ -82,7 +84,7 @@ def test_sweep_and_search_keep_the_score(tower, tmp_path, capsys):
     assert get_config(evit_cli.load(tmp_path / "found")).score == SCORE
 
 
-@pytest.mark.parametrize("tower", ["timm_map", "siglip"], indirect=True)  # the average pool: the same path
+@pytest.mark.parametrize("tower", ["timm_map", "siglip", "siglip2"], indirect=True)  # the average pool: the same path
 def test_eval_finetune_and_export_keep_the_score(tower, colours, tmp_path, capsys):
     code, stdout, err = run(["eval", tower, "--dataset", colours, "--batch", 4, "--reps", 1, "--workers", 0,
                              "--json"], capsys)
