@@ -117,15 +117,13 @@ def try_timm(name: str) -> dict:
 
 def keep_one(name: str) -> dict:
     """keep 1.0 against the original, with values: the architecture built on the CPU with random weights and
-    two blocks (its width, heads, tokens, prefix, position terms and pool as named), converted at keep 1.0 in
-    both blocks with its default score; the largest difference of its output from the dense copy's on one
-    random image (``None`` with the reason where a two-block model cannot be built)."""
-    import timm
-
+    two blocks (:func:`two_blocks`; its width, heads, tokens, prefix, position terms and pool as named),
+    converted at keep 1.0 in its first two blocks with its default score; the largest difference of its
+    output from the dense copy's on one random image (``None`` with the reason where a two-block model cannot be
+    built)."""
     try:
         torch.manual_seed(0)
-        two = ((1, 1, 0), (1, 1, 0)) if "crossvit" in name else 2  # CrossViT: two multi-scale stages
-        model = timm.create_model(name, pretrained=False, depth=two).eval()
+        model = two_blocks(name)
         evit_cli.convert(model, keep_rate=1.0, layers=(1, 2))
         adapter = evit_cli.adapters.get_adapter(model)
         pe = getattr(model, "patch_embed", None)
@@ -136,6 +134,23 @@ def keep_one(name: str) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded, not fatal
         return {"max_diff": None, "reason": _one_line(e)}
     return {"max_diff": diff}
+
+
+def two_blocks(name: str):
+    """``name`` with two blocks (CrossViT: two multi-scale stages; a model whose key/value heads are given per
+    block, Sapiens2: those of its first block and of its middle one), or with all of its blocks where its
+    entry point takes no depth (crossvit_18_240)."""
+    import timm
+
+    kwargs: dict = {"depth": ((1, 1, 0), (1, 1, 0)) if "crossvit" in name else 2}
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    except AssertionError:  # key/value heads given per block (Sapiens2): those of its first and middle blocks
+        with torch.device("meta"):
+            kv = [b.attn.num_kv_heads for b in timm.create_model(name, pretrained=False).blocks]
+        return timm.create_model(name, pretrained=False, **kwargs, num_kv_heads=(kv[0], kv[len(kv) // 2])).eval()
+    except TypeError:  # the entry point passes depth itself
+        return timm.create_model(name, pretrained=False).eval()
 
 
 def timm_section() -> list[dict]:
