@@ -5,6 +5,11 @@ from __future__ import annotations
 
 from . import bundle
 
+# What ranks the tokens (config.SCORES), in the model card's words.
+SCORE_WORDS = {"cls": "class-token attention (the paper's)", "mean_query": "attention of the mean query",
+               "received": "attention each token receives, averaged over queries",
+               "probe": "the attention-pooling head's own query"}
+
 
 def model_card(meta: dict) -> str:
     src, e = meta["source"], meta["evit"]
@@ -27,7 +32,14 @@ def model_card(meta: dict) -> str:
             f"- keep rates: {', '.join(f'{k:g}' for k in e['keep_rates'])}; inattentive tokens "
             + ("fused into one token" if e["fuse"] else "dropped"),
             f"- tokens: {' -> '.join(map(str, [meta['num_tokens']] + meta['token_counts']))}",
+            f"- tokens ranked by: {SCORE_WORDS.get(e.get('score', 'cls'), e.get('score'))}",
         ]
+        if e.get("method", "evit") != "evit":
+            lines.append(f"- method: {e['method']}")
+        if e.get("restore"):
+            r = e["restore"]
+            lines.append(f"- removed patches restored for dense maps by: {r['strategy']} (temperature "
+                         f"{r['temperature']:g}" + (f", top {r['top_k']}" if r.get("top_k") else "") + ")")
     if "gmacs" in meta:
         lines.append(f"- GMACs per image: {meta['gmacs_dense']:.2f} dense -> {meta['gmacs']:.2f} EViT")
     lines += [
