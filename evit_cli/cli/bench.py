@@ -58,7 +58,7 @@ def bench(
     model: Model, batch: Batch = 256, device: o.Device = "cpu", amp: Amp = False, compile_: Compile = False,
     compile_mode: CompileMode = None, train: Train = False, onnx: Onnx = False, warmup: Warmup = 2, reps: Reps = 10,
     keep_rate: o.KeepRate = None, layers: o.Layers = None, report: Report = None, as_json: o.AsJson = False,
-    intermediates: Intermediates = None,
+    intermediates: Intermediates = None, score: o.Score = None, restore: o.Restore = None,
 ):
     """Dense vs EViT side by side: images/s, latency (batch and batch 1), GMACs, tokens, speedup.
 
@@ -71,7 +71,8 @@ def bench(
         check_report_dir(report)
     resolve_device(device)
     mode = compile_mode_of(compile_mode or compile_)
-    m = loading.load_converted(model, keep_rate, layers, pretrained=None if exported else False)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=None if exported else False,
+                               score=score, restore=restore)
     result = run(m, batch=batch, device=device, amp=amp, compile=mode or False, train=train, onnx=onnx, warmup=warmup,
                  reps=reps, progress=True, intermediates=intermediates)
     if report is not None:

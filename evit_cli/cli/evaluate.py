@@ -46,6 +46,7 @@ def evaluate(
     batch: EvalBatch = 64, limit: o.Limit = None, workers: o.Workers = 2, image_column: o.ImageColumn = None,
     label_column: o.LabelColumn = None, device: o.Device = "cpu", reps: EvalReps = 5, report: EvalReport = None,
     reference: Reference = None, skip_bad_images: o.SkipBadImages = False, as_json: o.AsJson = False,
+    score: o.Score = None, restore: o.Restore = None,
 ):
     """Dense vs EViT on the same images: agreement and KL(dense || EViT) on any image folder, top-1/top-5
     with labels, throughput.
@@ -56,7 +57,8 @@ def evaluate(
     if report is not None:
         check_report_dir(report)
     resolve_device(device)
-    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint, method=method)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint, method=method,
+                                score=score, restore=restore)
     result = run_eval(m, dataset, reference=reference, split=split, limit=limit, batch=batch, workers=workers,
                       device=device, reps=reps, image_column=image_column, label_column=label_column,
                       skip_bad_images=skip_bad_images, progress=True).to_dict()
@@ -70,13 +72,14 @@ def sweep(
     dataset: SweepDataset = None, split: o.Split = None, limit: o.Limit = None, pretrained: o.Pretrained = None,
     checkpoint: o.Checkpoint = None, batch: SweepBatch = 64, reps: SweepReps = 5, device: o.Device = "cpu",
     workers: o.Workers = 2, output: SweepOutput = Path("sweep"), skip_bad_images: o.SkipBadImages = False,
-    as_json: o.AsJson = False,
+    as_json: o.AsJson = False, score: o.Score = None, restore: o.Restore = None,
 ):
     """For each keep rate: GMACs, images/s, speedup (timed side by side), accuracy with --dataset; table,
     JSON, PNG plot."""
     check_report_dir(output)
     resolve_device(device)
-    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint)
+    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint, score=score,
+                               restore=restore)
     with Progress() as p:
         result = run_sweep(m, list(parse_keep_rates(keep_rates)), dataset=dataset, split=split, batch=batch, reps=reps,
                            device=device, limit=limit, workers=workers, progress=p, skip_bad_images=skip_bad_images)

@@ -75,7 +75,7 @@ def search(
     min_agreement: MinAgreement = None, min_cosine: MinCosine = None, limit: Limit = 256, workers: o.Workers = 2,
     method: SearchMethod = None, pretrained: o.Pretrained = None,
     checkpoint: o.Checkpoint = None, batch: Batch = 64, reps: Reps = 3, device: o.Device = "cpu",
-    as_json: o.AsJson = False,
+    as_json: o.AsJson = False, score: o.Score = None, restore: o.Restore = None,
 ):
     """The cheapest EViT setting that meets a target, and the convert command for it.
 
@@ -86,7 +86,8 @@ def search(
     constraints = (max_drop, min_agreement, min_cosine)
     _check_goal(target_gmacs, target_speedup, constraints, dataset, layers, search_layers)
     resolve_device(device)
-    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint, method=method)
+    m = loading.load_converted(model, 1.0, layers, pretrained=pretrained, checkpoint=checkpoint, method=method,
+                               score=score, restore=restore)
     data = load_eval_data(dataset, split) if dataset else None
     if any(c is not None for c in constraints):
         result = search_by_accuracy(m, data, max_drop=max_drop, min_agreement=min_agreement, min_cosine=min_cosine,
@@ -100,7 +101,8 @@ def search(
         if data is not None:
             result["fidelity"] = search_fidelity(m, data, limit=limit, batch=batch, workers=workers, device=device)
     result["model"] = loading.source_name(m, model)
-    result["command"] = reproduce_command(model, result, pretrained=pretrained, checkpoint=checkpoint)
+    result["command"] = reproduce_command(model, result, pretrained=pretrained, checkpoint=checkpoint,
+                                          score=score, restore=restore)
     emit(result, as_json, kv_table("evit search", without(result, "command")))
     if not as_json:
         out.print(f"\nReproduce with:\n  {result['command']}", soft_wrap=True)

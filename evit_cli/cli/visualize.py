@@ -24,13 +24,13 @@ Output = o.output("PNG to write.", kind=Path)
 def visualize(
     model: Model, images: Images, output: Output = Path("evit_tokens.png"), keep_rate: o.KeepRate = None,
     layers: o.Layers = None, pretrained: o.Pretrained = None, checkpoint: o.Checkpoint = None,
-    as_json: o.AsJson = False,
+    as_json: o.AsJson = False, score: o.Score = None,
 ):
     """Which patches each EViT layer kept and which it fused: one panel per layer, fused patches blanked.
 
     A panel blanks every patch that no longer has a token of its own after that layer.
     """
     check_output_file(output)
-    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint)
+    m = loading.load_converted(model, keep_rate, layers, pretrained=pretrained, checkpoint=checkpoint, score=score)
     result = run(m, [str(p) for p in images], output)
     emit(result, as_json, kv_table(f"wrote {output}", without(result, "images")))

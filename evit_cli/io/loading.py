@@ -147,11 +147,11 @@ def pretrained_flag(spec: str | os.PathLike, pretrained: bool | None) -> bool:
 
 def load_converted(spec: str | os.PathLike, keep_rate=None, layers=None, fuse: bool | None = None, *,
                    pretrained: bool | None = None, checkpoint: str | os.PathLike | None = None,
-                   method: str | None = None) -> nn.Module:
+                   method: str | None = None, score: str | None = None, restore=None) -> nn.Module:
     """An EViT model from an exported folder (its own settings where not given) or from anything else
     :func:`load_model` takes (converted with the settings given, the defaults for the rest)."""
     model = load_model(spec, pretrained=pretrained_flag(spec, pretrained), checkpoint=checkpoint)
-    return core.convert_keeping(model, keep_rate, layers, fuse, method)
+    return core.convert_keeping(model, keep_rate, layers, fuse, method, score, restore)
 
 
 def source_name(model: nn.Module, spec: str | os.PathLike) -> str:

@@ -335,8 +335,10 @@ def _single_baseline(model, layers, images, targets, batch, device, ok, gmacs: f
 
 
 def reproduce_command(model: str, result: dict, *, pretrained: bool | None = None,
-                      checkpoint: str | os.PathLike | None = None) -> str:
-    """The `evit convert` command line that builds the setting a search found for ``model``."""
+                      checkpoint: str | os.PathLike | None = None, score: str | None = None,
+                      restore: str | None = None) -> str:
+    """The `evit convert` command line that builds the setting a search found for ``model`` (with the
+    ``score`` and ``restore`` the search was given)."""
     rates = result.get("keep_rates") or [result["keep_rate"]]
     parts = ["evit convert", shlex.quote(str(model)), "--keep-rate " + ",".join(f"{r:g}" for r in rates),
              "--layers " + ",".join(map(str, result["layers"]))]
@@ -348,4 +350,5 @@ def reproduce_command(model: str, result: dict, *, pretrained: bool | None = Non
         parts.append("--no-fuse")
     if result.get("method", "evit") != "evit":
         parts.append(f"--method {result['method']}")
+    parts += [f"--{name} {shlex.quote(value)}" for name, value in (("score", score), ("restore", restore)) if value]
     return " ".join(parts)

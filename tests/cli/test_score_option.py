@@ -44,3 +44,21 @@ def test_card_and_info_name_the_score_and_the_restore(avg_folder, tmp_path, caps
     code, out, _ = run(["info", tmp_path / "again", "--json"], capsys)
     info = json.loads(out)
     assert (info["score"], info["method"], info["restore"]) == ("mean_query", "evit", "reconstruct")
+
+
+@pytest.mark.parametrize("command", [
+    ["bench", "--batch", "2", "--reps", "1"], ["eval", "-d", "imgs"], ["sweep", "-o", "sweep_out"],
+    ["search", "--target-gmacs", "0.001"], ["visualize", "img.png", "-o", "v.png"]])
+def test_every_command_that_converts_takes_the_score(avg_folder, capsys, command, tmp_path, monkeypatch):
+    """Asked on any command, the score reaches the conversion: a score the tower cannot take is refused."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run([command[0], avg_folder, *command[1:], "--score", "cls"], capsys)
+    assert code == 2 and "has no class token" in err, err
+
+
+def test_search_reproduces_the_score_and_restore_it_was_given(avg_folder, capsys):
+    code, out, err = run(["search", avg_folder, "--target-gmacs", "0.008", "--score", "mean_query",
+                          "--restore", "reconstruct:0.1", "--json"], capsys)
+    assert code == 0, err
+    command = json.loads(out)["command"]
+    assert command.endswith("--score mean_query --restore reconstruct:0.1"), command
