@@ -68,12 +68,22 @@ def bench_notes(r: dict) -> list[str]:
     return notes
 
 
+def setting_note(e: dict) -> str:
+    """What the EViT settings ``e`` (EViTConfig.to_dict) change from the paper's, for a caption:
+    the method, the score and the restore ("" for the paper's algorithm)."""
+    r = e.get("restore")
+    parts = [e.get("method", "evit") != "evit" and e["method"], e.get("score") and f"ranked by {e['score']}",
+             r and f"restore {r['strategy']}:{r['temperature']:g}" + (f":{r['top_k']}" if r.get("top_k") else "")]
+    return "".join(f", {p}" for p in parts if p)
+
+
 def bench_caption(r: dict) -> str:
     e = r["evit"]
     layers = ",".join(map(str, e["layers"]))
     rates = ",".join(f"{k:g}" for k in e["keep_rates"])
     return (
-        f"{r['model']} @{r['img_size']}px, EViT layers {layers} keep {rates}{'' if e['fuse'] else ' (drop)'}; "
+        f"{r['model']} @{r['img_size']}px, EViT layers {layers} keep {rates}{'' if e['fuse'] else ' (drop)'}"
+        f"{setting_note(e)}; "
         f"{r['device_name']}, {r['precision']}, torch {r['torch']}; "
         f"speedup {r['speedup']:.2f}x at batch {r['batch']}, {r['speedup_b1']:.2f}x at batch 1, "
         f"MAC ratio {r['mac_ratio']:.2f}x. Latency: median (min-max) over {r['reps']} reps"
@@ -195,7 +205,8 @@ def eval_table(r: dict) -> Table:
     speedup = f"speedup {r['speedup']:.2f}x; " if r.get("speedup") is not None else ""
     caption = (f"{r['model']} on {r['dataset']} ({r['images']} images{labels}{skipped}), EViT layers "
                f"{','.join(map(str, e['layers']))} "
-               f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}, {training_note(r.get('training'))}; "
+               f"keep {','.join(f'{k:g}' for k in e['keep_rates'])}{setting_note(e)}, "
+               f"{training_note(r.get('training'))}; "
                f"{r.get('reference', 'reference: the dense model')}; {speedup}{r['device_name']}")
     return rows_table("evit eval", caption, eval_rows(r))
 

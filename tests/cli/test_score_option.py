@@ -62,3 +62,17 @@ def test_search_reproduces_the_score_and_restore_it_was_given(avg_folder, capsys
     assert code == 0, err
     command = json.loads(out)["command"]
     assert command.endswith("--score mean_query --restore reconstruct:0.1"), command
+
+
+def test_bench_and_eval_captions_say_the_score_and_restore(avg_folder, capsys, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (120, 30 * i, 200)).save(tmp_path / "imgs" / f"{i}.png")
+    for command in (["bench", "--batch", "2", "--reps", "1", "--report", tmp_path / "r"],
+                    ["eval", "-d", tmp_path / "imgs", "--reps", "1"]):
+        code, out, err = run([command[0], avg_folder, *command[1:], "--score", "mean_query",
+                              "--restore", "reconstruct:0.1"], capsys)
+        assert code == 0, err
+        assert "ranked by mean_query, restore reconstruct:0.1" in " ".join(out.split()), out
