@@ -5,10 +5,13 @@ DeiT-Tiny (../shared/real weights) on every photo of ../shared/real/imagenette-v
 --limit N takes N evenly spaced), timm's eval preprocessing. For each restore strategy (``fused``: today's
 fill with the fused token; ``reconstruct``: Liang et al. NeurIPS 2022's reconstruction from the kept
 tokens, softmax over cosine similarity at temperature T; ``delta``: the removed token's own value plus
-what its similar kept tokens changed since) and each keep rate (0.5 to 0.9 at 4,7,10):
+what its similar kept tokens changed since) and each keep rate (0.5 to 0.9 at 4,7,10), with the paper's
+method, and with the ``squeeze`` method (each removed token averaged into its most similar kept one) for
+the strategies of --squeeze-restores:
 
 - per-patch cosine between the NCHW maps of ``forward_intermediates`` and the dense model's, at blocks
-  3, 6, 9 and 12: mean, median, 10th percentile and the share below 0.9;
+  3, 6, 9 and 12: mean, median, 10th percentile and the share below 0.9; the block-12 mean on each half
+  of the classes (the first five synsets and the last five), the check that a choice holds on both;
 - a segmentation proxy: k-means (k = 8, fitted per photo on the dense block-12 map, 20 Lloyd steps
   from 8 evenly spaced patches), the share of patches of the restored block-12 map given the same
   cluster as the dense map's;
@@ -19,9 +22,8 @@ what its similar kept tokens changed since) and each keep rate (0.5 to 0.9 at 4,
   every keep rate and every strategy at 0.7; --no-speed skips it).
 
 Writes OUT/dense_real.{json,md} and OUT/dense_real.png (the dense block-12 map and each strategy's
-restored map at keep 0.7, PCA to RGB, for a few photos). On the project's 2-core CPU the 15 settings on
-500 photos took 16 minutes (niced, the machine shared): all 3925 photos, about an hour on an idle
-machine, plus about 6 minutes of timing at --reps 5.
+restored map at keep 0.7, PCA to RGB, for a few photos). On the project's 2-core CPU, idle, the 20
+settings on all 3925 photos take about 20 minutes, plus about 10 minutes of timing at --reps 5.
 
     python benchmarks/dense_real.py --out benchmarks/results
     python benchmarks/dense_real.py --speed-only --out benchmarks/results  # time a --no-speed run again
@@ -51,6 +53,8 @@ def parse_args(argv):
     ap.add_argument("--restores", default=None,
                     help="Strategies as NAME or NAME:TEMPERATURE[:TOPK], comma-separated. [fused, reconstruct "
                          "and delta at the default temperature]")
+    ap.add_argument("--squeeze-restores", default="delta",
+                    help="The strategies measured with the squeeze method too, as --restores ('' for none). [delta]")
     ap.add_argument("--batch", type=int, default=64, help="Photos per forward. [64]")
     c.add_speed_options(ap, STEM)
     ap.add_argument("--figure-photos", type=int, default=4, help="Photos in the figure. [4]")
@@ -60,6 +64,7 @@ def parse_args(argv):
     try:
         args.keep_list = [float(k) for k in args.keeps.split(",")]
         args.specs = restore_specs(args.restores)
+        args.squeeze_specs = restore_specs(args.squeeze_restores) if args.squeeze_restores else []
     except ValueError as e:
         ap.error(f"--keeps/--restores: {e}")
     return args
@@ -77,21 +82,22 @@ def restore_specs(text: str | None) -> list:
     return out
 
 
-def label(spec) -> str:
+def label(spec, method: str = "evit") -> str:
     from evit_cli.algorithm.restore import RestoreSpec
 
+    how = "squeeze + " if method == "squeeze" else ""
     if spec.strategy == "fused":
-        return "fused"
+        return how + "fused"
     extra = f", top {spec.top_k}" if spec.top_k else ""
-    default = " (default)" if spec == RestoreSpec() else ""
-    return f"{spec.strategy} T={spec.temperature:g}{extra}{default}"
+    default = " (default)" if spec == RestoreSpec() and method == "evit" else ""
+    return f"{how}{spec.strategy} T={spec.temperature:g}{extra}{default}"
 
 
-def build(model, keep: float, layers: list[int], spec):
+def build(model, keep: float, layers: list[int], spec, method: str = "evit"):
     import evit_cli
     from evit_cli.algorithm.state import model_state
 
-    m = evit_cli.convert(copy.deepcopy(model), keep_rate=keep, layers=tuple(layers))
+    m = evit_cli.convert(copy.deepcopy(model), keep_rate=keep, layers=tuple(layers), method=method)
     model_state(m).positions.restore_with = spec
     return m.eval()
 
@@ -119,23 +125,24 @@ def kmeans(points, k: int = 8, steps: int = 20):
     return cent
 
 
-def restore_macs(model, layers: list[int], spec) -> int:
+def restore_macs(model, layers: list[int], spec, method: str = "evit") -> int:
     """MACs of the restore on one image, from the token counts: each step's similarity (r x k x C) and
-    matrix update (P x r x cols), the offset update of ``delta`` (P x r x C + r x cols x C), and at each
-    tap after a reorganization ``matrix @ tokens`` (P x M x C)."""
+    matrix update (P x r x cols), the offset update of ``delta`` (P x r x C + r x cols x C, and with the
+    squeeze method the kept tokens' change, P x k x C), and at each tap after a reorganization
+    ``matrix @ tokens`` (P x M x C)."""
     from evit_cli import tokens_after_layers
 
     p, ch, prefix = model.patch_embed.num_patches, model.embed_dim, model.num_prefix_tokens
     counts = [n - prefix for n in tokens_after_layers(model)]  # candidates after each EViT layer
     total, m = 0, p
     for cols in counts:
-        k = cols - 1  # the fused token is the last
+        k = cols - 1 if method == "evit" else cols  # the fused token is the last (squeeze makes none)
         r = m - k
         if spec.strategy != "fused":
             total += r * k * ch
         total += p * r * cols
         if spec.strategy == "delta":
-            total += r * cols * ch + p * r * ch
+            total += r * cols * ch + p * r * ch + (p * k * ch if method == "squeeze" else 0)
         m = cols
     for t in TAPS:
         after = [n for layer, n in zip(layers, counts) if layer - 1 <= t]
@@ -143,16 +150,16 @@ def restore_macs(model, layers: list[int], spec) -> int:
     return total
 
 
-def speed(spec, keep: float, layers: list[int], dense, reps: int) -> dict:
+def speed(spec, keep: float, layers: list[int], dense, reps: int, method: str = "evit") -> dict:
     """Backbone + restore against the dense backbone, both through NCHW ``forward_intermediates`` at TAPS."""
     def nchw(m):
         return lambda x: m.forward_intermediates(x, indices=TAPS, output_fmt="NCHW", intermediates_only=True)
 
-    return c.side_by_side(nchw(dense), nchw(build(dense, keep, layers, spec)), reps, CROP)
+    return c.side_by_side(nchw(dense), nchw(build(dense, keep, layers, spec, method)), reps, CROP)
 
 
 def timed_here(spec, keep: float) -> bool:
-    """The rows timed: the default strategy at every keep rate, every strategy at 0.7."""
+    """The rows timed: the default strategy at every keep rate (with either method), every strategy at 0.7."""
     from evit_cli.algorithm.restore import RestoreSpec
 
     return spec == RestoreSpec() or keep == 0.7
@@ -167,8 +174,9 @@ def retime(args) -> dict:
     small = timm.create_model(SPEED_MODEL, pretrained=False, num_classes=0).eval()
 
     def time_row(row, r):
-        spec = RestoreSpec(row["strategy"], row["temperature"], row["top_k"])
-        return speed(spec, row["keep"], r["layers"], small, args.reps) if timed_here(spec, row["keep"]) else None
+        spec, method = RestoreSpec(row["strategy"], row["temperature"], row["top_k"]), row.get("method", "evit")
+        timed = timed_here(spec, row["keep"])
+        return speed(spec, row["keep"], r["layers"], small, args.reps, method) if timed else None
 
     r = c.retime(args, __file__, STEM, time_row, markdown)
     r["speed_model"] = SPEED_MODEL
@@ -209,8 +217,10 @@ def run(args) -> dict:
     paths = c.photos()
     idx = c.spread(list(range(len(paths))), args.limit)
     dense = c.dense_model(headless=True)
-    settings = [(spec, keep) for spec in args.specs for keep in args.keep_list]
-    models = {(spec, keep): build(dense, keep, args.layer_list, spec) for spec, keep in settings}
+    settings = [(m, spec, keep) for m, specs in (("evit", args.specs), ("squeeze", args.squeeze_specs))
+                for spec in specs for keep in args.keep_list]
+    models = {(m, spec, keep): build(dense, keep, args.layer_list, spec, m) for m, spec, keep in settings}
+    second_half = torch.tensor(c.class_numbers(paths, idx)) >= 5
     prog = c.Progress(len(idx) * (1 + len(settings)))
     cos = {s: [] for s in settings}
     agree = {s: [] for s in settings}
@@ -226,8 +236,8 @@ def run(args) -> dict:
             got = maps(models[s], x)
             cos[s].append(cosines(got, ref).half())
             agree[s].append((torch.cdist(got[-1], cent).argmin(-1) == ref_assign).float().mean(1))
-            if n == 0 and s[1] == 0.7:
-                shown[label(s[0])] = got[-1][: args.figure_photos]
+            if n == 0 and s[2] == 0.7:
+                shown[label(s[1], s[0])] = got[-1][: args.figure_photos]
         prog.step(f"batch {n + 1}: {len(x)} photos", len(x) * (1 + len(settings)))
     backbone = count_macs(dense, CROP)
     r = {"rows": [], "machine": c.machine(), "command": c.command(__file__), "images": len(idx),
@@ -235,18 +245,20 @@ def run(args) -> dict:
          "dense_gmacs": round(backbone / 1e9, 4), "speed_model": None if args.no_speed else SPEED_MODEL,
          "reps": args.reps}
     small = None if args.no_speed else timm.create_model(SPEED_MODEL, pretrained=False, num_classes=0).eval()
-    for spec, keep in settings:
-        model = models[(spec, keep)]
-        all_cos = torch.cat(cos[(spec, keep)], dim=1)  # (taps, photos, P)
-        row = {"restore": label(spec), "strategy": spec.strategy, "temperature": spec.temperature,
-               "top_k": spec.top_k, "keep": keep,
-               "gmacs": round((count_macs(model, CROP) + restore_macs(model, args.layer_list, spec)) / 1e9, 4),
-               "restore_gmacs": round(restore_macs(model, args.layer_list, spec) / 1e9, 5),
+    for method, spec, keep in settings:
+        model, s = models[(method, spec, keep)], (method, spec, keep)
+        all_cos = torch.cat(cos[s], dim=1)  # (taps, photos, P)
+        extra = restore_macs(model, args.layer_list, spec, method)
+        row = {"restore": label(spec, method), "method": method, "strategy": spec.strategy,
+               "temperature": spec.temperature, "top_k": spec.top_k, "keep": keep,
+               "gmacs": round((count_macs(model, CROP) + extra) / 1e9, 4), "restore_gmacs": round(extra / 1e9, 5),
                "blocks": {str(t + 1): summary(all_cos[i]) for i, t in enumerate(TAPS)},
-               "kmeans_agreement": round(float(torch.cat(agree[(spec, keep)]).mean()), 4),
+               "block12_by_class_half": [round(float(all_cos[-1][h].float().mean()), 4)
+                                         for h in (~second_half, second_half)],
+               "kmeans_agreement": round(float(torch.cat(agree[s]).mean()), 4),
                "speedup_b64": None, "speedup_b1": None}
         if small is not None and timed_here(spec, keep):
-            row.update(speed(spec, keep, args.layer_list, small, args.reps))
+            row.update(speed(spec, keep, args.layer_list, small, args.reps, method))
         r["rows"].append(row)
         c.write_results(out, STEM, r, markdown(r))
     try:
@@ -269,16 +281,18 @@ def markdown(r: dict) -> str:
              f"`{r['command']}`", "", f"Machine: {r['machine']}; torch {r['torch']}, timm {r['timm']}. "
              f"EViT layers {','.join(map(str, r['layers']))}; dense backbone {r['dense_gmacs']} GMACs. "
              "Per-patch cosine to the dense model's NCHW maps: mean / median / p10 / share below 0.9, at each "
-             "block; k-means (k = 8) agreement at block 12; speedup of backbone + restore on "
+             "block; the block-12 mean on each half of the classes (first five / last five); k-means (k = 8) "
+             "agreement at block 12; speedup of backbone + restore on "
              f"{r['speed_model'] or 'DeiT-Small (not timed)'} at batch 64 / 1.", "",
              "| restore | keep | GMACs | " + " | ".join(f"block {t}" for t in taps)
-             + " | k-means agr. | speedup b64 / b1 |",
-             "|---|---|---|" + "---|" * len(taps) + "---|---|"]
+             + " | block 12 by half | k-means agr. | speedup b64 / b1 |",
+             "|---|---|---|" + "---|" * len(taps) + "---|---|---|"]
     for x in r["rows"]:
         cells = [f"{b['mean']:.3f} / {b['median']:.3f} / {b['p10']:.3f} / {100 * b['below_0.9']:.0f}%"
                  for b in (x["blocks"][t] for t in taps)]
+        halves = " / ".join(f"{h:.3f}" for h in x["block12_by_class_half"]) if "block12_by_class_half" in x else "-"
         lines.append(f"| {x['restore']} | {x['keep']} | {x['gmacs']:.3f} | " + " | ".join(cells)
-                     + f" | {100 * x['kmeans_agreement']:.1f}% | {fmt(x['speedup_b64'], '.2f')} / "
+                     + f" | {halves} | {100 * x['kmeans_agreement']:.1f}% | {fmt(x['speedup_b64'], '.2f')} / "
                      f"{fmt(x['speedup_b1'], '.2f')} |")
     return "\n".join(lines + ["", *c.timing_note(r), ""])
 

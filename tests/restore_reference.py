@@ -46,6 +46,8 @@ def naive_restore(stages, tokens, strategy, temperature=0.05, top_k=0):
             for tok, a in recipe[q].items():
                 if tok in where:
                     new[where[tok]] = new.get(where[tok], 0.0) + a
+                    if strategy == "delta":  # what the reorganization changed of a kept token (squeeze)
+                        offset[q] = offset[q] + a * (before[tok] - after[where[tok]])
                     continue
                 for i, wi in w[tok].items():
                     new[i] = new.get(i, 0.0) + a * wi

@@ -85,12 +85,13 @@ class PositionState:
         return held
 
     def follow(self, index: int, kept: Tensor, m: int, fuse: bool, sizes: Tensor | None = None,
-               tokens: tuple[Tensor, Tensor] | None = None) -> None:
+               tokens: tuple[Tensor, Tensor] | None = None, kept_changed: bool = False) -> None:
         """Block ``index`` kept ``kept`` (B, k) of its ``m`` candidates (``sizes``: the new sizes, where the
         block computed them itself, as the ``squeeze`` method does; ``tokens``: its candidates before and
-        after, which the restore of the full patch grid follows while ``restoring``)."""
+        after, which the restore of the full patch grid follows while ``restoring``; ``kept_changed``: the
+        reorganization changed the kept tokens, as the ``squeeze`` method does)."""
         if self.restoring and tokens is not None:
-            self.restore = restore_step(self.restore, tokens[0], tokens[1], kept, self.restore_with)
+            self.restore = restore_step(self.restore, tokens[0], tokens[1], kept, self.restore_with, kept_changed)
             self.restores[index] = self.restore
         if sizes is not None:
             self.sizes = sizes
@@ -215,5 +216,6 @@ def reorganize_tokens(blk: nn.Module, x: Tensor, cls_attn: Tensor) -> tuple[Tens
         st.kept = kept
     # positions follow the reported sequence; the families with several (CrossViT) have no position terms
     if kept is not None and st.positions is not None and st.sequence == 0:
-        st.positions.follow(st.index, kept, m, fuse, sizes, (before, x[:, st.num_prefix:]))
+        st.positions.follow(st.index, kept, m, fuse, sizes, (before, x[:, st.num_prefix:]),
+                            kept_changed=st.method == "squeeze")
     return x, kept

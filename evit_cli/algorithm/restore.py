@@ -10,7 +10,9 @@ the weights ``W`` (removed token -> new tokens) and of the offset:
 - ``"reconstruct"``: a removed token is the softmax-weighted mean of the kept tokens, weighted
   by its cosine similarity to them at the moment it was removed (Liang et al., NeurIPS 2022);
 - ``"delta"``: its own value when it was removed, plus what those same weighted kept tokens
-  have changed since: ``x_j + sum_i W_ji (y_i(t) - y_i(s))``.
+  have changed since: ``x_j + sum_i W_ji (y_i(t) - y_i(s))``; a kept token likewise keeps its own
+  value plus its change, ``x_i + y_i(t) - y_i(s)`` (``y_i(s) = x_i`` except where the ``squeeze``
+  method averaged other tokens into it).
 """
 
 from __future__ import annotations
@@ -120,11 +122,13 @@ def _rows(t: Tensor, idx: Tensor) -> Tensor:
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
-def step(state: Restore | None, before: Tensor, after: Tensor, kept: Tensor, spec: RestoreSpec) -> Restore:
+def step(state: Restore | None, before: Tensor, after: Tensor, kept: Tensor, spec: RestoreSpec,
+         kept_changed: bool = False) -> Restore:
     """The restore after one reorganization: ``before`` (B, M, C) the candidates it ranked, ``after``
     (B, k [+ 1], C) the candidates it left (the kept ones, in ``kept``'s order, then the fused token
-    where it made one), ``kept`` (B, k) their indices among ``before``. ``state`` ``None``: every
-    patch is still its own token (the identity)."""
+    where it made one), ``kept`` (B, k) their indices among ``before``; ``kept_changed``: the kept
+    tokens are not their candidates unchanged (the ``squeeze`` method averaged others into them).
+    ``state`` ``None``: every patch is still its own token (the identity)."""
     b, m, _ = before.shape
     k, cols = kept.shape[1], after.shape[1]
     rm = removed_indices(kept, m)
@@ -141,8 +145,11 @@ def step(state: Restore | None, before: Tensor, after: Tensor, kept: Tensor, spe
     to_rm = _columns(matrix, rm)  # (B, P, r): how much of each removed token every patch held
     kept_cols = torch.cat([_columns(matrix, kept), matrix.new_zeros(b, matrix.shape[1], cols - k)], dim=2)
     new = Restore(kept_cols + to_rm @ w, None if state is None else state.offset)
-    if spec.strategy == "delta":  # each removed token keeps what its weighted kept tokens do not explain
+    if spec.strategy == "delta":  # each removed token keeps what its weighted kept tokens do not explain,
+        # and a kept token what the reorganization changed of it (nothing for EViT's; the squeezed-in tokens)
         add = to_rm @ (x_rm - w @ after)
+        if kept_changed:
+            add = add + _columns(matrix, kept) @ (_rows(before, kept) - after[:, :k])
         new = Restore(new.matrix, add if new.offset is None else new.offset + add)
     return new
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from restore_reference import naive_restore
 
-from evit_cli.algorithm.reorg import reorganize
+from evit_cli.algorithm.reorg import reorganize, squeeze
 from evit_cli.algorithm.restore import (
     RestoreSpec,
     removed_indices,
@@ -35,15 +35,19 @@ def test_similarity_weights_are_a_softmax_over_cosines_and_top_k_keeps_the_most_
     assert torch.equal(top.argmax(-1), w.argmax(-1))
 
 
-def _two_stages(fuse: bool, seed: int = 0):
+def _two_stages(fuse: bool, seed: int = 0, method: str = "evit"):
     """Two reorganizations of 12 candidates (keep 0.5, then 0.6 of what remains), and the tokens
-    after some later change: what the restore is asked about."""
+    after some later change: what the restore is asked about. ``method="squeeze"``: the kept tokens
+    absorb the others (they change in the reorganization)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(2, 13, 6, generator=g)  # one prefix token, 12 patches
-    stages = []
+    stages, sizes = [], None
     for rate in (0.5, 0.6):
         attn = torch.rand(2, x.shape[1], generator=g)
-        new, kept = reorganize(x, attn, 1, rate, fuse=fuse)
+        if method == "squeeze":
+            new, kept, sizes = squeeze(x, attn, 1, rate, sizes)
+        else:
+            new, kept = reorganize(x, attn, 1, rate, fuse=fuse)
         stages.append((x[:, 1:], new[:, 1:], kept))
         x = new + 0.3 * torch.randn(new.shape, generator=g)  # the blocks in between change every token
     return stages, x[:, 1:]
@@ -62,6 +66,21 @@ def test_step_and_restore_equal_the_naive_loop(strategy, fuse):
     for b in range(2):
         expected = naive_restore([(bf[b], af[b], k[b].tolist()) for bf, af, k in stages], tokens[b], strategy, 0.2)
         assert torch.allclose(grid[b].double(), expected, atol=1e-5), (strategy, fuse, b)
+
+
+@pytest.mark.parametrize("strategy", ["reconstruct", "delta"])
+def test_after_the_squeeze_method_step_and_restore_equal_the_naive_loop(strategy):
+    stages, tokens = _two_stages(False, method="squeeze")
+    assert not torch.allclose(stages[0][1], stages[0][0].gather(1, stages[0][2][..., None].expand(-1, -1, 6)))
+    state = None
+    for before, after, kept in stages:
+        state = step(state, before, after, kept, RestoreSpec(strategy, temperature=0.2), kept_changed=True)
+    for b in range(2):
+        expected = naive_restore([(bf[b], af[b], k[b].tolist()) for bf, af, k in stages], tokens[b], strategy, 0.2)
+        assert torch.allclose(restore(tokens, state)[b].double(), expected, atol=1e-5), (strategy, b)
+    if strategy == "delta":  # right after the first step, every patch is exactly its token again
+        first = step(None, *stages[0], RestoreSpec("delta"), kept_changed=True)
+        assert torch.allclose(restore(stages[0][1], first), stages[0][0], atol=1e-5)
 
 
 def test_top_k_restore_equals_the_naive_loop():
