@@ -245,7 +245,8 @@ def folder_summary(folder: str | os.PathLike) -> dict:
         "weights": weights_of(meta), "training": training_summary(meta),
         "num_classes": meta["num_classes"], "img_size": meta["img_size"], "layers": e.get("layers"),
         "keep_rates": e.get("keep_rates"), "fuse": e.get("fuse"), "score": e.get("score", "cls") if e else None,
-        "method": e.get("method", "evit") if e else None, "restore": (e.get("restore") or {}).get("strategy"),
+        "method": e.get("method", "evit") if e else None,
+        "restore": EViTConfig.from_dict(e).restore.text() if e.get("restore") else None,
         "tokens": [meta["num_tokens"]] + list(meta.get("token_counts") or []),
         "gmacs_dense": meta.get("gmacs_dense"), "gmacs": meta.get("gmacs"), "tool_version": meta["tool_version"],
     }

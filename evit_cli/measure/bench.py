@@ -426,6 +426,7 @@ def model_summary(model: nn.Module) -> dict:
         "keep_rates": list(cfg.keep_rates),
         "fuse": cfg.fuse,
         **({"method": cfg.method} if cfg.method != "evit" else {}),
+        **({"score": cfg.score} if cfg.score != "cls" else {}),
         **({"restore": cfg.restore.text()} if cfg.restore is not None else {}),
         "tokens": [adapter.num_tokens(model)] + measure_tokens(model, img, device),
         "gmacs_dense": dense_gmacs,

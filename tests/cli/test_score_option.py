@@ -35,15 +35,16 @@ def test_a_score_the_model_cannot_take_is_one_line_exit_2(avg_folder, tmp_path, 
 
 
 def test_card_and_info_name_the_score_and_the_restore(avg_folder, tmp_path, capsys):
-    code, _, err = run(["convert", avg_folder, "--score", "mean_query", "--restore", "reconstruct:0.1",
-                        "-o", tmp_path / "again"], capsys)
+    code, out, err = run(["convert", avg_folder, "--score", "mean_query", "--restore", "reconstruct:0.1",
+                          "-o", tmp_path / "again", "--json"], capsys)
     assert code == 0, err
+    assert (json.loads(out)["score"], json.loads(out)["restore"]) == ("mean_query", "reconstruct:0.1")
     card = (tmp_path / "again" / "README.md").read_text()
     assert "- tokens ranked by: attention of the mean query" in card
     assert "restored for dense maps by: reconstruct (temperature 0.1)" in card
     code, out, _ = run(["info", tmp_path / "again", "--json"], capsys)
     info = json.loads(out)
-    assert (info["score"], info["method"], info["restore"]) == ("mean_query", "evit", "reconstruct")
+    assert (info["score"], info["method"], info["restore"]) == ("mean_query", "evit", "reconstruct:0.1")
 
 
 @pytest.mark.parametrize("command", [
