@@ -183,3 +183,35 @@ def test_bench_intermediates_out_of_range_is_one_line(dense_folders, value, mess
 def test_bench_intermediates_on_a_transformers_model_is_one_line(dense_folders, capsys):
     code, _, err = run(["bench", dense_folders["backbone"], "--intermediates", "1", "--reps", "1"], capsys)
     assert code == 2 and "Dinov2Backbone has none" in err and err.strip().count("\n") == 0, err
+
+
+def test_the_squeeze_method_takes_the_restore_too(x, tmp_path):
+    """`--method squeeze` with the default restore: keep 1.0 is the original's maps, a reorganized model gives the
+    dense shapes and its folder reloads with the same maps."""
+    import copy
+
+    for name, build, maps in (("timm", lambda: tiny_timm("vit", num_classes=0), timm_maps),
+                              ("dinov2", dinov2_backbone, backbone_maps)):
+        dense = build().eval()
+        ref = maps(dense, x)
+        same = evit_cli.convert(copy.deepcopy(dense), keep_rate=1.0, layers=(2, 3), method="squeeze")
+        assert all(torch.equal(a, b) for a, b in zip(maps(same, x), ref)), name
+        model = evit_cli.convert(copy.deepcopy(dense), keep_rate=0.5, layers=(2, 3), method="squeeze", restore="delta")
+        got = maps(model, x)
+        assert [g.shape for g in got] == [r.shape for r in ref], name
+        assert (got[-1] - ref[-1]).abs().max() > 1e-4, name  # tokens were removed
+        back = evit_cli.load(evit_cli.save(model, tmp_path / name))
+        assert model_state(back).config.method == "squeeze", name
+        assert all(torch.equal(a, b) for a, b in zip(maps(back, x), got)), name
+
+
+@pytest.mark.parametrize("method, changed", [("evit", False), ("squeeze", True)])
+def test_the_restore_is_told_when_the_kept_tokens_changed(method, changed, x, monkeypatch):
+    """Only the squeeze averages tokens into the kept ones: only then does `delta` take that back out."""
+    from evit_cli.adapters import block
+
+    seen, step = [], block.restore_step
+    monkeypatch.setattr(block, "restore_step", lambda *a: seen.append(a[-1]) or step(*a))
+    model = evit_cli.convert(tiny_timm("vit", num_classes=0), keep_rate=0.5, layers=(2, 3), method=method)
+    timm_maps(model, x)
+    assert seen == [changed, changed]
