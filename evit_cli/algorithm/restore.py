@@ -143,13 +143,14 @@ def step(state: Restore | None, before: Tensor, after: Tensor, kept: Tensor, spe
         w = similarity_weights(x_rm, after[:, :k], spec.temperature, spec.top_k)
         w = torch.cat([w, w.new_zeros(b, rm.shape[1], cols - k)], dim=2)
     to_rm = _columns(matrix, rm)  # (B, P, r): how much of each removed token every patch held
-    kept_cols = torch.cat([_columns(matrix, kept), matrix.new_zeros(b, matrix.shape[1], cols - k)], dim=2)
+    to_kept = _columns(matrix, kept)  # (B, P, k): and of each kept one
+    kept_cols = torch.cat([to_kept, matrix.new_zeros(b, matrix.shape[1], cols - k)], dim=2)
     new = Restore(kept_cols + to_rm @ w, None if state is None else state.offset)
     if spec.strategy == "delta":  # each removed token keeps what its weighted kept tokens do not explain,
         # and a kept token what the reorganization changed of it (nothing for EViT's; the squeezed-in tokens)
         add = to_rm @ (x_rm - w @ after)
         if kept_changed:
-            add = add + _columns(matrix, kept) @ (_rows(before, kept) - after[:, :k])
+            add = add + to_kept @ (_rows(before, kept) - after[:, :k])
         new = Restore(new.matrix, add if new.offset is None else new.offset + add)
     return new
 

@@ -9,6 +9,7 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
+from ..algorithm.restore import parse_restore
 from ..utils.files import write_json, write_text
 from .metrics import cells, present
 
@@ -73,7 +74,7 @@ def setting_note(e: dict) -> str:
     the method, the score and the restore ("" for the paper's algorithm)."""
     r = e.get("restore")
     parts = [e.get("method", "evit") != "evit" and e["method"], e.get("score") and f"ranked by {e['score']}",
-             r and f"restore {r['strategy']}:{r['temperature']:g}" + (f":{r['top_k']}" if r.get("top_k") else "")]
+             r and f"restore {parse_restore(r).text()}"]
     return "".join(f", {p}" for p in parts if p)
 
 

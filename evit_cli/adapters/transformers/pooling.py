@@ -114,8 +114,7 @@ class MeanPooledClassifierMixin:
 
 def install(model: nn.Module, root: nn.Module, positions: PositionState) -> None:
     """Make the pooling of ``model`` (vision tower ``root``) weigh tokens by the patches they hold."""
-    heads = {"SiglipMultiheadAttentionPoolingHead": ProbeHeadMixin, "Aimv2AttentionPoolingHead": ClsQueryHeadMixin,
-             "Siglip2MultiheadAttentionPoolingHead": ProbeHeadMixin}
+    heads = {**dict.fromkeys(PROBE_HEADS, ProbeHeadMixin), "Aimv2AttentionPoolingHead": ClsQueryHeadMixin}
     head = getattr(root, "head", None)
     mixin = heads.get(original(type(head)).__name__) if isinstance(head, nn.Module) else None
     if mixin is not None:
