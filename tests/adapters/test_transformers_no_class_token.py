@@ -137,30 +137,13 @@ def test_reorganized_siglip_tower_equals_a_loop_over_its_own_layers(images, scor
     sequence where each token is repeated by the patches it holds."""
     model = build("siglip_vision")
     evit = evit_cli.convert(copy.deepcopy(model), keep_rate=RATES, layers=LAYERS, score=score)
-    rates = dict(zip(LAYERS, RATES))
     vm = getattr(model, "vision_model", model)
     with torch.no_grad():
         got = evit(images).pooler_output
         want = []
         for img in images:
-            x = vm.embeddings(img[None])[0]
-            sizes = torch.ones(x.shape[0])
-            for i, layer in enumerate(vm.encoder.layers, start=1):
-                if i not in rates:
-                    x = layer(x[None], None)[0]
-                    continue
-                h = layer.layer_norm1(x)
-                row = (_mean_query_row if score == "mean_query" else _received_row)(layer, h, sizes)
-                x = x + layer.self_attn(h[None], None)[0][0]
-                k = math.ceil(round(rates[i] * x.shape[0], 6))
-                order = sorted(range(x.shape[0]), key=lambda j: -float(row[j]))
-                keep, drop = order[:k], order[k:]
-                fused = sum(row[j] * x[j] for j in drop) / sum(row[j] for j in drop)
-                x = torch.cat([x[keep], fused[None]])
-                sizes = torch.cat([sizes[keep], sizes[drop].sum()[None]])
-                x = x + layer.mlp(layer.layer_norm2(x))
-            x = vm.post_layernorm(x)
-            want.append(vm.head(x.repeat_interleave(sizes.long(), 0)[None])[0])
+            x, sizes, _ = naive_layers(vm, vm.embeddings(img[None])[0], score)
+            want.append(vm.head(vm.post_layernorm(x).repeat_interleave(sizes.long(), 0)[None])[0])
     torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-4)
 
 
@@ -183,38 +166,52 @@ def _probe_row(vm, x, sizes):
     return sum(torch.softmax(k[:, i] @ q[i] / math.sqrt(d) + sizes.log(), -1) for i in range(heads)) / heads
 
 
+ROWS = {"received": _received_row, "mean_query": _mean_query_row}
+
+
+def naive_layers(vm, x, score: str, rates: dict | None = None):
+    """A SigLIP-style tower's layers on one image's tokens ``x`` (N, C), by hand over its own modules: at each EViT
+    layer (1-based, ``rates``, default LAYERS at RATES; after the attention residual) the ``ceil(rate * N)`` best
+    tokens by the score's row (the probe's from the head's weights, the others from the layer's) are kept and the
+    rest fused into their mean weighted by that row. Returns the tokens, the patches each holds, and after each
+    EViT layer the patch each token stands for (-1: a fused token)."""
+    rates = rates or dict(zip(LAYERS, RATES))
+    sizes, ids, after = torch.ones(x.shape[0]), list(range(x.shape[0])), {}
+    for i, layer in enumerate(vm.encoder.layers, start=1):
+        if i not in rates:
+            x = layer(x[None], None)[0]
+            continue
+        h = layer.layer_norm1(x)
+        x = x + layer.self_attn(h[None], None)[0][0]
+        row = _probe_row(vm, x, sizes) if score == "probe" else ROWS[score](layer, h, sizes)
+        k = math.ceil(round(rates[i] * x.shape[0], 6))
+        if k < x.shape[0]:
+            order = sorted(range(x.shape[0]), key=lambda j: -float(row[j]))
+            keep, drop = order[:k], order[k:]
+            fused = sum(row[j] * x[j] for j in drop) / sum(row[j] for j in drop)
+            x, sizes = torch.cat([x[keep], fused[None]]), torch.cat([sizes[keep], sizes[drop].sum()[None]])
+            ids = [ids[j] for j in keep] + [-1]
+        after[i] = ids
+        x = x + layer.mlp(layer.layer_norm2(x))
+    return x, sizes, after
+
+
 def test_probe_score_ranks_by_the_heads_own_query(images):
     """score="probe" on SigLIP's MAP-pooled tower: at each EViT layer (after the attention residual) the kept tokens
     are the top of the probe's attention over the keys, computed by hand from the head's weights, and the fused token
     is their mean weighted by that row; the pooled output equals that loop over transformers' own layers."""
     model = build("siglip_vision")
     evit = evit_cli.convert(copy.deepcopy(model), keep_rate=RATES, layers=LAYERS, score="probe")
-    rates, vm = dict(zip(LAYERS, RATES)), getattr(model, "vision_model", model)
+    vm = getattr(model, "vision_model", model)
     with torch.no_grad():
         got = evit(images).pooler_output
         kept = {i: evit_blocks(evit)[0].evit.positions.after[i - 1][:, :-1] for i in LAYERS}  # patch ids, fused last
         want = []
         for b, img in enumerate(images):
-            x = vm.embeddings(img[None])[0]
-            sizes, ids = torch.ones(x.shape[0]), list(range(x.shape[0]))  # ids: each token's patch, -1 fused
-            for i, layer in enumerate(vm.encoder.layers, start=1):
-                if i not in rates:
-                    x = layer(x[None], None)[0]
-                    continue
-                h = layer.layer_norm1(x)
-                x = x + layer.self_attn(h[None], None)[0][0]
-                row = _probe_row(vm, x, sizes)
-                k = math.ceil(round(rates[i] * x.shape[0], 6))
-                order = sorted(range(x.shape[0]), key=lambda j: -float(row[j]))
-                keep, drop = order[:k], order[k:]
-                ids = [ids[j] for j in keep] + [-1]
-                assert sorted(kept[i][b].tolist()) == sorted(ids[:-1]), i
-                fused = sum(row[j] * x[j] for j in drop) / sum(row[j] for j in drop)
-                x = torch.cat([x[keep], fused[None]])
-                sizes = torch.cat([sizes[keep], sizes[drop].sum()[None]])
-                x = x + layer.mlp(layer.layer_norm2(x))
-            x = vm.post_layernorm(x)
-            want.append(vm.head(x.repeat_interleave(sizes.long(), 0)[None])[0])
+            x, sizes, ids = naive_layers(vm, vm.embeddings(img[None])[0], "probe")
+            for i in LAYERS:
+                assert sorted(kept[i][b].tolist()) == sorted(ids[i][:-1]), i
+            want.append(vm.head(vm.post_layernorm(x).repeat_interleave(sizes.long(), 0)[None])[0])
     torch.testing.assert_close(got, torch.stack(want), atol=1e-4, rtol=1e-4)
 
 

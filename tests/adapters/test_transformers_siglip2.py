@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ import transformers as tf
 from conftest import randomize
 from test_no_class_token_export import _tiny_tokenizer
 from test_remote_code import run_without_evit
-from test_transformers_no_class_token import _mean_query_row, _probe_row, _received_row
+from test_transformers_no_class_token import naive_layers
 
 import evit_cli
 from evit_cli.adapters import evit_blocks, get_adapter
@@ -38,7 +37,6 @@ BUILDERS = {
     "classifier": lambda: tf.Siglip2ForImageClassification(tf.Siglip2Config(text_config=TEXT, vision_config=VISION,
                                                                             num_labels=5)),
 }
-ROWS = {"received": _received_row, "mean_query": _mean_query_row}
 
 
 def build(name: str):
@@ -78,27 +76,13 @@ def reference(model, inputs: dict, score: str) -> tuple[torch.Tensor, list[list[
     own head (or the classifier's mean) on the sequence where each token is repeated by the patches it holds.
     Independent of evit's padded path, which is what it checks (the converted model run on the unpadded image would
     share most of its code with what is tested). Returns the outputs and each image's sequence lengths."""
-    vm, rates = getattr(model, "vision_model", model), dict(zip(LAYERS, RATES))
+    vm = getattr(model, "vision_model", model)
     outs, lengths = [], []
     for b in range(len(SHAPES)):
         m = int(inputs["pixel_attention_mask"][b].sum())
         x = vm.embeddings(inputs["pixel_values"][b:b + 1, :m], inputs["spatial_shapes"][b:b + 1])[0]
-        sizes, seen = torch.ones(m), []
-        for i, layer in enumerate(vm.encoder.layers, start=1):
-            if i not in rates:
-                x = layer(x[None], None)[0]
-                continue
-            h = layer.layer_norm1(x)
-            x = x + layer.self_attn(h[None], None)[0][0]
-            row = _probe_row(vm, x, sizes) if score == "probe" else ROWS[score](layer, h, sizes)
-            k = math.ceil(round(rates[i] * x.shape[0], 6))
-            if k < x.shape[0]:
-                order = sorted(range(x.shape[0]), key=lambda j: -float(row[j]))
-                keep, drop = order[:k], order[k:]
-                fused = sum(row[j] * x[j] for j in drop) / sum(row[j] for j in drop)
-                x, sizes = torch.cat([x[keep], fused[None]]), torch.cat([sizes[keep], sizes[drop].sum()[None]])
-            x = x + layer.mlp(layer.layer_norm2(x))
-            seen.append(x.shape[0])
+        x, sizes, after = naive_layers(vm, x, score, dict(zip(LAYERS, RATES)))
+        seen = [len(after[i]) for i in LAYERS]
         tokens = vm.post_layernorm(x).repeat_interleave(sizes.long(), 0)
         if hasattr(model, "classifier"):
             outs.append(model.classifier(tokens.mean(0)))
